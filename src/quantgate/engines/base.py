@@ -1,0 +1,62 @@
+"""The one engine interface every engine (built-in or not) implements.
+
+Engines receive token ids, never text: tokenization happens once, with the baseline's tokenizer,
+so every engine scores exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+# (context token ids, continuation token ids); the context is never empty.
+Request = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass
+class Timing:
+    """Wall time and tokens processed per engine call kind (e.g. "loglikelihood")."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, seconds: float, tokens: int) -> None:
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+        self.tokens[kind] = self.tokens.get(kind, 0) + tokens
+
+    def timed(self, kind: str, tokens: int) -> _Timer:
+        return _Timer(self, kind, tokens)
+
+
+class _Timer:
+    def __init__(self, timing: Timing, kind: str, tokens: int):
+        self.timing, self.kind, self.tokens = timing, kind, tokens
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timing.add(self.kind, time.perf_counter() - self.start, self.tokens)
+
+
+class Engine(Protocol):
+    name: str
+    timing: Timing
+
+    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
+        """Summed log-probability of each continuation given its context: float64 [len(requests)]."""
+        ...
+
+    def token_logprobs(self, windows: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
+        """For each window of T token ids, the next-token log-probabilities at positions 0..T-2:
+        float32 [T-1, vocab] (row t predicts token t+1). Yielded in order, one window at a time."""
+        ...
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuation token ids of each prompt (stops at end-of-sequence)."""
+        ...

