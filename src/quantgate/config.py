@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from quantgate.errors import NotSupportedYet, UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_BATCH_TOKENS = 1024  # ~1k tokens per forward keeps activations in this CPU's caches
 
 Method = Literal["rtn", "gptq", "awq", "smoothquant", "gguf", "prune"]
 IMPLEMENTED_METHODS = ("rtn",)
@@ -89,7 +91,7 @@ DEFAULT_CANDIDATES = (
 class ServingConfig(Frozen):
     engine: Engine = "torch"
     # Largest number of sequences in one forward pass.
-    max_batch_size: int = Field(16, ge=1, le=4096)
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
 
 
 class QualityGateConfig(Frozen):
@@ -110,7 +112,7 @@ class EvaluationConfig(Frozen):
     ppl_windows: int = Field(8, ge=1)
     window_tokens: int = Field(256, ge=16, le=8192)
     # Upper bound on tokens in one forward pass (with max_batch_size it bounds memory).
-    batch_tokens: int = Field(4096, ge=64)
+    batch_tokens: int = Field(DEFAULT_BATCH_TOKENS, ge=64)
 
 
 class RunConfig(Frozen):
