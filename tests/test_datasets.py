@@ -23,13 +23,13 @@ WINOGRAD_FILES = ("winogrande",)
 
 @pytest.fixture(scope="module")
 def suite0():
-    return default_suite(mc_items=None, cloze_items=200, seed=0)
+    return default_suite(limit=None, cloze_items=200, seed=0)
 
 
 def test_default_suite_is_deterministic(suite0):
-    again = default_suite(mc_items=None, cloze_items=200, seed=0)
+    again = default_suite(limit=None, cloze_items=200, seed=0)
     assert again == suite0  # frozen dataclasses: items, order, text all equal
-    other = default_suite(mc_items=None, cloze_items=200, seed=1)
+    other = default_suite(limit=None, cloze_items=200, seed=1)
     mc0 = [i for i in suite0.items if i.task == "default-mc"]
     mc1 = [i for i in other.items if i.task == "default-mc"]
     assert mc0 == mc1  # the hand-written part does not depend on the seed
@@ -47,12 +47,12 @@ def test_default_suite_sizes(suite0):
     tasks = suite0.tasks
     assert tasks["default-cloze"] == 200
     assert tasks["default-mc"] >= 200
-    small = default_suite(mc_items=10, cloze_items=0, seed=0)
+    small = default_suite(limit=10, cloze_items=0, seed=0)
     assert small.tasks == {"default-mc": 10}
     assert small.items == suite0.items[:10]
     assert len(suite0.perplexity_text) > 10_000
     with pytest.raises(UserError, match="cloze_items"):
-        default_suite(mc_items=None, cloze_items=100_000, seed=0)
+        default_suite(limit=None, cloze_items=100_000, seed=0)
 
 
 def test_hand_written_items_are_valid(suite0):
@@ -215,7 +215,7 @@ def test_duplicate_ids_are_an_error(tmp_path):
 
 def test_load_suite_from_file(tmp_path):
     path = _write(tmp_path, [GOOD_MC, GOOD_WINO], name="mine.jsonl")
-    suite = load_suite(str(path), mc_items=None, cloze_items=0, seed=0)
+    suite = load_suite(str(path), limit=None, cloze_items=0, seed=0)
     assert suite.name == "mine" and len(suite.items) == 2 and suite.tasks == {"mine": 2}
     assert suite.perplexity_text == prose.pool_text("perplexity")
 

@@ -11,12 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from quantgate.config import default_config_path, load_config
+from quantgate.config import check_supported, default_config_path, load_config
 from quantgate.errors import NothingHappened, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,11 +33,13 @@ def run(
     results_dir: Annotated[Path | None, typer.Option(help="Where results go (overrides results_dir)")] = None,
 ) -> int:
     """Evaluate the baseline and every candidate, apply the quality gate, recommend."""
+    cfg = load_config(config or default_config_path())
+    check_supported(cfg)  # before the heavy imports below: bad input answers at once
+
     from quantgate.report import data, terminal
     from quantgate.run import execute
     from quantgate.store import open_store, record_run
 
-    cfg = load_config(config or default_config_path())
     out_root = results_dir or Path(cfg.results_dir)
     console = Console(width=None if sys.stdout.isatty() else 150)  # logs and pipes get the whole table
     with Progress(TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -71,12 +72,12 @@ def main() -> None:
     except NothingHappened as e:
         print(f"quantgate: error: {e}", file=sys.stderr)
         sys.exit(3)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("quantgate: interrupted", file=sys.stderr)
         sys.exit(130)
+    except typer.TyperException as e:  # usage errors (typer's own click)
+        e.show()
+        sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -106,8 +106,9 @@ class QualityGateConfig(Frozen):
 
 
 class EvaluationConfig(Frozen):
-    # Sizes of the default suite (None = every hand-written multiple-choice item).
-    mc_items: int | None = Field(None, ge=1)
+    # The first `limit` items of each task of the eval set (None = all). The default suite's cloze
+    # task has its own size, cloze_items.
+    limit: int | None = Field(None, ge=1)
     cloze_items: int = Field(200, ge=0)
     ppl_windows: int = Field(8, ge=1)
     window_tokens: int = Field(256, ge=16, le=8192)

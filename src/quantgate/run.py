@@ -81,7 +81,7 @@ def execute(cfg: RunConfig, progress: Progress = _no_progress) -> RunResult:
     started = datetime.now(timezone.utc)
     ev = cfg.evaluation
     torch.manual_seed(cfg.seed)
-    suite = load_suite(cfg.quality_gate.eval_set, mc_items=ev.mc_items, cloze_items=ev.cloze_items, seed=cfg.seed)
+    suite = load_suite(cfg.quality_gate.eval_set, limit=ev.limit, cloze_items=ev.cloze_items, seed=cfg.seed)
     baseline = load_baseline(cfg.model.base)
     prepared = prepare(suite, baseline.tokenizer, window_tokens=ev.window_tokens, n_windows=ev.ppl_windows)
     metric = cfg.quality_gate.metric

@@ -65,13 +65,25 @@ class EvalSuite:
 # -- the default suite --------------------------------------------------------------------------
 
 
-def default_suite(*, mc_items: int | None, cloze_items: int, seed: int) -> EvalSuite:
+def default_suite(*, limit: int | None, cloze_items: int, seed: int) -> EvalSuite:
     """The project's own offline suite: hand-written multiple choice, a cloze task over standard
     library prose, and held-out prose for perplexity/KLD. Deterministic for a seed and Python."""
     mc_path = resources.files("quantgate.evals") / "data" / "default_mc.jsonl"
     mc = read_jsonl(Path(str(mc_path)), task="default-mc")
-    items = list(mc[:mc_items] if mc_items else mc) + cloze(cloze_items, seed=seed)
+    items = _first_per_task(mc, limit) + cloze(cloze_items, seed=seed)
     return EvalSuite("default", tuple(items), prose.pool_text("perplexity"))
+
+
+def _first_per_task(items: list[ChoiceItem], limit: int | None) -> list[ChoiceItem]:
+    if limit is None:
+        return list(items)
+    taken: dict[str, int] = {}
+    out = []
+    for item in items:
+        if taken.get(item.task, 0) < limit:
+            taken[item.task] = taken.get(item.task, 0) + 1
+            out.append(item)
+    return out
 
 
 _CLOZE_TARGET = re.compile(r"^(?P<context>.*\S) (?P<word>[a-z]{4,})\.$")
@@ -84,24 +96,24 @@ def cloze(n: int, *, seed: int, n_options: int = 4) -> list[ChoiceItem]:
     the same pool, drawn with `seed`; the options' order is shuffled with the same generator."""
     if n == 0:
         return []
-    candidates, vocab = [], set()
+    candidates: dict[tuple[str, str], str] = {}  # (context, word) -> id; the topics repeat text
+    vocab: set[str] = set()
     for topic in prose.pool_topics("cloze"):
         for p, para in enumerate(prose.paragraphs(topic.text)):
             sents = prose.sentences(para)
-            vocab.update(w for w in re.findall(r"\b[a-z]{4,}\b", para))
+            vocab.update(re.findall(r"\b[a-z]{4,}\b", para))
             for i, s in enumerate(sents):
                 m = _CLOZE_TARGET.match(s)
                 if m and 8 <= len(s.split()) <= 40:
                     before = sents[i - 1] + " " if i > 0 else ""
-                    # (sort key as before, context, word, unique id: the sentence index alone
-                    # repeats in every paragraph of a topic)
-                    candidates.append((f"{topic.name}:{i}", before + m["context"], m["word"], f"{topic.name}:{p}:{i}"))
+                    candidates.setdefault((before + m["context"], m["word"]), f"{topic.name}:{p}:{i}")
     if n > len(candidates):
         raise UserError(f"evaluation.cloze_items: {n} asked, the prose pool has {len(candidates)} sentences")
     rng = random.Random(seed)
     words = sorted(vocab)
     items = []
-    for _, context, word, key in sorted(rng.sample(candidates, n)):
+    pool = sorted((key, context, word) for (context, word), key in candidates.items())
+    for key, context, word in sorted(rng.sample(pool, n)):
         options = [word] + rng.sample([w for w in words if w != word], n_options - 1)
         rng.shuffle(options)
         items.append(ChoiceItem.multiple_choice(f"cloze-{key}", "default-cloze", context, options, options.index(word)))
@@ -168,8 +180,8 @@ def _check_unique_ids(items: list[ChoiceItem], path: Path) -> None:
         seen.add(item.id)
 
 
-def load_suite(eval_set: str, *, mc_items: int | None, cloze_items: int, seed: int) -> EvalSuite:
+def load_suite(eval_set: str, *, limit: int | None, cloze_items: int, seed: int) -> EvalSuite:
     if eval_set == "default":
-        return default_suite(mc_items=mc_items, cloze_items=cloze_items, seed=seed)
+        return default_suite(limit=limit, cloze_items=cloze_items, seed=seed)
     path = Path(eval_set)
-    return EvalSuite(path.stem, tuple(read_jsonl(path)), prose.pool_text("perplexity"))
+    return EvalSuite(path.stem, tuple(_first_per_task(read_jsonl(path), limit)), prose.pool_text("perplexity"))

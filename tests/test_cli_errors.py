@@ -1,0 +1,119 @@
+"""Bad input through the real command line: one line on stderr naming the file/line/key, exit 2,
+no traceback. These runs stop before any model is loaded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SEED_BLOCK = """\
+model:
+  base: meta-llama/Llama-3.1-8B-Instruct
+quantization:
+  method: awq
+  bits: 4
+  verified_against: bf16
+serving:
+  engine: vllm
+  max_batch_size: 32
+quality_gate:
+  eval_set: ./evals/support_tickets.jsonl
+  metric: accuracy
+  min_acceptable: 0.94
+  drift_check: weekly
+"""
+
+
+def quantgate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "quantgate.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def test_unknown_key_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, "model:\n  base: smollm2-135m-instruct\nquality_gate:\n  min_acceptible: 0.9\n")
+    assert_one_line_error(quantgate("run", str(path)), f"{path}:4", "unknown key 'quality_gate.min_acceptible'")
+
+
+def test_bad_type_names_key_and_line(tmp_path):
+    path = write(tmp_path, "quality_gate:\n  metric: accuracy\n  min_acceptable: lots\n")
+    assert_one_line_error(quantgate("run", str(path)), f"{path}:3", "quality_gate.min_acceptable")
+
+
+def test_bad_candidate_in_list_names_its_line(tmp_path):
+    path = write(tmp_path, "candidates:\n  - {method: rtn, bits: 8}\n  - {method: rtn, bits: 12}\n")
+    assert_one_line_error(quantgate("run", str(path)), f"{path}:3", "candidates.1.bits")
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert_one_line_error(quantgate("run", str(missing)), str(missing), "not found")
+
+
+def test_malformed_yaml_gives_its_line(tmp_path):
+    path = write(tmp_path, "model:\n  base: x\nquality_gate: [unclosed\n  metric: accuracy\n")
+    assert_one_line_error(quantgate("run", str(path)), f"{path}:4: malformed YAML")
+
+
+def test_empty_config_is_an_error(tmp_path):
+    assert_one_line_error(quantgate("run", str(write(tmp_path, ""))), "empty")
+
+
+def test_seed_block_parses_and_says_not_supported_yet(tmp_path):
+    assert_one_line_error(quantgate("run", str(write(tmp_path, SEED_BLOCK))), "not supported yet", "awq")
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("serving: {engine: vllm}\n", "serving.engine 'vllm'"),
+        ("quality_gate: {verified_against: bf16}\n", "verified_against 'bf16'"),
+        ("candidates:\n  - {method: gptq, bits: 4}\n", "method 'gptq'"),
+    ],
+)
+def test_features_not_built_yet(tmp_path, text, fragment):
+    assert_one_line_error(quantgate("run", str(write(tmp_path, text))), "not supported yet", fragment)
+
+
+def test_both_candidate_forms_is_an_error(tmp_path):
+    text = "quantization: {method: rtn, bits: 4}\ncandidates:\n  - {method: rtn, bits: 8}\n"
+    assert_one_line_error(quantgate("run", str(write(tmp_path, text))), "either 'quantization'")
+
+
+def test_duplicate_candidate_names(tmp_path):
+    text = "candidates:\n  - {method: rtn, bits: 8}\n  - {method: rtn, bits: 8}\n"
+    assert_one_line_error(quantgate("run", str(write(tmp_path, text))), "rtn-w8")
+
+
+def test_missing_eval_set_file(tmp_path):
+    path = write(tmp_path, "quality_gate: {eval_set: ./tickets.jsonl}\n")
+    assert_one_line_error(quantgate("run", str(path)), "tickets.jsonl", "not found")
+
+
+def test_malformed_eval_set_line(tmp_path):
+    (tmp_path / "set.jsonl").write_text('{"query": "q", "choices": ["a", "b"], "gold": 0}\n{"query": oops}\n')
+    path = write(tmp_path, "quality_gate: {eval_set: set.jsonl}\n")
+    assert_one_line_error(quantgate("run", str(path)), "set.jsonl:2", "not valid JSON")
+
+
+def test_unknown_option_is_a_usage_error():
+    proc = quantgate("run", "--no-such-option")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr

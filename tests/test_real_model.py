@@ -1,0 +1,114 @@
+"""The real default model (SmolLM2-135M-Instruct, dequantized Q4_1), kept fast by small subsets."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from quantgate.config import CandidateConfig
+from quantgate.engines.torch import TorchEngine, loglikelihood_reference
+from quantgate.evals.datasets import default_suite
+from quantgate.evals.tasks import evaluate, prepare
+from quantgate.methods.apply import make_candidate
+from quantgate.models.load import load_baseline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return load_baseline("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def small_suite(baseline):
+    suite = default_suite(limit=24, cloze_items=12, seed=0)
+    return prepare(suite, baseline.tokenizer, window_tokens=64, n_windows=2)
+
+
+def test_baseline_is_the_dequantized_packaged_gguf(baseline):
+    assert baseline.model.config.model_type == "llama"
+    assert baseline.model.dtype == torch.float32
+    assert len(baseline.digest) == 64 and baseline.source.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    ids = baseline.tokenizer.encode("The capital of France is")
+    out = baseline.model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)
+    assert "Paris" in baseline.tokenizer.decode(out[0, len(ids):])
+
+
+def test_engine_equals_plain_loop_on_real_items(baseline, small_suite):
+    reqs = small_suite.requests[:60]
+    fast = TorchEngine(baseline.model).loglikelihood(reqs)
+    plain = loglikelihood_reference(baseline.model, reqs)
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=2e-3)  # float32 through 30 layers
+
+
+def test_model_against_itself_has_zero_kld(baseline, small_suite):
+    engine = TorchEngine(baseline.model)
+    _, reference = evaluate(engine, small_suite, keep=True)
+    again, _ = evaluate(engine, small_suite, reference)
+    assert again.kld.max() < 1e-9
+    assert again.top1_agree.all()
+
+
+def test_int8_is_close_and_int2_is_not(baseline, small_suite):
+    engine = TorchEngine(baseline.model)
+    _, reference = evaluate(engine, small_suite, keep=True)
+    kld = {}
+    for cand in (CandidateConfig(method="rtn", bits=8), CandidateConfig(method="rtn", bits=2, group_size=64)):
+        made = make_candidate(baseline.model, baseline.arch, cand)
+        assert made.modules_changed == 30 * 7
+        scores, _ = evaluate(TorchEngine(made.model), small_suite, reference)
+        kld[cand.bits] = float(np.mean(scores.kld))
+    assert kld[8] < 0.01
+    assert kld[2] > 100 * kld[8]
+
+
+def run_cli(tmp_path, name):
+    config = tmp_path / "small.yaml"
+    config.write_text(
+        "candidates:\n  - {method: rtn, bits: 8}\n  - {method: rtn, bits: 2, group_size: 64}\n"
+        "evaluation: {limit: 24, cloze_items: 12, ppl_windows: 2, window_tokens: 64}\n"
+    )
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, "-m", "quantgate.cli", "run", str(config), "--results-dir", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+def test_cli_end_to_end_and_deterministic(tmp_path):
+    proc, out = run_cli(tmp_path, "a")
+    assert proc.returncode == 0, proc.stderr
+    assert "recommendation: rtn-w8" in proc.stdout
+    (results,) = out.glob("*/results.json")
+    data = json.loads(results.read_text())
+    assert data["eval"]["items"] == 36
+    int8, int2 = data["candidates"]
+    assert int8["gate"]["passed"] and not int2["gate"]["passed"]
+    assert int8["vs_baseline"]["kld_mean"] < 0.01
+    assert int2["weight_bytes"] < int8["weight_bytes"] < data["baseline"]["weight_bytes"]
+    flips = int2["vs_baseline"]["flips"]
+    assert len(int2["flipped_items"]) == flips["correct_to_wrong"] + flips["wrong_to_correct"]
+    with sqlite3.connect(out / "quantgate.db") as db:
+        assert db.execute("select count(*) from runs").fetchone()[0] == 1
+        assert db.execute("select count(*) from candidates").fetchone()[0] == 2
+
+    proc2, out2 = run_cli(tmp_path, "b")  # same config and seed -> same numbers
+    (results2,) = out2.glob("*/results.json")
+    again = json.loads(results2.read_text())
+    assert untimed(again["baseline"]) == untimed(data["baseline"])
+    assert untimed(again["candidates"]) == untimed(data["candidates"])
+
+
+def untimed(value):
+    """The value without wall-clock fields (the only ones allowed to differ between runs)."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if not k.endswith("_seconds")}
+    if isinstance(value, list):
+        return [untimed(v) for v in value]
+    return value
