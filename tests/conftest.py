@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny randomly initialised Llama (no downloads, fast on CPU)."""
+"""Shared fixtures: a tiny randomly initialised Llama and a character tokenizer for it (no
+downloads, fast on CPU)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,36 @@ def torch_single_thread():
     """Run a test with one intra-op thread (see single_thread); other tests are unaffected."""
     with single_thread():
         yield
+
+
+class CharTokenizer:
+    """One token per character, for the tiny Llama's 128-token vocabulary: character c is id
+    3 + ord(c) % 125 (a round trip for ASCII below '}'); PAD = 0, BOS = 1, EOS = 2 (the tiny
+    Llama's generation config ends at 2). Implements the methods quantgate calls on a tokenizer:
+    encode, decode, get_vocab, convert_tokens_to_string."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    SPECIAL = {0: "<pad>", 1: "<s>", 2: "</s>"}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [3 + ord(c) % 125 for c in text]
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def _token(self, i: int) -> str:
+        return self.SPECIAL.get(i, chr(i - 3) if i >= 3 else "")
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join("" if skip_special_tokens and i in self.SPECIAL else self._token(i) for i in ids)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {self._token(i): i for i in range(128)}
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer()

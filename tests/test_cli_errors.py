@@ -117,3 +117,17 @@ def test_unknown_option_is_a_usage_error():
     proc = quantgate("run", "--no-such-option")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "gate, fragments",
+    [
+        ('{eval_sets: [{path: set.jsonl, scorer: "nomodule:fn"}]}', ("scorer 'nomodule:fn'", "cannot import")),
+        ("{eval_set: set.jsonl, task_floors: {piqa: 0.9}}", ("quality_gate.task_floors", "'piqa'", "tasks: set")),
+    ],
+    ids=["bad-scorer", "unknown-task-floor"],
+)
+def test_eval_set_problems_stop_before_any_model_work(tmp_path, gate, fragments):
+    (tmp_path / "set.jsonl").write_text('{"context": "Q: 1 + 1?\\nA:", "answer": "2"}\n')
+    path = write(tmp_path, f"quality_gate: {gate}\n")
+    assert_one_line_error(quantgate("run", str(path)), *fragments)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from quantgate.config import QualityGateConfig
 from quantgate.errors import UserError
 from quantgate.evals import prose
 from quantgate.evals.datasets import ChoiceItem, cloze, default_suite, load_suite, read_jsonl
@@ -215,9 +216,10 @@ def test_duplicate_ids_are_an_error(tmp_path):
 
 def test_load_suite_from_file(tmp_path):
     path = _write(tmp_path, [GOOD_MC, GOOD_WINO], name="mine.jsonl")
-    suite = load_suite(str(path), limit=None, cloze_items=0, seed=0)
+    suite = load_suite(QualityGateConfig(eval_set=str(path)), limit=None, cloze_items=0, seed=0)
     assert suite.name == "mine" and len(suite.items) == 2 and suite.tasks == {"mine": 2}
     assert suite.perplexity_text == prose.pool_text("perplexity")
+    assert suite.duplicates == ()
 
 
 # ---------------------------------------------------------------- the shared real data sets

@@ -63,7 +63,9 @@ def reference(tiny_llama, mixed):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return loglikelihood_reference(tiny_llama, mixed)
+        ll, greedy = loglikelihood_reference(tiny_llama, mixed)
+        assert ll.dtype == np.float64 and greedy.dtype == bool and ll.shape == greedy.shape == (len(mixed),)
+        return ll, greedy
     finally:
         torch.set_num_threads(before)
 
@@ -74,7 +76,19 @@ def test_reference_is_a_plain_sum_of_log_softmax(tiny_llama):
         logits = tiny_llama(torch.tensor([list(ctx + cont)])).logits[0]
     lp = torch.log_softmax(logits, -1)
     expected = lp[2, 11].item() + lp[3, 13].item()
-    assert loglikelihood_reference(tiny_llama, [(ctx, cont)])[0] == pytest.approx(expected, abs=1e-5)
+    ll, greedy = loglikelihood_reference(tiny_llama, [(ctx, cont)])
+    assert ll.shape == greedy.shape == (1,)
+    assert ll[0] == pytest.approx(expected, abs=1e-5)
+    # greedy: every continuation token is the row's argmax
+    assert bool(greedy[0]) == (lp[2].argmax().item() == 11 and lp[3].argmax().item() == 13)
+    # the model's own argmax continuation is greedy by construction; one wrong token breaks it
+    first = int(lp[2].argmax())
+    with torch.no_grad():
+        second = int(tiny_llama(torch.tensor([list(ctx) + [first]])).logits[0, -1].argmax())
+    wrong = (second + 1) % 128
+    ll2, greedy2 = loglikelihood_reference(tiny_llama, [(ctx, (first, second)), (ctx, (first, wrong)), (ctx, (first,))])
+    assert greedy2.tolist() == [True, False, True]
+    assert ll2[1] < ll2[0] <= ll2[2] <= 0
 
 
 @pytest.mark.parametrize(
@@ -83,10 +97,13 @@ def test_reference_is_a_plain_sum_of_log_softmax(tiny_llama):
     ids=["default", "batch1", "small", "tiny-tokens", "one-chunk"],
 )
 def test_loglikelihood_matches_reference(tiny_llama, mixed, reference, max_batch_size, batch_tokens):
+    ref_ll, ref_greedy = reference
     engine = TorchEngine(tiny_llama, max_batch_size=max_batch_size, batch_tokens=batch_tokens)
-    got = engine.loglikelihood(mixed)
+    got, greedy = engine.loglikelihood(mixed)
     assert got.dtype == np.float64 and got.shape == (len(mixed),)
-    assert np.max(np.abs(got - reference)) < TOL
+    assert greedy.dtype == bool and greedy.shape == (len(mixed),)
+    assert np.max(np.abs(got - ref_ll)) < TOL
+    np.testing.assert_array_equal(greedy, ref_greedy)
     # duplicate requests get identical scores; a prefix option scores higher than its extension
     assert got[9] == pytest.approx(got[11], abs=TOL)
     assert got[8] > got[10] > got[9]
@@ -108,31 +125,67 @@ def test_small_batch_limits_force_many_forward_passes(
 
     hook = tiny_llama.get_decoder().register_forward_hook(record, with_kwargs=True)
     try:
-        got = engine.loglikelihood(mixed)
+        got, greedy = engine.loglikelihood(mixed)
     finally:
         hook.remove()
     n_contexts = len({tuple(c) for c, _ in mixed})
     assert len(shapes) >= n_contexts // max_batch_size > 1
     assert all(rows <= max_batch_size for rows, _ in shapes)
-    assert np.max(np.abs(got - reference)) < TOL
+    assert np.max(np.abs(got - reference[0])) < TOL
+    np.testing.assert_array_equal(greedy, reference[1])
 
 
 def test_results_follow_request_order(tiny_llama, mixed, reference):
     engine = TorchEngine(tiny_llama, max_batch_size=3, batch_tokens=128)
     perm = list(range(len(mixed)))
     random.Random(1).shuffle(perm)
-    got = engine.loglikelihood([mixed[i] for i in perm])
-    assert np.max(np.abs(got - reference[perm])) < TOL
+    ref_ll, ref_greedy = reference
+    got, greedy = engine.loglikelihood([mixed[i] for i in perm])
+    assert np.max(np.abs(got - ref_ll[perm])) < TOL
+    np.testing.assert_array_equal(greedy, ref_greedy[perm])
     # scores differ between requests, so a misordering would show
-    assert len(set(np.round(reference, 3))) > len(mixed) // 2
+    assert len(set(np.round(ref_ll, 3))) > len(mixed) // 2
 
 
 def test_single_request_and_list_inputs(tiny_llama):
     engine = TorchEngine(tiny_llama)
     reqs = [([5, 6, 7], [8, 9])]  # lists, not tuples
-    got = engine.loglikelihood(reqs)
-    ref = loglikelihood_reference(tiny_llama, reqs)
+    got, greedy = engine.loglikelihood(reqs)
+    ref, ref_greedy = loglikelihood_reference(tiny_llama, reqs)
+    assert got.shape == greedy.shape == (1,)
     assert abs(got[0] - ref[0]) < TOL
+    assert greedy.tolist() == ref_greedy.tolist()
+
+
+def _greedy_requests(model) -> tuple[list, list[bool]]:
+    """Requests whose continuations are the model's own greedy tokens (some), or that greedy path
+    with one token changed at the start, middle or end (not greedy), sharing contexts and
+    prefixes so the packed engine credits shared tokens to several options; with the truth."""
+    rng = random.Random(3)
+    reqs, truth = [], []
+    for n_ctx in (1, 6, 23):
+        ctx = tuple(rng.randrange(3, 128) for _ in range(n_ctx))
+        path = _manual_greedy(model, list(ctx), 5, eos=-1)
+        for k in (1, 3, 5):
+            reqs.append((ctx, tuple(path[:k])))
+            truth.append(True)
+        for pos in (0, 2, 4):  # one wrong token breaks "greedy" wherever it is
+            bad = list(path)
+            bad[pos] = (bad[pos] + 1) % 128
+            reqs.append((ctx, tuple(bad)))
+            truth.append(False)
+    return reqs, truth
+
+
+@pytest.mark.parametrize("max_batch_size,batch_tokens", [(16, 4096), (1, 4096), (3, 16)])
+def test_greedy_flags_match_reference_and_truth(tiny_llama, max_batch_size, batch_tokens):
+    reqs, truth = _greedy_requests(tiny_llama)
+    ref_ll, ref_greedy = loglikelihood_reference(tiny_llama, reqs)
+    assert ref_greedy.tolist() == truth
+    got, greedy = TorchEngine(tiny_llama, max_batch_size=max_batch_size, batch_tokens=batch_tokens).loglikelihood(reqs)
+    assert greedy.dtype == bool and greedy.tolist() == truth
+    np.testing.assert_array_equal(greedy, ref_greedy)
+    assert np.max(np.abs(got - ref_ll)) < TOL
 
 
 @pytest.mark.parametrize("bad", [((), (1, 2)), ((1, 2), ()), ((), ())])

@@ -19,18 +19,9 @@ from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_diver
 from quantgate.methods.apply import make_candidate
 from quantgate.models.arch import arch_of
 
+from conftest import CharTokenizer
+
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-class CharTokenizer:
-    """One token per character, ids in [3, 128); BOS = 1, EOS = 2."""
-
-    bos_token_id = 1
-    eos_token_id = 2
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [3 + ord(c) % 125 for c in text]
-        return [self.bos_token_id] + ids if add_special_tokens else ids
 
 
 PPL_TEXT = (
@@ -100,8 +91,11 @@ def test_kl_is_never_negative():
 def test_prepare_layout(prepared):
     suite = prepared.suite
     assert prepared.offsets.tolist() == [0, 3, 5, 9, 11, 13]
-    assert prepared.gold.tolist() == [0, 0, 0, 0, 1]
+    assert [item.gold for item in suite.items] == [0, 0, 0, 0, 1]
+    assert suite == _suite()  # the items, golds included, as given
     assert len(prepared.requests) == 13
+    # no generation / prompt items: nothing to generate, no stop tokens
+    assert prepared.prompts == {} and prepared.stop_ids == ()
     # characters of each continuation (" " + choice), used by accuracy_norm
     assert prepared.option_chars.tolist()[:3] == [5, 6, 15]
     assert prepared.option_chars.tolist()[3:5] == [2, 2]
@@ -116,6 +110,7 @@ def test_prepare_layout(prepared):
     ids = tok.encode(PPL_TEXT, add_special_tokens=False)
     assert prepared.windows == [ids[0:32], ids[32:64], ids[64:96]]
     assert prepared.n_window_tokens == 3 * 31
+    assert prepared.n_text_windows == 3
 
 
 # ---------------------------------------------------------------- evaluate
@@ -126,8 +121,11 @@ def test_evaluate_against_own_reference(tiny_llama, prepared):
     base, kept = evaluate(engine, prepared, keep=True)
     assert base.kld is None and base.top1_agree is None
     assert len(kept) == 3 and all(k.shape == (31, 128) for k in kept)
-    expected_ll = loglikelihood_reference(tiny_llama, prepared.requests)
+    expected_ll, expected_greedy = loglikelihood_reference(tiny_llama, prepared.requests)
     np.testing.assert_allclose(base.option_ll, expected_ll, rtol=0, atol=1e-4)
+    assert base.option_greedy.dtype == bool
+    np.testing.assert_array_equal(base.option_greedy, expected_greedy)
+    assert base.generations == {}  # no generation / prompt items
     assert base.token_nll.shape == (93,) and np.all(base.token_nll > 0)
     assert base.window_of.tolist() == [0] * 31 + [1] * 31 + [2] * 31
     # token_nll is -log p of the actual next token
@@ -140,6 +138,7 @@ def test_evaluate_against_own_reference(tiny_llama, prepared):
     assert again.kld.shape == (93,) and np.all(again.kld == 0.0)
     assert again.top1_agree.dtype == bool and bool(np.all(again.top1_agree))
     np.testing.assert_array_equal(again.option_ll, base.option_ll)
+    np.testing.assert_array_equal(again.option_greedy, base.option_greedy)
     np.testing.assert_array_equal(again.token_nll, base.token_nll)
 
     # a 2-bit candidate drifts: KL > 0 somewhere, never negative, and some metrics computed
@@ -147,26 +146,40 @@ def test_evaluate_against_own_reference(tiny_llama, prepared):
     cand_scores, _ = evaluate(TorchEngine(cand.model), prepared, reference=kept)
     assert np.all(cand_scores.kld >= 0) and cand_scores.kld.max() > 1e-3
     assert not np.all(cand_scores.top1_agree)
-    mb = model_metrics(base, prepared, "accuracy")
-    mc = model_metrics(cand_scores, prepared, "accuracy")
-    cmp = compare(mb, mc, cand_scores, "accuracy")
+    tok = CharTokenizer()
+    mb = model_metrics(base, prepared, "accuracy", tok)
+    mc = model_metrics(cand_scores, prepared, "accuracy", tok)
+    cmp = compare(mb, mc, cand_scores, prepared, n_boot=200)
     assert cmp.kld_mean == pytest.approx(float(np.mean(cand_scores.kld)))
+    assert cmp.kld.n == 93
     assert cmp.top1_agreement == pytest.approx(float(np.mean(cand_scores.top1_agree)))
+    assert set(cmp.tasks) == {"overall", "mc", "wino", "other"}
+    assert cmp.flips == flips(mb, mc) and cmp.tasks["overall"].flips == cmp.flips
+    assert cmp.tasks["mc"].n == 3 and cmp.tasks["mc"].labeled
     with pytest.raises(ValueError):
-        compare(mb, mb, base, "accuracy")  # scores without a reference
+        compare(mb, mb, base, prepared)  # scores without a reference
 
 
 def test_model_metrics_consistent(tiny_llama, prepared):
     scores, _ = evaluate(TorchEngine(tiny_llama), prepared)
-    m = model_metrics(scores, prepared, "accuracy")
+    tok = CharTokenizer()
+    items = prepared.suite.items
+    gold = np.array([item.gold for item in items])
+    m = model_metrics(scores, prepared, "accuracy", tok)
     raw = predictions(scores, prepared, normalize=False)
-    assert m.chosen.tolist() == raw.tolist()
-    assert m.accuracy == pytest.approx(np.mean(raw == prepared.gold))
+    assert m.answers == [item.answer(int(c)) for item, c in zip(items, raw)]
+    assert m.score.tolist() == (raw == gold).astype(float).tolist()
+    assert m.correct.tolist() == (raw == gold).tolist()
+    assert m.accuracy == pytest.approx(np.mean(raw == gold))
     assert m.perplexity == pytest.approx(math.exp(np.mean(scores.token_nll)))
     assert set(m.per_task) == {"mc", "wino", "other"}
     assert m.per_task["mc"] == pytest.approx(np.mean(m.correct[:3]))
-    mn = model_metrics(scores, prepared, "accuracy_norm")
-    assert mn.chosen.tolist() == predictions(scores, prepared, normalize=True).tolist()
+    mn = model_metrics(scores, prepared, "accuracy_norm", tok)
+    norm = predictions(scores, prepared, normalize=True)
+    assert mn.answers == [item.answer(int(c)) for item, c in zip(items, norm)]
+    assert mn.score.tolist() == (norm == gold).astype(float).tolist()
+    assert mn.accuracy_norm == pytest.approx(np.mean(norm == gold))
+    assert mn.accuracy == m.accuracy and m.accuracy_norm == mn.accuracy_norm  # both reported either way
     assert mn.metric("accuracy_norm") == mn.accuracy_norm
 
 
@@ -175,13 +188,19 @@ def test_model_metrics_consistent(tiny_llama, prepared):
 
 def _scores(option_ll) -> ModelScores:
     empty = np.zeros(0)
-    return ModelScores(np.asarray(option_ll, dtype=np.float64), empty, None, None, empty.astype(int), 0.0)
+    ll = np.asarray(option_ll, dtype=np.float64)
+    return ModelScores(ll, np.zeros(len(ll), dtype=bool), {}, empty, None, None, empty.astype(int), 0.0)
 
 
 def _prepared(offsets, chars, gold) -> PreparedSuite:
+    sizes = np.diff(offsets)
+    items = tuple(
+        ChoiceItem.multiple_choice(f"i{i}", "t", "Q", [f"o{k}" for k in range(n)], g)
+        for i, (n, g) in enumerate(zip(sizes, gold))
+    )
     return PreparedSuite(
-        suite=EvalSuite("hand", (), None), requests=[], offsets=np.array(offsets),
-        option_chars=np.array(chars), gold=np.array(gold), windows=[],
+        suite=EvalSuite("hand", items, None), requests=[], offsets=np.array(offsets),
+        option_chars=np.array(chars), prompts={}, windows=[], n_text_windows=0, stop_ids=(),
     )
 
 
@@ -201,7 +220,10 @@ def test_predictions_normalize_by_continuation_characters():
 def _metrics(chosen, gold) -> ModelMetrics:
     chosen = np.array(chosen)
     correct = chosen == np.array(gold)
-    return ModelMetrics(float(correct.mean()), float(correct.mean()), {}, 1.0, correct, chosen)
+    return ModelMetrics(
+        score=correct.astype(float), answers=[f"option {c}" for c in chosen],
+        accuracy=float(correct.mean()), accuracy_norm=float(correct.mean()), per_task={}, perplexity=1.0,
+    )
 
 
 def test_flips_counts_each_direction_and_changes():
@@ -218,6 +240,21 @@ def test_flips_counts_each_direction_and_changes():
     assert (same.correct_to_wrong, same.wrong_to_correct, same.changed, same.rate) == (0, 0, 0, 0.0)
     back = flips(cand, base)
     assert (back.correct_to_wrong, back.wrong_to_correct, back.changed) == (1, 2, 4)
+    # restricted to a mask: items 0..3 only
+    mask = np.array([True] * 4 + [False] * 3)
+    part = flips(base, cand, mask)
+    assert (part.correct_to_wrong, part.wrong_to_correct, part.changed, part.n) == (1, 1, 3, 4)
+    assert part.rate == pytest.approx(2 / 4)
+
+
+def test_flips_skip_unlabeled_items():
+    gold = [0, 1, 2, 0]
+    base, cand = _metrics([0, 1, 0, 1], gold), _metrics([1, 1, 2, 0], gold)
+    # item 3 unlabeled (score nan): not counted even though its correctness would change
+    base = ModelMetrics(np.array([1.0, 1.0, 0.0, np.nan]), base.answers, 2 / 3, 2 / 3, {}, 1.0)
+    assert base.correct.tolist() == [True, True, False, False]
+    f = flips(base, cand)
+    assert (f.correct_to_wrong, f.wrong_to_correct, f.changed, f.n) == (1, 1, 2, 3)
 
 
 # ---------------------------------------------------------------- engines that measure nothing
@@ -232,13 +269,13 @@ class ConstantEngine:
         self.timing = Timing()
 
     def loglikelihood(self, requests):
-        return np.full(len(requests), -3.0)
+        return np.full(len(requests), -3.0), np.zeros(len(requests), dtype=bool)
 
     def token_logprobs(self, windows):
         for w in windows:
             yield torch.full((len(w) - 1, 128), -math.log(128))
 
-    def generate(self, prompts, max_new_tokens):
+    def generate(self, prompts, max_new_tokens, stop_ids=()):
         return [[] for _ in prompts]
 
 
@@ -249,7 +286,7 @@ def test_constant_engine_raises(prepared):
 
 def test_one_item_with_different_scores_is_enough(prepared):
     engine = ConstantEngine()
-    engine.loglikelihood = lambda requests: np.array([-3.0] * 12 + [-4.0])
+    engine.loglikelihood = lambda requests: (np.array([-3.0] * 12 + [-4.0]), np.zeros(13, dtype=bool))
     scores, _ = evaluate(engine, prepared)
     assert scores.option_ll[-1] == -4.0
 

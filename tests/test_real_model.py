@@ -43,9 +43,11 @@ def test_baseline_is_the_dequantized_packaged_gguf(baseline):
 
 def test_engine_equals_plain_loop_on_real_items(baseline, small_suite):
     reqs = small_suite.requests[:60]
-    fast = TorchEngine(baseline.model).loglikelihood(reqs)
-    plain = loglikelihood_reference(baseline.model, reqs)
+    fast, fast_greedy = TorchEngine(baseline.model).loglikelihood(reqs)
+    plain, plain_greedy = loglikelihood_reference(baseline.model, reqs)
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=2e-3)  # float32 through 30 layers
+    assert fast_greedy.dtype == bool and fast_greedy.shape == (len(reqs),)
+    np.testing.assert_array_equal(fast_greedy, plain_greedy)
 
 
 def test_model_against_itself_has_zero_kld(baseline, small_suite):
@@ -74,6 +76,7 @@ def run_cli(tmp_path, name):
     config.write_text(
         "candidates:\n  - {method: rtn, bits: 8}\n  - {method: rtn, bits: 2, group_size: 64}\n"
         "evaluation: {limit: 24, cloze_items: 12, ppl_windows: 2, window_tokens: 64}\n"
+        "quality_gate: {min_items: 30}\n"  # 36 labeled items: under the default 100 nothing is recommended
     )
     out = tmp_path / name
     proc = subprocess.run([sys.executable, "-m", "quantgate.cli", "run", str(config), "--results-dir", str(out)],

@@ -41,7 +41,7 @@ def run(
     from quantgate.store import open_store, record_run
 
     out_root = results_dir or Path(cfg.results_dir)
-    console = Console(width=None if sys.stdout.isatty() else 150)  # logs and pipes get the whole table
+    console = Console(width=None if sys.stdout.isatty() else 180)  # logs and pipes get the whole table
     with Progress(TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bars:
         result = execute(cfg, _progress(bars))

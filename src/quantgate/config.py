@@ -94,15 +94,55 @@ class ServingConfig(Frozen):
     max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
 
 
+class EvalSetConfig(Frozen):
+    """One eval file: JSONL items (kinds decided per line) or a plain text file (.txt/.raw) of
+    held-out text for perplexity and KL divergence."""
+
+    path: str
+    task: str | None = None  # task name for every item (default: the line's "task", else the file name)
+    limit: int | None = Field(None, ge=1)  # the first `limit` items of each task
+    chat_template: bool = False  # render contexts / prompts through the model's chat template
+    match: Literal["exact", "contains"] = "exact"  # short-answer generation, after normalisation
+    scorer: str | None = Field(None, pattern=r"^[\w.]+:\w+$")  # "module:function" (prediction, item) -> [0, 1]
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+
+
 class QualityGateConfig(Frozen):
     verified_against: Reference = "baseline"
-    # "default" (the project's own offline suite) or a path to a JSONL eval set.
+    # "default" (the project's own offline suite), a path to a JSONL eval set, or "none"
+    # (measure distributions only; no candidate can then be called shippable).
     eval_set: str = "default"
+    # Several files instead of eval_set, each with its own options.
+    eval_sets: tuple[EvalSetConfig, ...] | None = None
     # accuracy: argmax of summed continuation log-likelihood; accuracy_norm: per character.
     metric: Literal["accuracy", "accuracy_norm"] = "accuracy"
-    # Recovery floor: candidate metric / baseline metric.
+    # Recovery floor over all labeled items: candidate metric / baseline metric.
     min_acceptable: float = Field(0.94, gt=0.0, le=2.0)
+    # Recovery floors per task (unlabeled prompt tasks: floors on agreement with the baseline).
+    task_floors: dict[str, float] = {}
+    # Floors on the candidate's own metric, per task or "overall".
+    absolute_floors: dict[str, float] = {}
+    # Budget for items whose correctness changed either way, as a fraction of labeled items.
+    max_flip_rate: float | None = Field(None, ge=0.0, le=1.0)
+    # Ceilings on per-token KL(baseline || candidate).
+    max_kld_mean: float | None = Field(None, ge=0.0)
+    max_kld_p99: float | None = Field(None, ge=0.0)
+    # Two-sided confidence of the intervals a rule is judged on.
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    bootstrap_samples: int = Field(2000, ge=100)
+    # A rule whose interval straddles its threshold is inconclusive, which fails unless "pass".
+    inconclusive: Literal["fail", "pass"] = "fail"
+    # Fewer labeled items than this: the run measures but calls no candidate shippable.
+    min_items: int = Field(100, ge=1)
     drift_check: Literal["off", "daily", "weekly", "monthly"] = "weekly"
+
+    @model_validator(mode="after")
+    def _one_eval_form(self) -> QualityGateConfig:
+        if self.eval_sets is not None and "eval_set" in self.model_fields_set:
+            raise ValueError("give either 'eval_set' or 'eval_sets', not both")
+        if self.eval_sets is not None and not self.eval_sets:
+            raise ValueError("'eval_sets' is empty")
+        return self
 
 
 class EvaluationConfig(Frozen):
@@ -237,9 +277,10 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
         return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.exists() else value
 
     gate = cfg.quality_gate
+    sets = gate.eval_sets and tuple(e.model_copy(update={"path": resolve(e.path)}) for e in gate.eval_sets)
     updates = {
         "model": cfg.model.model_copy(update={"base": resolve(cfg.model.base)}),
-        "quality_gate": gate.model_copy(update={"eval_set": resolve(gate.eval_set)}),
+        "quality_gate": gate.model_copy(update={"eval_set": resolve(gate.eval_set), "eval_sets": sets}),
     }
     return cfg.model_copy(update=updates)
 

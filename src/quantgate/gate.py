@@ -1,23 +1,36 @@
 """The quality gate: rules -> a verdict per candidate, and the recommendation.
 
-Values are compared exactly as measured (never rounded first: 0.946 does not pass a 0.95 floor).
+Each rule is judged on an interval, not a point: pass when the whole interval is on the right side
+of the threshold, fail when the whole interval is on the wrong side, inconclusive when it
+straddles it (which fails unless quality_gate.inconclusive is "pass"). Values are compared exactly
+as measured, never rounded first (0.946 does not pass a 0.95 floor).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from quantgate.config import QualityGateConfig
-from quantgate.evals.metrics import Comparison
+from quantgate.errors import UserError
+from quantgate.evals import stats
+from quantgate.evals.metrics import OVERALL, Comparison, TaskComparison
+
+Status = Literal["pass", "fail", "inconclusive"]
 
 
 @dataclass(frozen=True)
 class RuleResult:
-    rule: str  # e.g. "recovery >= min_acceptable"
-    passed: bool
+    rule: str  # e.g. "overall recovery >= 0.94"
+    status: Status
     value: float
+    interval: tuple[float, float]
     threshold: float
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
 
 
 @dataclass(frozen=True)
@@ -25,10 +38,12 @@ class CandidateVerdict:
     name: str
     weight_bytes: int
     rules: tuple[RuleResult, ...]
+    inconclusive_passes: bool = False
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.rules)
+        ok = ("pass", "inconclusive") if self.inconclusive_passes else ("pass",)
+        return all(r.status in ok for r in self.rules)
 
 
 @dataclass(frozen=True)
@@ -38,18 +53,79 @@ class Decision:
     reason: str
 
 
+def at_least(rule: str, value: float, interval: tuple[float, float], floor: float) -> RuleResult:
+    lo, hi = interval
+    if math.isnan(value):
+        return RuleResult(rule, "fail", value, interval, floor)
+    status: Status = "pass" if lo >= floor else "fail" if hi < floor else "inconclusive"
+    return RuleResult(rule, status, value, interval, floor)
+
+
+def at_most(rule: str, value: float, interval: tuple[float, float], ceiling: float) -> RuleResult:
+    lo, hi = interval
+    if math.isnan(value):
+        return RuleResult(rule, "fail", value, interval, ceiling)
+    status: Status = "pass" if hi <= ceiling else "fail" if lo > ceiling else "inconclusive"
+    return RuleResult(rule, status, value, interval, ceiling)
+
+
 def judge(name: str, weight_bytes: int, cmp: Comparison, gate: QualityGateConfig) -> CandidateVerdict:
-    recovery_ok = not math.isnan(cmp.recovery) and cmp.recovery >= gate.min_acceptable
-    rules = (RuleResult(f"{gate.metric} recovery >= min_acceptable", recovery_ok, cmp.recovery, gate.min_acceptable),)
-    return CandidateVerdict(name, weight_bytes, rules)
+    rules: list[RuleResult] = []
+    overall = cmp.tasks.get(OVERALL)
+    if overall is not None:
+        rules.append(at_least(f"{gate.metric} recovery >= {gate.min_acceptable}", overall.recovery,
+                              overall.recovery_ci, gate.min_acceptable))
+    for task, floor in gate.task_floors.items():
+        t = _task(cmp, task)
+        what = "recovery" if t.labeled else "agreement with baseline"
+        rules.append(at_least(f"{task} {what} >= {floor}", t.recovery, t.recovery_ci, floor))
+    for task, floor in gate.absolute_floors.items():
+        t = _task(cmp, task)
+        rules.append(at_least(f"{task} {gate.metric} >= {floor}", t.cand, _own_interval(t, gate.confidence), floor))
+    if gate.max_flip_rate is not None and overall is not None:
+        rules.append(at_most(f"flip rate <= {gate.max_flip_rate}", overall.flips.rate, overall.flip_rate_ci,
+                             gate.max_flip_rate))
+    if gate.max_kld_mean is not None:
+        rules.append(at_most(f"KLD mean <= {gate.max_kld_mean}", cmp.kld.mean, cmp.kld.mean_ci, gate.max_kld_mean))
+    if gate.max_kld_p99 is not None:
+        rules.append(at_most(f"KLD p99 <= {gate.max_kld_p99}", cmp.kld.quantile, cmp.kld.quantile_ci,
+                             gate.max_kld_p99))
+    return CandidateVerdict(name, weight_bytes, tuple(rules), gate.inconclusive == "pass")
 
 
-def decide(verdicts: list[CandidateVerdict]) -> Decision:
-    """Recommend the passing candidate with the fewest weight bytes (the most compressed)."""
+def check_tasks(gate: QualityGateConfig, tasks: dict[str, int]) -> None:
+    """Every task a rule names must be in the eval set (checked before any model work)."""
+    for key, table in (("task_floors", gate.task_floors), ("absolute_floors", gate.absolute_floors)):
+        for task in table:
+            if task != OVERALL and task not in tasks:
+                raise UserError(f"quality_gate.{key}: task '{task}' is not in the eval set "
+                                f"(tasks: {', '.join(tasks) or 'none'})")
+
+
+def _task(cmp: Comparison, task: str) -> TaskComparison:
+    if task not in cmp.tasks:
+        known = ", ".join(cmp.tasks)
+        raise UserError(f"quality_gate: task '{task}' is not in the eval set (tasks: {known})")
+    return cmp.tasks[task]
+
+
+def _own_interval(t: TaskComparison, confidence: float) -> tuple[float, float]:
+    """Interval of the candidate's own mean score (Wilson, on the rounded count of successes)."""
+    return stats.wilson_interval(round(t.cand * t.n), t.n, confidence)
+
+
+def decide(verdicts: list[CandidateVerdict], *, labeled_items: int, min_items: int) -> Decision:
+    """Recommend the passing candidate with the fewest weight bytes (the most compressed) — but
+    only on an eval set large enough to say so."""
+    if labeled_items < min_items:
+        what = "no labeled eval items" if labeled_items == 0 else f"only {labeled_items} labeled eval items"
+        return Decision(tuple(verdicts), None,
+                        f"{what} (quality_gate.min_items is {min_items}): measured, but no candidate "
+                        "can be called shippable without an eval set")
     passing = [v for v in verdicts if v.passed]
     if not passing:
-        return Decision(tuple(verdicts), None, "no candidate holds the quality gate")
+        return Decision(tuple(verdicts), None, "no candidate holds every rule of the quality gate")
     best = min(passing, key=lambda v: (v.weight_bytes, v.name))
-    others = len(passing) - 1
-    reason = f"smallest of {len(passing)} candidates that hold the gate" if others else "the only candidate that holds the gate"
+    reason = (f"the smallest of {len(passing)} candidates that hold every rule" if len(passing) > 1
+              else "the only candidate that holds every rule")
     return Decision(tuple(verdicts), best.name, reason)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
 import torch
 
 import quantgate
@@ -19,8 +20,8 @@ from quantgate.config import CandidateConfig, RunConfig, check_supported
 from quantgate.engines.torch import TorchEngine
 from quantgate.evals.datasets import load_suite
 from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
-from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, prepare
-from quantgate.gate import Decision, decide, judge
+from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, prepare, with_response_windows
+from quantgate.gate import Decision, check_tasks, decide, judge
 from quantgate.methods.apply import make_candidate, weight_bytes
 from quantgate.models.load import load_baseline
 
@@ -81,18 +82,24 @@ def execute(cfg: RunConfig, progress: Progress = _no_progress) -> RunResult:
     started = datetime.now(timezone.utc)
     ev = cfg.evaluation
     torch.manual_seed(cfg.seed)
-    suite = load_suite(cfg.quality_gate.eval_set, limit=ev.limit, cloze_items=ev.cloze_items, seed=cfg.seed)
+    gate = cfg.quality_gate
+    suite = load_suite(gate, limit=ev.limit, cloze_items=ev.cloze_items, seed=cfg.seed)
+    check_tasks(gate, suite.tasks)
     baseline = load_baseline(cfg.model.base)
     prepared = prepare(suite, baseline.tokenizer, window_tokens=ev.window_tokens, n_windows=ev.ppl_windows)
-    metric = cfg.quality_gate.metric
+    metric = gate.metric
 
     def engine(model: torch.nn.Module) -> TorchEngine:
         return TorchEngine(model, max_batch_size=cfg.serving.max_batch_size, batch_tokens=ev.batch_tokens)
 
-    base_scores, reference = evaluate(engine(baseline.model), prepared, keep=True, on_step=progress("baseline", 2))
+    base_engine = engine(baseline.model)
+    base_scores, reference = evaluate(base_engine, prepared, keep=True, on_step=progress("baseline", 2))
+    # Prompt items: candidates are also compared on the baseline's own responses.
+    prepared = with_response_windows(prepared, base_scores.generations)
+    reference += list(base_engine.token_logprobs(prepared.windows[len(reference):]))
     base = ModelResult(
         name="baseline", candidate=None, weight_bytes=weight_bytes(baseline.model)[0], modules_changed=0,
-        metrics=model_metrics(base_scores, prepared, metric), scores=base_scores,
+        metrics=model_metrics(base_scores, prepared, metric, baseline.tokenizer), scores=base_scores,
     )
     results, verdicts = [], []
     for cand in cfg.resolved_candidates:
@@ -102,16 +109,18 @@ def execute(cfg: RunConfig, progress: Progress = _no_progress) -> RunResult:
         quantize_seconds = time.perf_counter() - t0
         step(1)
         scores, _ = evaluate(engine(made.model), prepared, reference, on_step=step)
-        metrics = model_metrics(scores, prepared, metric)
-        comparison = compare(base.metrics, metrics, scores, metric)
+        metrics = model_metrics(scores, prepared, metric, baseline.tokenizer)
+        comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
+                             n_boot=gate.bootstrap_samples, seed=cfg.seed)
         results.append(ModelResult(cand.label, cand, made.weight_bytes, made.modules_changed, metrics, scores,
                                    comparison, quantize_seconds))
-        verdicts.append(judge(cand.label, made.weight_bytes, comparison, cfg.quality_gate))
+        verdicts.append(judge(cand.label, made.weight_bytes, comparison, gate))
         del made
         gc.collect()
     return RunResult(
         config=cfg, started=started, finished=datetime.now(timezone.utc),
         model_source=baseline.source, model_digest=baseline.digest, model_description=baseline.description,
-        prepared=prepared, baseline=base, candidates=results, decision=decide(verdicts),
+        prepared=prepared, baseline=base, candidates=results,
+        decision=decide(verdicts, labeled_items=int((~np.isnan(base.metrics.score)).sum()), min_items=gate.min_items),
         environment=environment(),
     )

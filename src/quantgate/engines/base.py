@@ -48,8 +48,9 @@ class Engine(Protocol):
     name: str
     timing: Timing
 
-    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
-        """Summed log-probability of each continuation given its context: float64 [len(requests)]."""
+    def loglikelihood(self, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
+        """For each request: the summed log-probability of the continuation given its context,
+        float64 [n], and whether every continuation token is the greedy (argmax) choice, bool [n]."""
         ...
 
     def token_logprobs(self, windows: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
@@ -57,6 +58,9 @@ class Engine(Protocol):
         float32 [T-1, vocab] (row t predicts token t+1). Yielded in order, one window at a time."""
         ...
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuation token ids of each prompt (stops at end-of-sequence)."""
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[list[int]]:
+        """Greedy continuation token ids of each prompt; stops after end-of-sequence or any of
+        stop_ids (the stop token is included)."""
         ...

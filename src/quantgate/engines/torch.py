@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from quantgate.config import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_SIZE
 from quantgate.engines.base import Request, Timing
@@ -108,16 +109,24 @@ class _OneDNNLinears:
             if version != m.weight._version:
                 packed = m.weight.detach().to_mkldnn()
                 self.packed[id(m)] = (m.weight._version, packed)
-            m.forward = functools.partial(_onednn_linear, packed, m.bias)
+            m.forward = functools.partial(_onednn_linear, packed, m.weight, m.bias)
 
     def __exit__(self, *exc: object) -> None:
         for m in self.linears:
             del m.forward
 
 
-def _onednn_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] -> [..., out] with a oneDNN-packed weight [out, in]."""
-    y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), weight, None).to_dense()
+# Below this many rows the layout conversions cost more than the faster GEMM saves (decoding).
+ONEDNN_MIN_ROWS = 64
+
+
+def _onednn_linear(
+    packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
+    """x [..., in] -> [..., out] with a oneDNN-packed copy of weight [out, in]."""
+    if x.numel() < ONEDNN_MIN_ROWS * x.shape[-1]:
+        return torch.nn.functional.linear(x, weight, bias)
+    y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), packed, None).to_dense()
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y + bias if bias is not None else y
 
@@ -138,14 +147,15 @@ class TorchEngine:
 
     # -- continuation scoring -------------------------------------------------------------------
 
-    def loglikelihood(self, requests: Sequence[Request]) -> np.ndarray:
+    def loglikelihood(self, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
         out = np.zeros(len(requests), dtype=np.float64)
+        greedy = np.ones(len(requests), dtype=bool)
         items = sorted(_packed_items(requests), key=lambda x: len(x.tokens))
         n_tokens = sum(len(c) + len(x) for c, x in requests)
         with self.timing.timed("loglikelihood", n_tokens), torch.inference_mode(), self.fast_linears:
             for batch in self._batches(items):
-                self._score_batch(batch, out)
-        return out
+                self._score_batch(batch, out, greedy)
+        return out, greedy
 
     def _batches(self, items: list[_Packed]) -> Iterator[list[_Packed]]:
         """Consecutive items (sorted by packed length) within max_batch_size and batch_tokens."""
@@ -158,7 +168,7 @@ class TorchEngine:
         if batch:
             yield batch
 
-    def _score_batch(self, batch: list[_Packed], out: np.ndarray) -> None:
+    def _score_batch(self, batch: list[_Packed], out: np.ndarray, greedy: np.ndarray) -> None:
         width = max(len(x.tokens) for x in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         positions = torch.zeros((len(batch), width), dtype=torch.long)
@@ -172,11 +182,12 @@ class TorchEngine:
         ).last_hidden_state  # [B, width, D]
         flat = torch.tensor([r * width + row for r, x in enumerate(batch) for row in x.rows])
         targets = torch.tensor([t for x in batch for t in x.targets])
-        lp = self._target_logprobs(hidden.reshape(-1, hidden.shape[-1]), flat, targets)
+        lp, is_max = self._target_logprobs(hidden.reshape(-1, hidden.shape[-1]), flat, targets)
         owners = [o for x in batch for o in x.owners]
-        for value, rids in zip(lp.tolist(), owners):
+        for value, top, rids in zip(lp.tolist(), is_max.tolist(), owners):
             for rid in rids:
                 out[rid] += value
+                greedy[rid] &= top
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """A boolean [B, 1, L, L] mask in the form the model's attention implementation takes."""
@@ -184,13 +195,16 @@ class TorchEngine:
             return allowed
         return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
-    def _target_logprobs(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """hidden [N, D]; rows, targets [M] -> log p(targets[m] | hidden[rows[m]]), float32 [M].
-        A row scored for several targets goes through the vocabulary projection once, and no
-        [M, V] log-softmax is materialised."""
+    def _target_logprobs(
+        self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [N, D]; rows, targets [M] -> (log p(targets[m] | hidden[rows[m]]) float32 [M],
+        whether targets[m] is the row's argmax, bool [M]). A row scored for several targets goes
+        through the vocabulary projection once; no [M, V] log-softmax is materialised."""
         unique, inverse = torch.unique(rows, return_inverse=True)
         logits = self.head(hidden[unique]).float()  # [U, V]
-        return logits[inverse, targets] - torch.logsumexp(logits, dim=-1)[inverse]
+        chosen = logits[inverse, targets]
+        return chosen - torch.logsumexp(logits, dim=-1)[inverse], chosen >= logits.amax(-1)[inverse]
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] hidden states -> [..., V] float32 log-probabilities."""
@@ -199,6 +213,8 @@ class TorchEngine:
     # -- full distributions ---------------------------------------------------------------------
 
     def token_logprobs(self, windows: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
+        if not windows:
+            return
         per_batch = max(1, min(self.max_batch_size, self.batch_tokens // max(len(w) for w in windows)))
         for start in range(0, len(windows), per_batch):
             batch = windows[start : start + per_batch]
@@ -215,30 +231,45 @@ class TorchEngine:
 
     # -- generation -----------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        results = []
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[list[int]]:
+        """Greedy decoding with a key/value cache, one prompt at a time (no padding, so a prompt's
+        output does not depend on its neighbours). Stops after end-of-sequence, or after a token of
+        stop_ids once some other token has been generated (leading stop tokens, e.g. newlines
+        before the answer, are kept and skipped over)."""
         eos = self.model.generation_config.eos_token_id
+        ends = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        stops = set(stop_ids)
+        results = []
         for prompt in prompts:
-            ids = torch.tensor([list(prompt)])
+            out: list[int] = []
             with self.timing.timed("generate", len(prompt)), torch.inference_mode(), self.fast_linears:
-                out = self.model.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                    do_sample=False, eos_token_id=eos, pad_token_id=self.pad_id,
-                )
-            new = out[0, len(prompt):].tolist()
-            self.timing.add("generate", 0.0, len(new))
-            results.append(new)
+                cache = DynamicCache(config=self.model.config)
+                step = torch.tensor([list(prompt)])
+                for _ in range(max_new_tokens):
+                    logits = self.model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1).logits
+                    token = int(logits[0, -1].argmax())
+                    out.append(token)
+                    if token in ends or (token in stops and any(t not in stops for t in out)):
+                        break
+                    step = torch.tensor([[token]])
+            self.timing.add("generate", 0.0, len(out))
+            results.append(out)
         return results
 
 
-def loglikelihood_reference(model: torch.nn.Module, requests: Sequence[Request]) -> np.ndarray:
+def loglikelihood_reference(model: torch.nn.Module, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
     """The plain loop: one forward pass per request over context + continuation, full logits at
     every position. Correct by construction; the yardstick for TorchEngine.loglikelihood."""
     out = np.zeros(len(requests), dtype=np.float64)
+    greedy = np.zeros(len(requests), dtype=bool)
     with torch.inference_mode():
         for i, (ctx, cont) in enumerate(requests):
             ids = torch.tensor([list(ctx) + list(cont)])
             logits = model(ids).logits[0, len(ctx) - 1 : -1]  # rows predicting the continuation
             lp = torch.log_softmax(logits.float(), dim=-1)
-            out[i] = lp[torch.arange(len(cont)), torch.tensor(cont)].double().sum().item()
-    return out
+            target = torch.tensor(cont)
+            out[i] = lp[torch.arange(len(cont)), target].double().sum().item()
+            greedy[i] = bool((lp.argmax(-1) == target).all())
+    return out, greedy

@@ -1,9 +1,15 @@
-"""Eval items and where they come from: the default offline suite and JSONL files.
+"""Eval items and where they come from: the default offline suite and JSONL / text files.
 
-Every labeled item is a choice among options. An option is (context, continuation): ordinary
-multiple choice shares the context and varies the continuation (" " + choice); Winograd style
-varies the context and shares the continuation. The model picks the option whose continuation it
-finds most likely.
+Item kinds (a JSONL set may mix them, and mix tasks by a "task" field):
+  - ChoiceItem: the model picks the option whose continuation it finds most likely. Ordinary
+    multiple choice shares the context and varies the continuation (" " + choice); Winograd style
+    varies the context and shares the continuation.
+  - ClozeItem: a context and its gold continuation (LAMBADA); correct when every continuation token
+    is the model's greedy choice.
+  - GenerationItem: greedy generation scored against the gold answer and its aliases (exact match,
+    contains, or a user scorer).
+  - PromptItem: an unlabeled prompt; scored only by agreement with the baseline's output.
+Plain text files (.txt, .raw) give held-out text for perplexity and KL divergence.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -47,12 +53,78 @@ class ChoiceItem:
             return self.continuations[option].strip()
         return self.contexts[option]
 
+    @property
+    def gold_answer(self) -> str:
+        return self.answer(self.gold)
+
+
+@dataclass(frozen=True)
+class ClozeItem:
+    id: str
+    task: str
+    context: str
+    continuation: str  # the gold next word(s), joined to the context as written
+
+    @property
+    def prompt(self) -> str:
+        return self.context
+
+    @property
+    def gold_answer(self) -> str:
+        return self.continuation.strip()
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    id: str
+    task: str
+    context: str
+    answers: tuple[str, ...]  # the answer first, then its aliases
+
+    @property
+    def prompt(self) -> str:
+        return self.context
+
+    @property
+    def gold_answer(self) -> str:
+        return self.answers[0]
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    id: str
+    task: str
+    prompt: str
+
+    @property
+    def gold_answer(self) -> str:
+        return ""
+
+
+Item = ChoiceItem | ClozeItem | GenerationItem | PromptItem
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How a task's items are rendered and scored (from the eval set's config entry)."""
+
+    chat_template: bool = False  # render contexts/prompts with the tokenizer's chat template
+    match: str = "exact"  # generation: "exact" or "contains", after normalisation
+    scorer: str | None = None  # generation: "module:function" (prediction, item) -> score in [0, 1]
+    max_new_tokens: int = 32
+
 
 @dataclass(frozen=True)
 class EvalSuite:
     name: str
-    items: tuple[ChoiceItem, ...]
+    items: tuple[Item, ...]
     perplexity_text: str | None  # held-out prose for perplexity / KL windows
+    specs: dict[str, TaskSpec] = field(default_factory=dict)  # per task; absent = TaskSpec()
+    # (task, id, id of the earlier identical item): same content, reported, kept.
+    duplicates: tuple[tuple[str, str, str], ...] = ()
+
+    def spec(self, task: str) -> TaskSpec:
+        return self.specs.get(task, TaskSpec())
 
     @property
     def tasks(self) -> dict[str, int]:
@@ -123,10 +195,10 @@ def cloze(n: int, *, seed: int, n_options: int = 4) -> list[ChoiceItem]:
 # -- JSONL files --------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path, *, task: str | None = None) -> list[ChoiceItem]:
-    """Read a JSONL eval set of multiple-choice ({"query", "choices", "gold"}) or Winograd-style
-    ({"context_options", "continuation", "gold"}) lines; an optional "task" field groups items,
-    an optional "id" names them (default: the line number). Errors name the file and line."""
+def read_jsonl(path: Path, *, task: str | None = None) -> list[Item]:
+    """Read a JSONL eval set; each line's fields decide its kind (see the module docstring). An
+    optional "task" field groups items, an optional "id" names them (default: task-line). Errors
+    name the file and line."""
     if not path.is_file():
         raise UserError(f"{path}: eval set not found")
     items = []
@@ -138,38 +210,85 @@ def read_jsonl(path: Path, *, task: str | None = None) -> list[ChoiceItem]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-            items.append(_item(obj, path, lineno, task or path.stem))
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object")
+            items.append(_item(obj, f"{path}:{lineno}", lineno, task or str(obj.get("task", path.stem))))
     if not items:
         raise UserError(f"{path}: eval set has no items")
     _check_unique_ids(items, path)
     return items
 
 
-def _item(obj: object, path: Path, lineno: int, default_task: str) -> ChoiceItem:
-    where = f"{path}:{lineno}"
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object")
-    item_id = str(obj.get("id", f"{default_task}-{lineno}"))
-    task = str(obj.get("task", default_task))
+def _string(obj: dict, key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise UserError(f"{where}: '{key}' must be a string")
+    return value
+
+
+def _strings(obj: dict, key: str, where: str, least: int) -> list[str]:
+    value = obj.get(key)
+    if not isinstance(value, list) or len(value) < least or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where}: '{key}' must be a list of at least {least} strings")
+    return value
+
+
+def _gold(obj: dict, key: str, n: int, where: str) -> int:
     gold = obj.get("gold")
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < n:
+        raise UserError(f"{where}: 'gold' must be an integer index into '{key}' (0..{n - 1})")
+    return gold
+
+
+def _item(obj: dict, where: str, lineno: int, task: str) -> Item:
+    item_id = str(obj.get("id", f"{task}-{lineno}"))
     if "choices" in obj:
-        options, kind = obj["choices"], "choices"
-        query = obj.get("query")
-        if not isinstance(query, str):
-            raise UserError(f"{where}: 'query' must be a string")
-    elif "context_options" in obj:
-        options, kind = obj["context_options"], "context_options"
-        if not isinstance(obj.get("continuation"), str):
-            raise UserError(f"{where}: 'continuation' must be a string")
-    else:
-        raise UserError(f"{where}: expected 'query'+'choices' or 'context_options'+'continuation'")
-    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
-        raise UserError(f"{where}: '{kind}' must be a list of at least 2 strings")
-    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(options):
-        raise UserError(f"{where}: 'gold' must be an integer index into '{kind}' (0..{len(options) - 1})")
-    if kind == "choices":
-        return ChoiceItem.multiple_choice(item_id, task, query, options, gold)
-    return ChoiceItem.winograd(item_id, task, options, obj["continuation"], gold)
+        query, choices = _string(obj, "query", where), _strings(obj, "choices", where, 2)
+        return ChoiceItem.multiple_choice(item_id, task, query, choices, _gold(obj, "choices", len(choices), where))
+    if "context_options" in obj:
+        options, cont = _strings(obj, "context_options", where, 2), _string(obj, "continuation", where)
+        return ChoiceItem.winograd(item_id, task, options, cont, _gold(obj, "context_options", len(options), where))
+    if "answer" in obj or "aliases" in obj:
+        answer = _string(obj, "answer", where)
+        aliases = _strings(obj, "aliases", where, 0) if "aliases" in obj else []
+        answers = tuple(dict.fromkeys([answer, *aliases]))
+        return GenerationItem(item_id, task, _string(obj, "context", where), answers)
+    if "continuation" in obj:
+        cont = _string(obj, "continuation", where)
+        if not cont.strip():
+            raise UserError(f"{where}: 'continuation' is empty")
+        context = _string(obj, "context", where)
+        joined = cont[:1].isspace() or context[-1:].isspace() or not context  # a space already, or none needed
+        return ClozeItem(item_id, task, context, cont if joined else " " + cont)
+    if "prompt" in obj:
+        return PromptItem(item_id, task, _string(obj, "prompt", where))
+    raise UserError(
+        f"{where}: expected 'query'+'choices', 'context_options'+'continuation', 'context'+'continuation', "
+        "'context'+'answer' or 'prompt'"
+    )
+
+
+def read_text(path: Path) -> str:
+    """A plain text file of held-out text for perplexity / KL windows."""
+    if not path.is_file():
+        raise UserError(f"{path}: text file not found")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UserError(f"{path}: text file is empty")
+    return text
+
+
+def find_duplicates(items: list[Item]) -> tuple[tuple[str, str, str], ...]:
+    """(task, id, first id) for each item whose content repeats an earlier item of its task."""
+    first: dict[tuple, str] = {}
+    dupes = []
+    for item in items:
+        key = (type(item).__name__, item.task, *[v for k, v in vars(item).items() if k not in ("id", "task")])
+        if key in first:
+            dupes.append((item.task, item.id, first[key]))
+        else:
+            first[key] = item.id
+    return tuple(dupes)
 
 
 def _check_unique_ids(items: list[ChoiceItem], path: Path) -> None:
@@ -180,8 +299,40 @@ def _check_unique_ids(items: list[ChoiceItem], path: Path) -> None:
         seen.add(item.id)
 
 
-def load_suite(eval_set: str, *, limit: int | None, cloze_items: int, seed: int) -> EvalSuite:
-    if eval_set == "default":
-        return default_suite(limit=limit, cloze_items=cloze_items, seed=seed)
-    path = Path(eval_set)
-    return EvalSuite(path.stem, tuple(_first_per_task(read_jsonl(path), limit)), prose.pool_text("perplexity"))
+TEXT_SUFFIXES = (".txt", ".raw")
+
+
+def load_suite(gate, *, limit: int | None, cloze_items: int, seed: int) -> EvalSuite:
+    """The eval suite a quality_gate config names: "default", "none", one JSONL file, or
+    eval_sets (JSONL and text files, each with its own options). Scorers are imported here, so a
+    bad one is reported before any model work."""
+    from quantgate.evals.scoring import load_scorer
+
+    if gate.eval_sets is None:
+        if gate.eval_set == "default":
+            return default_suite(limit=limit, cloze_items=cloze_items, seed=seed)
+        if gate.eval_set == "none":
+            return EvalSuite("none", (), prose.pool_text("perplexity"))
+        entries = [(Path(gate.eval_set), None, limit, TaskSpec())]
+    else:
+        entries = [
+            (Path(e.path), e.task, e.limit or limit,
+             TaskSpec(e.chat_template, e.match, e.scorer, e.max_new_tokens))
+            for e in gate.eval_sets
+        ]
+    items: list[Item] = []
+    specs: dict[str, TaskSpec] = {}
+    texts = []
+    for path, task, n, spec in entries:
+        if path.suffix in TEXT_SUFFIXES:
+            texts.append(read_text(path))
+            continue
+        if spec.scorer:
+            load_scorer(spec.scorer)
+        read = _first_per_task(read_jsonl(path, task=task), n)
+        specs.update({item.task: spec for item in read})
+        items += read
+    _check_unique_ids(items, Path(", ".join(str(e[0]) for e in entries)))
+    name = entries[0][0].stem if len(entries) == 1 else "+".join(e[0].stem for e in entries)
+    text = "\n\n".join(texts) if texts else prose.pool_text("perplexity")
+    return EvalSuite(name, tuple(items), text, specs, find_duplicates(items))

@@ -1,4 +1,4 @@
-"""Turn an eval suite into token-level requests once, and run one engine over them.
+"""Turn an eval suite into token-level work once, and run one engine over it.
 
 Tokenization happens here, with the baseline's tokenizer, so the baseline and every candidate see
 identical token ids.
@@ -7,38 +7,52 @@ identical token ids.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from quantgate.engines.base import Engine, Request
 from quantgate.errors import NothingHappened, UserError
-from quantgate.evals.datasets import EvalSuite
+from quantgate.evals.datasets import ChoiceItem, ClozeItem, EvalSuite, GenerationItem, PromptItem, TaskSpec
 
 
 @dataclass(frozen=True)
 class PreparedSuite:
     suite: EvalSuite
-    requests: list[Request]  # every option of every item, flattened
+    requests: list[Request]  # every choice option and every cloze continuation, flattened
     offsets: np.ndarray  # int [n_items + 1]: item i owns requests[offsets[i]:offsets[i + 1]]
     option_chars: np.ndarray  # int [n_requests]: characters of each continuation (for acc_norm)
-    gold: np.ndarray  # int [n_items]
-    windows: list[list[int]]  # perplexity/KLD windows of token ids
+    prompts: dict[int, list[int]]  # item index -> prompt token ids (generation and prompt items)
+    windows: list[list[int]]  # token windows for perplexity and KL divergence
+    n_text_windows: int  # the first n windows are held-out text (perplexity); the rest are
+    # prompt items' baseline responses (KL divergence only)
+    stop_ids: tuple[int, ...]  # tokens that end a line: short-answer generation stops there
 
     @property
     def n_window_tokens(self) -> int:
         return sum(len(w) - 1 for w in self.windows)
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> Request:
+def render(tokenizer, text: str, spec: TaskSpec) -> str:
+    """The text as the model sees it: through the chat template as a user turn when asked."""
+    if not spec.chat_template:
+        return text
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("chat_template: true, but the model's tokenizer has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def encode_pair(tokenizer, context: str, continuation: str, *, special: bool = True) -> Request:
     """Token ids of (context, continuation), split the way the whole string tokenizes: encode
     context + continuation once and cut after the context's tokens, moving trailing spaces of the
-    context into the continuation first. An empty context is conditioned on the BOS/EOS token."""
+    context into the continuation first. An empty context is conditioned on the BOS/EOS token.
+    special=False when the context already holds the special tokens (a rendered chat template)."""
     stripped = context.rstrip(" ")
     continuation = context[len(stripped):] + continuation
-    ctx = tokenizer.encode(stripped, add_special_tokens=True) if stripped else []
-    whole = tokenizer.encode(stripped + continuation, add_special_tokens=True)
+    ctx = tokenizer.encode(stripped, add_special_tokens=special) if stripped else []
+    whole = tokenizer.encode(stripped + continuation, add_special_tokens=special)
     if whole[: len(ctx)] != ctx:  # the boundary merged into one token: fall back to separate encoding
         whole = ctx + tokenizer.encode(continuation, add_special_tokens=False)
     if not ctx:
@@ -47,26 +61,54 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Request:
     return tuple(ctx), tuple(whole[len(ctx):])
 
 
+def _options(item: ChoiceItem | ClozeItem) -> list[tuple[str, str]]:
+    if isinstance(item, ChoiceItem):
+        return list(zip(item.contexts, item.continuations))
+    return [(item.context, item.continuation)]
+
+
 def prepare(suite: EvalSuite, tokenizer, *, window_tokens: int, n_windows: int) -> PreparedSuite:
     if not suite.items:
         raise UserError(f"eval set '{suite.name}' has no items")
-    requests, offsets, chars = [], [0], []
-    for item in suite.items:
-        for ctx, cont in zip(item.contexts, item.continuations):
-            pair = encode_pair(tokenizer, ctx, cont)
-            if not pair[1]:
-                raise UserError(f"eval item '{item.id}': an option's continuation is empty")
-            requests.append(pair)
-            chars.append(len(cont))
+    requests, offsets, chars, prompts = [], [0], [], {}
+    for i, item in enumerate(suite.items):
+        spec = suite.spec(item.task)
+        if isinstance(item, (ChoiceItem, ClozeItem)):
+            for ctx, cont in _options(item):
+                pair = encode_pair(tokenizer, render(tokenizer, ctx, spec), cont, special=not spec.chat_template)
+                if not pair[1]:
+                    raise UserError(f"eval item '{item.id}': an option's continuation is empty")
+                requests.append(pair)
+                chars.append(len(cont))
+        else:
+            text = render(tokenizer, item.prompt if isinstance(item, PromptItem) else item.context, spec)
+            prompts[i] = tokenizer.encode(text, add_special_tokens=not spec.chat_template)
+            if not prompts[i]:
+                raise UserError(f"eval item '{item.id}': the prompt is empty")
         offsets.append(len(requests))
+    windows = make_windows(tokenizer, suite.perplexity_text or "", window_tokens, n_windows)
     return PreparedSuite(
-        suite=suite,
-        requests=requests,
-        offsets=np.array(offsets),
-        option_chars=np.array(chars),
-        gold=np.array([item.gold for item in suite.items]),
-        windows=make_windows(tokenizer, suite.perplexity_text or "", window_tokens, n_windows),
+        suite=suite, requests=requests, offsets=np.array(offsets), option_chars=np.array(chars, dtype=np.int64),
+        prompts=prompts, windows=windows, n_text_windows=len(windows),
+        stop_ids=line_end_ids(tokenizer) if prompts else (),
     )
+
+
+def with_response_windows(prepared: PreparedSuite, generations: dict[int, list[int]]) -> PreparedSuite:
+    """Add, for every prompt item, the window prompt + the baseline's response, so candidates are
+    compared with the baseline's distributions over the baseline's own output (KL divergence)."""
+    extra = [
+        prepared.prompts[i] + generations[i]
+        for i, item in enumerate(prepared.suite.items)
+        if isinstance(item, PromptItem) and generations.get(i) and len(prepared.prompts[i] + generations[i]) > 1
+    ]
+    return replace(prepared, windows=prepared.windows[: prepared.n_text_windows] + extra)
+
+
+def line_end_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of vocabulary tokens that contain a newline (short answers end at the line's end)."""
+    vocab = tokenizer.get_vocab()
+    return tuple(sorted(i for tok, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([tok])))
 
 
 def make_windows(tokenizer, text: str, window_tokens: int, n_windows: int) -> list[list[int]]:
@@ -86,7 +128,9 @@ class ModelScores:
     """One model on one prepared suite."""
 
     option_ll: np.ndarray  # float64 [n_requests]: summed log-prob of each option's continuation
-    token_nll: np.ndarray  # float64 [n_window_tokens]: -log p(actual next token)
+    option_greedy: np.ndarray  # bool [n_requests]: every continuation token was the argmax
+    generations: dict[int, list[int]]  # item index -> generated token ids (generation/prompt items)
+    token_nll: np.ndarray  # float64 [n_tokens of the text windows]: -log p(actual next token)
     kld: np.ndarray | None  # float64 [n_window_tokens]: KL(reference || this model) per position
     top1_agree: np.ndarray | None  # bool [n_window_tokens]: same argmax as the reference
     window_of: np.ndarray  # int [n_window_tokens]: which window each position belongs to
@@ -101,35 +145,54 @@ def evaluate(
     keep: bool = False,
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[ModelScores, list[torch.Tensor]]:
-    """Score every option and every window. With `reference` (the baseline's per-window
-    log-probs), also per-position KL divergence and top-1 agreement. With keep=True the model's
-    own per-window log-probs are returned (to serve as the reference of later models)."""
+    """Score every option, generate for every generation/prompt item, and run every window. With
+    `reference` (the baseline's per-window log-probs), also per-position KL divergence and top-1
+    agreement. With keep=True the model's own per-window log-probs are returned (to serve as the
+    reference of later models)."""
+    step = on_step or (lambda n: None)
     before = sum(engine.timing.seconds.values())
-    option_ll = engine.loglikelihood(prepared.requests)
-    _check_not_constant(option_ll, prepared.offsets, engine.name)
-    if on_step:
-        on_step(1)
+    option_ll, option_greedy = np.zeros(0), np.zeros(0, dtype=bool)
+    if prepared.requests:
+        option_ll, option_greedy = engine.loglikelihood(prepared.requests)
+        _check_not_constant(option_ll, prepared.offsets, engine.name)
+    step(1)
+    generations = _generate(engine, prepared)
     nll, kld, agree, window_of, kept = [], [], [], [], []
     for w, lp in enumerate(engine.token_logprobs(prepared.windows)):
         targets = torch.tensor(prepared.windows[w][1:])
-        nll.append(-lp[torch.arange(len(targets)), targets].double())
+        if w < prepared.n_text_windows:
+            nll.append(-lp[torch.arange(len(targets)), targets].double())
         window_of.append(np.full(len(targets), w))
         if reference is not None:
             kld.append(kl_divergence(reference[w], lp))
             agree.append((reference[w].argmax(-1) == lp.argmax(-1)).numpy())
         if keep:
             kept.append(lp)
-    if on_step:
-        on_step(1)
+    step(1)
     scores = ModelScores(
-        option_ll=option_ll,
-        token_nll=torch.cat(nll).numpy(),
+        option_ll=option_ll, option_greedy=option_greedy, generations=generations,
+        token_nll=torch.cat(nll).numpy() if nll else np.zeros(0),
         kld=np.concatenate(kld) if kld else None,
         top1_agree=np.concatenate(agree) if agree else None,
-        window_of=np.concatenate(window_of),
+        window_of=np.concatenate(window_of) if window_of else np.zeros(0, dtype=int),
         seconds=sum(engine.timing.seconds.values()) - before,
     )
     return scores, kept
+
+
+def _generate(engine: Engine, prepared: PreparedSuite) -> dict[int, list[int]]:
+    """Greedy outputs, grouped by (max_new_tokens, stop at line end) so each group is one call.
+    Short answers (generation items) stop at the end of the line; prompt items run to EOS."""
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i in prepared.prompts:
+        item = prepared.suite.items[i]
+        key = (prepared.suite.spec(item.task).max_new_tokens, isinstance(item, GenerationItem))
+        groups.setdefault(key, []).append(i)
+    out: dict[int, list[int]] = {}
+    for (max_new, line), idx in groups.items():
+        outputs = engine.generate([prepared.prompts[i] for i in idx], max_new, prepared.stop_ids if line else ())
+        out.update(zip(idx, outputs))
+    return out
 
 
 def kl_divergence(ref_lp: torch.Tensor, lp: torch.Tensor) -> np.ndarray:
@@ -140,7 +203,7 @@ def kl_divergence(ref_lp: torch.Tensor, lp: torch.Tensor) -> np.ndarray:
 
 
 def _check_not_constant(option_ll: np.ndarray, offsets: np.ndarray, engine: str) -> None:
-    """An engine whose every item scores all options the same measured nothing."""
-    spreads = [np.ptp(option_ll[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+    """An engine whose every multi-option item scores all options the same measured nothing."""
+    spreads = [np.ptp(option_ll[a:b]) for a, b in zip(offsets[:-1], offsets[1:]) if b - a > 1]
     if spreads and max(spreads) == 0.0:
         raise NothingHappened(f"engine '{engine}' returned identical scores for every option of every item")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
+from quantgate.evals.metrics import TaskComparison
 from quantgate.run import ModelResult, RunResult
 
 
@@ -17,8 +19,8 @@ def run_id(result: RunResult) -> str:
 def to_dict(result: RunResult) -> dict[str, Any]:
     cfg = result.config
     verdicts = {v.name: v for v in result.decision.verdicts}
-    prepared = result.prepared
-    return {
+    suite = result.prepared.suite
+    return _clean({
         "run_id": run_id(result),
         "started": result.started.isoformat(),
         "finished": result.finished.isoformat(),
@@ -32,11 +34,12 @@ def to_dict(result: RunResult) -> dict[str, Any]:
             "description": result.model_description,
         },
         "eval": {
-            "eval_set": cfg.quality_gate.eval_set,
+            "eval_set": suite.name,
             "metric": cfg.quality_gate.metric,
-            "items": len(prepared.suite.items),
-            "tasks": prepared.suite.tasks,
-            "window_tokens": prepared.n_window_tokens,
+            "items": len(suite.items),
+            "tasks": suite.tasks,
+            "duplicates": [{"task": t, "id": i, "same_as": f} for t, i, f in suite.duplicates],
+            "window_tokens": result.prepared.n_window_tokens,
         },
         "baseline": _model(result.baseline),
         "candidates": [
@@ -51,7 +54,7 @@ def to_dict(result: RunResult) -> dict[str, Any]:
                 "vs_baseline": _comparison(c),
                 "gate": {
                     "passed": verdicts[c.name].passed,
-                    "rules": [vars(r) for r in verdicts[c.name].rules],
+                    "rules": [{**asdict(r), "passed": r.passed} for r in verdicts[c.name].rules],
                 },
                 "flipped_items": flipped_items(result, c),
             }
@@ -59,7 +62,7 @@ def to_dict(result: RunResult) -> dict[str, Any]:
         ],
         "recommendation": {"candidate": result.decision.recommended, "reason": result.decision.reason},
         "exit_code": result.exit_code,
-    }
+    })
 
 
 def _model(m: ModelResult) -> dict[str, Any]:
@@ -77,8 +80,8 @@ def _model(m: ModelResult) -> dict[str, Any]:
 def _comparison(m: ModelResult) -> dict[str, Any]:
     c = m.comparison
     return {
-        "recovery": _finite(c.recovery),
-        "per_task_recovery": {k: _finite(v) for k, v in c.per_task_recovery.items()},
+        "recovery": c.recovery,
+        "tasks": {name: _task(t) for name, t in c.tasks.items()},
         "flips": {
             "correct_to_wrong": c.flips.correct_to_wrong,
             "wrong_to_correct": c.flips.wrong_to_correct,
@@ -86,30 +89,52 @@ def _comparison(m: ModelResult) -> dict[str, Any]:
             "rate": c.flips.rate,
             "items": c.flips.n,
         },
-        "kld_mean": c.kld_mean,
-        "kld_p99": c.kld_p99,
+        "kld_mean": c.kld.mean,
+        "kld_mean_ci": c.kld.mean_ci,
+        "kld_p99": c.kld.quantile,
+        "kld_p99_ci": c.kld.quantile_ci,
         "top1_agreement": c.top1_agreement,
     }
 
 
+def _task(t: TaskComparison) -> dict[str, Any]:
+    d = asdict(t)
+    d["flips"]["rate"] = t.flips.rate
+    return d
+
+
 def flipped_items(result: RunResult, m: ModelResult) -> list[dict[str, Any]]:
-    """Items whose correctness changed (the "edge" inputs), with both answers and the gold."""
+    """Items whose correctness changed (labeled) or whose output changed (unlabeled prompts): the
+    "edge" inputs, with both answers and the gold."""
     base = result.baseline.metrics
-    changed = np.flatnonzero(base.correct != m.metrics.correct)
+    labeled = ~np.isnan(base.score)
+    changed = np.flatnonzero(np.where(labeled, base.correct != m.metrics.correct,
+                                      np.array(base.answers, dtype=object) != np.array(m.metrics.answers, dtype=object)))
     items = result.prepared.suite.items
     return [
         {
             "id": items[i].id,
             "task": items[i].task,
             "prompt": items[i].prompt,
-            "gold": items[i].answer(items[i].gold),
-            "baseline_answer": items[i].answer(int(base.chosen[i])),
-            "candidate_answer": items[i].answer(int(m.metrics.chosen[i])),
-            "direction": "correct->wrong" if base.correct[i] else "wrong->correct",
+            "gold": items[i].gold_answer,
+            "baseline_answer": base.answers[i],
+            "candidate_answer": m.metrics.answers[i],
+            "direction": ("correct->wrong" if base.correct[i] else "wrong->correct") if labeled[i] else "output changed",
         }
         for i in changed
     ]
 
 
-def _finite(x: float) -> float | None:
-    return None if math.isnan(x) else x
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, tuples -> lists, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(value) or math.isinf(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
