@@ -41,9 +41,14 @@ class CandidateVerdict:
     inconclusive_passes: bool = False
 
     @property
-    def passed(self) -> bool:
+    def failed_rules(self) -> list[RuleResult]:
+        """The rules that keep this candidate from passing (inconclusive ones unless they pass)."""
         ok = ("pass", "inconclusive") if self.inconclusive_passes else ("pass",)
-        return all(r.status in ok for r in self.rules)
+        return [r for r in self.rules if r.status not in ok]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed_rules
 
 
 @dataclass(frozen=True)
