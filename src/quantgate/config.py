@@ -29,8 +29,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_BATCH_TOKENS = 1024  # ~1k tokens per forward keeps activations in this CPU's caches
 
-Method = Literal["rtn", "gptq", "awq", "smoothquant", "gguf", "prune"]
-IMPLEMENTED_METHODS = ("rtn",)
+Method = Literal["rtn", "gptq", "awq", "smoothquant", "w8a8", "gguf", "prune"]
+IMPLEMENTED_METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8")
+CALIBRATED_METHODS = ("gptq", "awq", "smoothquant")
+# Weights and activations in 8 bits: smoothquant (with smoothing) and w8a8 (naive, no smoothing).
+W8A8_METHODS = ("smoothquant", "w8a8")
 Engine = Literal["torch", "llamacpp", "vllm", "openai", "tgi", "sglang"]
 IMPLEMENTED_ENGINES = ("torch",)
 # The reference the candidates are compared with. "baseline" is model.base exactly as loaded
@@ -58,11 +61,25 @@ class CandidateConfig(Frozen):
     # Embeddings and lm_head stay at the baseline's precision unless asked for.
     quantize_embeddings: bool = False
     name: str | None = None
+    # gptq: process columns by descending Hessian diagonal; dampening as a fraction of its mean.
+    act_order: bool = False
+    damp: float = Field(0.01, gt=0.0, lt=1.0)
+    # awq: points of the scale-exponent grid searched per group of linears.
+    grid: int = Field(20, ge=1, le=100)
+    # smoothquant: migration strength (0: all difficulty stays on activations, 1: all on weights).
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod
-    def _default_symmetric(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("symmetric") is None:
+    def _defaults_by_method(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("method") in W8A8_METHODS:
+            if data.get("bits", 8) != 8 or data.get("group_size") is not None or data.get("symmetric") is False:
+                raise ValueError(f"method {data['method']} is W8A8: int8 per-channel symmetric weights "
+                                 "(leave bits, group_size and symmetric out)")
+            data = {**data, "bits": 8}
+        if data.get("symmetric") is None:
             data = {**data, "symmetric": data.get("group_size") is None}
         return data
 
@@ -70,8 +87,13 @@ class CandidateConfig(Frozen):
     def label(self) -> str:
         if self.name:
             return self.name
+        if self.method == "smoothquant":
+            return f"smoothquant-w8a8-a{self.alpha:g}"
+        if self.method == "w8a8":
+            return "w8a8-naive"
         group = f"-g{self.group_size}" if self.group_size else ""
-        return f"{self.method}-w{self.bits}{group}"
+        order = "-actorder" if self.act_order else ""
+        return f"{self.method}-w{self.bits}{group}{order}"
 
 
 class QuantizationConfig(CandidateConfig):
@@ -156,6 +178,17 @@ class EvaluationConfig(Frozen):
     batch_tokens: int = Field(DEFAULT_BATCH_TOKENS, ge=64)
 
 
+class CalibrationConfig(Frozen):
+    """Text that calibrated methods (gptq, awq, smoothquant) see; never the eval text."""
+
+    # "default": the calibration pool of the offline prose (disjoint from the default eval
+    # suite); or a .txt file, or a .jsonl file whose lines have a "text" field.
+    data: str = "default"
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(256, ge=16, le=8192)
+    seed: int = 0
+
+
 class RunConfig(Frozen):
     model: ModelConfig = ModelConfig()
     quantization: QuantizationConfig | None = None
@@ -163,6 +196,7 @@ class RunConfig(Frozen):
     serving: ServingConfig = ServingConfig()
     quality_gate: QualityGateConfig = QualityGateConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     seed: int = 0
     results_dir: str = "quantgate-results"
 
@@ -278,8 +312,10 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
 
     gate = cfg.quality_gate
     sets = gate.eval_sets and tuple(e.model_copy(update={"path": resolve(e.path)}) for e in gate.eval_sets)
+    calib = cfg.calibration
     updates = {
         "model": cfg.model.model_copy(update={"base": resolve(cfg.model.base)}),
+        "calibration": calib.model_copy(update={"data": resolve(calib.data)}),
         "quality_gate": gate.model_copy(update={"eval_set": resolve(gate.eval_set), "eval_sets": sets}),
     }
     return cfg.model_copy(update=updates)

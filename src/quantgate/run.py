@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 import quantgate
-from quantgate.config import CandidateConfig, RunConfig, check_supported
+from quantgate.config import CALIBRATED_METHODS, CandidateConfig, RunConfig, check_supported
 from quantgate.engines.torch import TorchEngine
 from quantgate.evals.datasets import load_suite
 from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
 from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, prepare, with_response_windows
 from quantgate.gate import Decision, check_tasks, decide, judge
 from quantgate.methods.apply import make_candidate, weight_bytes
+from quantgate.methods.calibrate import calibration_set
 from quantgate.models.load import load_baseline
 
 # A progress sink: (description, total steps) -> a function that advances by n steps.
@@ -76,6 +77,15 @@ def environment() -> dict[str, str]:
     }
 
 
+def suite_texts(suite) -> list[str]:
+    """Every text the eval set shows a model (for the calibration overlap check)."""
+    texts = [suite.perplexity_text or ""]
+    for item in suite.items:
+        texts += [str(v) for k, v in vars(item).items() if k not in ("id", "task", "gold") and isinstance(v, str)]
+        texts += [" ".join(v) for v in vars(item).values() if isinstance(v, tuple)]
+    return texts
+
+
 def execute(cfg: RunConfig, progress: Progress = _no_progress) -> RunResult:
     """Run the whole job. Inputs are validated before any model work starts."""
     check_supported(cfg)
@@ -102,12 +112,19 @@ def execute(cfg: RunConfig, progress: Progress = _no_progress) -> RunResult:
         metrics=model_metrics(base_scores, prepared, metric, baseline.tokenizer), scores=base_scores,
     )
     results, verdicts = [], []
+    calib = None
+    if any(c.method in CALIBRATED_METHODS for c in cfg.resolved_candidates):
+        calib = calibration_set(baseline.tokenizer, cfg.calibration, suite_texts(prepared.suite))
+    n_blocks = len(baseline.model.get_submodule(baseline.arch.blocks))
     for cand in cfg.resolved_candidates:
-        step = progress(cand.label, 3)
+        calibrated = cand.method in CALIBRATED_METHODS
+        step = progress(cand.label, 2 + (n_blocks if calibrated else 1))
         t0 = time.perf_counter()
-        made = make_candidate(baseline.model, baseline.arch, cand)
+        made = make_candidate(baseline.model, baseline.arch, cand, calib if calibrated else None,
+                              seed=cfg.seed, on_block=lambda i: step(1))
         quantize_seconds = time.perf_counter() - t0
-        step(1)
+        if not calibrated:
+            step(1)
         scores, _ = evaluate(engine(made.model), prepared, reference, on_step=step)
         metrics = model_metrics(scores, prepared, metric, baseline.tokenizer)
         comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,

@@ -1,16 +1,21 @@
-"""The driver that turns a baseline into a candidate: walks the modules the architecture table
-names and applies a method's pure tensor function to each weight. Counts what it changed."""
+"""Turn a baseline into a candidate: walk the modules the architecture table names and apply a
+method's pure tensor functions to their weights (calibrated methods through the one
+layer-by-layer driver in calibrate.py). Counts what changed; nothing changed is an error."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from quantgate.config import CandidateConfig
+from quantgate.config import CALIBRATED_METHODS, W8A8_METHODS, CandidateConfig
 from quantgate.errors import NothingHappened
-from quantgate.methods.rtn import QuantSpec, fake_quantize, packed_bytes
+from quantgate.methods import awq, gptq, smoothquant
+from quantgate.methods.calibrate import BlockMethod, CalibrationSet, GroupInputs, run_blocks
+from quantgate.methods.rtn import QuantSpec, dequantize, fake_quantize, packed_bytes
 from quantgate.models.arch import ArchInfo
 
 
@@ -34,29 +39,140 @@ def targets(model: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig) -> li
     return names
 
 
-def make_candidate(baseline: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig) -> CandidateModel:
-    """A quantized copy of `baseline` (which is left untouched). Raises NothingHappened when no
-    module matched the architecture table or no weight changed."""
+def make_candidate(
+    baseline: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig, calib: CalibrationSet | None = None,
+    *, seed: int = 0, on_block: Callable[[int], None] | None = None,
+) -> CandidateModel:
+    """A quantized copy of `baseline` (which is left untouched). Calibrated methods need `calib`.
+    Raises NothingHappened when no module matched the architecture table or no weight changed."""
     model = copy.deepcopy(baseline)
     spec = spec_of(cand)
     names = targets(model, arch, cand)
-    changed, specs = 0, {}
+    calibrated = cand.method in CALIBRATED_METHODS
+    changed = 0
     with torch.no_grad():
+        if calibrated:
+            if calib is None:
+                raise ValueError(f"candidate {cand.label}: method {cand.method} needs calibration data")
+            method = _BLOCK_METHODS[cand.method](cand, spec, arch)
+            changed += run_blocks(model, arch, calib, _NEEDS[cand.method], method, seed, on_block)
         for name in names:
+            if calibrated and arch.is_block_linear(name):
+                continue  # done block by block above
             weight = model.get_submodule(name).weight
-            if id(weight) in specs:  # tied to a tensor already quantized (embeddings / lm_head)
-                continue
-            new = fake_quantize(weight, spec)
-            changed += int(not torch.equal(new, weight))
-            weight.copy_(new)
-            specs[id(weight)] = spec
+            changed += _write(weight, fake_quantize(weight, spec))
     if not names or changed == 0:
         raise NothingHappened(
             f"candidate {cand.label}: quantized 0 modules "
             f"({len(names)} matched the architecture table, none changed)"
         )
+    if cand.method in W8A8_METHODS:
+        for name in names:
+            model.get_submodule(name).register_forward_pre_hook(_quantize_input)
+    specs = {id(model.get_submodule(n).weight): spec for n in names}
     total, qparams = weight_bytes(model, specs)
     return CandidateModel(model=model, modules_changed=changed, weight_bytes=total, quantized_params=qparams)
+
+
+def _write(weight: torch.nn.Parameter, new: torch.Tensor) -> int:
+    """Copy new values into a weight; 1 if anything changed."""
+    new = new.to(weight.dtype)
+    changed = not torch.equal(new, weight)
+    weight.data.copy_(new)
+    return int(changed)
+
+
+def _quantize_input(_module: torch.nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: int8 per-token dynamic fake quantization of a linear's input (W8A8)."""
+    return (smoothquant.fake_quantize_activations(args[0], bits=8), *args[1:])
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """GPTQ's column loop runs many small ops: one thread is faster than several here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _groups(arch: ArchInfo, block: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, list[str]]]:
+    """(the module feeding them, names of the linears that read the same input), per group."""
+    for feeder, linears in arch.scaling_groups:
+        yield block.get_submodule(feeder), list(linears)
+
+
+def _inputs(stats: dict[str, GroupInputs], linears: list[str]) -> GroupInputs:
+    s = stats[linears[0]]
+    if s.n_rows == 0 and s.absmax is None and not s.rows:
+        raise NothingHappened(f"no calibration inputs reached {linears[0]}")
+    return s
+
+
+def _gptq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo) -> BlockMethod:
+    def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
+        changed = 0
+        for _, linears in _groups(arch, block):
+            hessian = _inputs(stats, linears).hessian
+            for name in linears:
+                weight = block.get_submodule(name).weight
+                with _threads(1):
+                    q = gptq.gptq_quantize(weight.data, hessian, spec, damp=cand.damp, act_order=cand.act_order)
+                changed += _write(weight, dequantize(q))
+        return changed
+    return apply
+
+
+def _awq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo) -> BlockMethod:
+    def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
+        scales: dict[str, torch.Tensor] = {}  # linear name -> the scales its input now carries
+        for feeder, linears in _groups(arch, block):  # 1. scales, folded so the float model is unchanged
+            weights = [block.get_submodule(n).weight for n in linears]
+            if feeder.weight.shape[0] != weights[0].shape[1]:
+                continue  # e.g. grouped-query v_proj -> o_proj: nothing to fold into
+            found = awq.search_scales(_inputs(stats, linears).sample, [w.data for w in weights], spec, grid=cand.grid)
+            _write(feeder.weight, awq.fold_into_previous(feeder.weight.data, found.scales))
+            if getattr(feeder, "bias", None) is not None:
+                _write(feeder.bias, awq.fold_into_previous(feeder.bias.data, found.scales))
+            for name, w in zip(linears, weights):
+                _write(w, awq.apply_scales(w.data, found.scales))
+                scales[name] = found.scales
+        changed = 0
+        for _, linears in _groups(arch, block):  # 2. clip search and quantize every linear
+            x = _inputs(stats, linears).sample
+            for name in linears:
+                weight = block.get_submodule(name).weight
+                x_seen = x / scales[name] if name in scales else x
+                changed += _write(weight, fake_quantize(awq.search_clip(x_seen, weight.data, spec), spec))
+        return changed
+    return apply
+
+
+def _smoothquant_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo) -> BlockMethod:
+    def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
+        changed = 0
+        for feeder, linears in _groups(arch, block):
+            weights = [block.get_submodule(n).weight for n in linears]
+            if feeder.weight.dim() == 1:  # smooth only inputs that come from a norm
+                s = smoothquant.smoothing_scales(_inputs(stats, linears).absmax,
+                                                 smoothquant.weight_absmax([w.data for w in weights]), cand.alpha)
+                _write(feeder.weight, awq.fold_into_previous(feeder.weight.data, s))
+                for w in weights:
+                    _write(w, awq.apply_scales(w.data, s))
+            for w in weights:
+                changed += _write(w, fake_quantize(w.data, spec))
+        return changed
+    return apply
+
+
+_BLOCK_METHODS: dict[str, Callable[[CandidateConfig, QuantSpec, ArchInfo], BlockMethod]] = {
+    "gptq": _gptq_block,
+    "awq": _awq_block,
+    "smoothquant": _smoothquant_block,
+}
+_NEEDS = {"gptq": {"hessian"}, "awq": {"rows"}, "smoothquant": {"absmax"}}
 
 
 def weight_bytes(model: torch.nn.Module, specs: dict[int, QuantSpec] | None = None) -> tuple[int, int]:

@@ -14,6 +14,13 @@ class ArchInfo:
     block_linears: str
     # Names of the input embedding and output head modules (tied in some models).
     embeddings: tuple[str, ...]
+    # The ModuleList of transformer blocks.
+    blocks: str = "model.layers"
+    # Inside a block: (the module whose output feeds them, the linears that read it). The feeder is
+    # a norm (its weight scales the input) or a linear (its output rows do). Scales are folded
+    # into the feeder only where its output width equals the linears' input width (a grouped-
+    # query v_proj does not match o_proj, so that pair is skipped for such models).
+    scaling_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def is_block_linear(self, name: str) -> bool:
         return re.fullmatch(self.block_linears, name) is not None
@@ -22,6 +29,13 @@ class ArchInfo:
 _LLAMA_LIKE = ArchInfo(
     block_linears=r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
     embeddings=("model.embed_tokens", "lm_head"),
+    blocks="model.layers",
+    scaling_groups=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
 )
 
 # Keyed by the Hugging Face config's model_type.
