@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-methods clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-fast: install
 
 bench: install
 	$(PY) bench/bench_mc.py
+
+bench-methods: install
+	$(PY) bench/bench_methods.py
 
 clean:
 	rm -rf $(VENV) quantgate-results .pytest_cache

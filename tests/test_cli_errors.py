@@ -77,7 +77,7 @@ def test_empty_config_is_an_error(tmp_path):
 
 
 def test_seed_block_parses_and_says_not_supported_yet(tmp_path):
-    assert_one_line_error(quantgate("run", str(write(tmp_path, SEED_BLOCK))), "not supported yet", "awq")
+    assert_one_line_error(quantgate("run", str(write(tmp_path, SEED_BLOCK))), "not supported yet", "vllm")
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_seed_block_parses_and_says_not_supported_yet(tmp_path):
     [
         ("serving: {engine: vllm}\n", "serving.engine 'vllm'"),
         ("quality_gate: {verified_against: bf16}\n", "verified_against 'bf16'"),
-        ("candidates:\n  - {method: gptq, bits: 4}\n", "method 'gptq'"),
+        ("candidates:\n  - {method: gguf, bits: 4}\n", "method 'gguf'"),
     ],
 )
 def test_features_not_built_yet(tmp_path, text, fragment):

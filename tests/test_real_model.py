@@ -115,3 +115,14 @@ def untimed(value):
     if isinstance(value, list):
         return [untimed(v) for v in value]
     return value
+
+
+def test_smoothing_alone_leaves_the_real_model_unchanged(baseline):
+    from quantgate.config import CalibrationConfig
+    from quantgate.methods.calibrate import calibration_set
+    from test_calibration import smoothing_only_max_diff
+
+    calib = calibration_set(baseline.tokenizer, CalibrationConfig(samples=4, seq_len=64), [])
+    text = default_suite(limit=None, cloze_items=0, seed=0).perplexity_text
+    ids = torch.tensor([baseline.tokenizer.encode(text)[:96]])
+    assert smoothing_only_max_diff(baseline.model, calib, ids) < 1e-4

@@ -23,8 +23,8 @@ from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_met
 from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, prepare, with_response_windows
 from quantgate.gate import Decision, check_tasks, decide, judge
 from quantgate.methods.apply import make_candidate, weight_bytes
-from quantgate.methods.calibrate import calibration_set
-from quantgate.models.load import load_baseline
+from quantgate.methods.calibrate import CalibrationSet, calibration_set
+from quantgate.models.load import Baseline, load_baseline
 
 # A progress sink: (description, total steps) -> a function that advances by n steps.
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -59,6 +59,7 @@ class RunResult:
     candidates: list[ModelResult]
     decision: Decision
     environment: dict[str, str]
+    calibration: dict[str, object] | None = None  # source, sha256 of the token windows, shape
 
     @property
     def exit_code(self) -> int:
@@ -77,67 +78,76 @@ def environment() -> dict[str, str]:
     }
 
 
-def suite_texts(suite) -> list[str]:
-    """Every text the eval set shows a model (for the calibration overlap check)."""
-    texts = [suite.perplexity_text or ""]
-    for item in suite.items:
-        texts += [str(v) for k, v in vars(item).items() if k not in ("id", "task", "gold") and isinstance(v, str)]
-        texts += [" ".join(v) for v in vars(item).values() if isinstance(v, tuple)]
-    return texts
-
-
 def execute(cfg: RunConfig, progress: Progress = _no_progress) -> RunResult:
-    """Run the whole job. Inputs are validated before any model work starts."""
+    """Run the whole job. Inputs (config, eval set, calibration data) are validated before any
+    model work starts."""
     check_supported(cfg)
     started = datetime.now(timezone.utc)
-    ev = cfg.evaluation
+    ev, gate = cfg.evaluation, cfg.quality_gate
     torch.manual_seed(cfg.seed)
-    gate = cfg.quality_gate
     suite = load_suite(gate, limit=ev.limit, cloze_items=ev.cloze_items, seed=cfg.seed)
     check_tasks(gate, suite.tasks)
     baseline = load_baseline(cfg.model.base)
     prepared = prepare(suite, baseline.tokenizer, window_tokens=ev.window_tokens, n_windows=ev.ppl_windows)
-    metric = gate.metric
-
-    def engine(model: torch.nn.Module) -> TorchEngine:
-        return TorchEngine(model, max_batch_size=cfg.serving.max_batch_size, batch_tokens=ev.batch_tokens)
-
-    base_engine = engine(baseline.model)
-    base_scores, reference = evaluate(base_engine, prepared, keep=True, on_step=progress("baseline", 2))
-    # Prompt items: candidates are also compared on the baseline's own responses.
-    prepared = with_response_windows(prepared, base_scores.generations)
-    reference += list(base_engine.token_logprobs(prepared.windows[len(reference):]))
-    base = ModelResult(
-        name="baseline", candidate=None, weight_bytes=weight_bytes(baseline.model)[0], modules_changed=0,
-        metrics=model_metrics(base_scores, prepared, metric, baseline.tokenizer), scores=base_scores,
-    )
-    results, verdicts = [], []
     calib = None
     if any(c.method in CALIBRATED_METHODS for c in cfg.resolved_candidates):
-        calib = calibration_set(baseline.tokenizer, cfg.calibration, suite_texts(prepared.suite))
-    n_blocks = len(baseline.model.get_submodule(baseline.arch.blocks))
+        calib = calibration_set(baseline.tokenizer, cfg.calibration, suite.texts())
+
+    base, prepared, reference = _run_baseline(cfg, baseline, prepared, progress)
+    results, verdicts = [], []
     for cand in cfg.resolved_candidates:
-        calibrated = cand.method in CALIBRATED_METHODS
-        step = progress(cand.label, 2 + (n_blocks if calibrated else 1))
-        t0 = time.perf_counter()
-        made = make_candidate(baseline.model, baseline.arch, cand, calib if calibrated else None,
-                              seed=cfg.seed, on_block=lambda i: step(1))
-        quantize_seconds = time.perf_counter() - t0
-        if not calibrated:
-            step(1)
-        scores, _ = evaluate(engine(made.model), prepared, reference, on_step=step)
-        metrics = model_metrics(scores, prepared, metric, baseline.tokenizer)
-        comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
-                             n_boot=gate.bootstrap_samples, seed=cfg.seed)
-        results.append(ModelResult(cand.label, cand, made.weight_bytes, made.modules_changed, metrics, scores,
-                                   comparison, quantize_seconds))
-        verdicts.append(judge(cand.label, made.weight_bytes, comparison, gate))
-        del made
+        result = _run_candidate(cfg, baseline, cand, calib, prepared, base, reference, progress)
+        results.append(result)
+        verdicts.append(judge(cand.label, result.weight_bytes, result.comparison, gate))
         gc.collect()
     return RunResult(
         config=cfg, started=started, finished=datetime.now(timezone.utc),
         model_source=baseline.source, model_digest=baseline.digest, model_description=baseline.description,
         prepared=prepared, baseline=base, candidates=results,
+        calibration=calib and {"source": calib.source, "sha256": calib.digest,
+                               "samples": int(calib.windows.shape[0]), "seq_len": int(calib.windows.shape[1])},
         decision=decide(verdicts, labeled_items=int((~np.isnan(base.metrics.score)).sum()), min_items=gate.min_items),
         environment=environment(),
     )
+
+
+def _engine(cfg: RunConfig, model: torch.nn.Module) -> TorchEngine:
+    return TorchEngine(model, max_batch_size=cfg.serving.max_batch_size, batch_tokens=cfg.evaluation.batch_tokens)
+
+
+def _run_baseline(
+    cfg: RunConfig, baseline: Baseline, prepared: PreparedSuite, progress: Progress
+) -> tuple[ModelResult, PreparedSuite, list[torch.Tensor]]:
+    """The baseline's scores, the suite extended with its responses to prompt items, and its
+    per-window log-probs (the reference of every candidate)."""
+    engine = _engine(cfg, baseline.model)
+    scores, reference = evaluate(engine, prepared, keep=True, on_step=progress("baseline", 2))
+    prepared = with_response_windows(prepared, scores.generations)
+    reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
+    result = ModelResult(
+        name="baseline", candidate=None, weight_bytes=weight_bytes(baseline.model)[0], modules_changed=0,
+        metrics=model_metrics(scores, prepared, cfg.quality_gate.metric, baseline.tokenizer), scores=scores,
+    )
+    return result, prepared, reference
+
+
+def _run_candidate(
+    cfg: RunConfig, baseline: Baseline, cand: CandidateConfig, calib: CalibrationSet | None,
+    prepared: PreparedSuite, base: ModelResult, reference: list[torch.Tensor], progress: Progress,
+) -> ModelResult:
+    calibrated = cand.method in CALIBRATED_METHODS
+    n_blocks = len(baseline.model.get_submodule(baseline.arch.blocks)) if calibrated else 1
+    step = progress(cand.label, 2 + n_blocks)
+    t0 = time.perf_counter()
+    made = make_candidate(baseline.model, baseline.arch, cand, calib if calibrated else None,
+                          seed=cfg.seed, on_block=lambda i: step(1))
+    quantize_seconds = time.perf_counter() - t0
+    if not calibrated:
+        step(1)
+    scores, _ = evaluate(_engine(cfg, made.model), prepared, reference, on_step=step)
+    gate = cfg.quality_gate
+    metrics = model_metrics(scores, prepared, gate.metric, baseline.tokenizer)
+    comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
+                         n_boot=gate.bootstrap_samples, seed=cfg.seed)
+    return ModelResult(cand.label, cand, made.weight_bytes, made.modules_changed, metrics, scores,
+                       comparison, quantize_seconds)

@@ -126,6 +126,19 @@ class EvalSuite:
     def spec(self, task: str) -> TaskSpec:
         return self.specs.get(task, TaskSpec())
 
+    def texts(self) -> list[str]:
+        """Every text the suite shows a model (for the calibration overlap check)."""
+        out = [self.perplexity_text or ""]
+        for item in self.items:
+            for key, value in vars(item).items():
+                if key in ("id", "task"):
+                    continue
+                if isinstance(value, str):
+                    out.append(value)
+                elif isinstance(value, tuple):  # contexts, continuations, answers
+                    out.extend(v for v in value if isinstance(v, str))
+        return out
+
     @property
     def tasks(self) -> dict[str, int]:
         counts: dict[str, int] = {}

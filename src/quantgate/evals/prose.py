@@ -46,18 +46,36 @@ def pool_topics(pool: str) -> list[Topic]:
     chosen = [t for t in topics() if t.pool == pool]
     if pool == "calibration":
         # Topics repeat each other's text (e.g. "compound" contains "try", "with", "for", ...), so
-        # calibration drops every block that also occurs in an evaluated (cloze/perplexity) topic.
-        held_out = {_norm(b) for t in topics() if t.pool != "calibration" for b in _blocks(t.text)}
-        chosen = [Topic(t.name, "\n\n".join(b for b in _blocks(t.text) if _norm(b) not in held_out)) for t in chosen]
+        # calibration keeps only text sharing no run of OVERLAP_WORDS words with an evaluated topic.
+        held_out = set().union(*(word_ngrams(t.text) for t in topics() if t.pool != "calibration"))
+        chosen = [Topic(t.name, "\n\n".join(_disjoint_blocks(t.text, held_out))) for t in chosen]
     return chosen
+
+
+def _disjoint_blocks(text: str, held_out: set[tuple[str, ...]]) -> list[str]:
+    """The blocks of text (>= OVERLAP_WORDS words each, so a run spans at most two) such that no
+    block, nor any two neighbours joined, share a run with held_out."""
+    blocks = [b for b in _blocks(text) if len(re.findall(r"\w+", b)) >= OVERLAP_WORDS
+              and not word_ngrams(b) & held_out]
+    while True:
+        bad = {j for i in range(len(blocks) - 1) if word_ngrams(blocks[i] + " " + blocks[i + 1]) & held_out
+               for j in (i, i + 1)}
+        if not bad:
+            return blocks
+        blocks = [b for j, b in enumerate(blocks) if j not in bad]
+
+
+OVERLAP_WORDS = 12  # a shared run of this many words counts as the same text
+
+
+def word_ngrams(text: str, n: int = OVERLAP_WORDS) -> set[tuple[str, ...]]:
+    """Every run of n consecutive words (lowercased, punctuation ignored) of a text."""
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def _blocks(text: str) -> list[str]:
     return re.split(r"\n\s*\n", text)
-
-
-def _norm(block: str) -> str:
-    return " ".join(ln.strip() for ln in block.split("\n")).strip()
 
 
 def paragraphs(text: str) -> list[str]:

@@ -56,10 +56,12 @@ def make_candidate(
                 raise ValueError(f"candidate {cand.label}: method {cand.method} needs calibration data")
             method = _BLOCK_METHODS[cand.method](cand, spec, arch)
             changed += run_blocks(model, arch, calib, _NEEDS[cand.method], method, seed, on_block)
+        seen: set[int] = set()
         for name in names:
-            if calibrated and arch.is_block_linear(name):
-                continue  # done block by block above
             weight = model.get_submodule(name).weight
+            if (calibrated and arch.is_block_linear(name)) or id(weight) in seen:
+                continue  # done block by block above, or tied to a tensor already quantized
+            seen.add(id(weight))
             changed += _write(weight, fake_quantize(weight, spec))
     if not names or changed == 0:
         raise NothingHappened(
@@ -150,7 +152,10 @@ def _awq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo) -> BlockM
     return apply
 
 
-def _smoothquant_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo) -> BlockMethod:
+def _smoothquant_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, quantize: bool = True) -> BlockMethod:
+    """Smoothing folded into norm-fed groups, then (when `quantize`) int8 weights. Returns the
+    count of linears changed (smoothing alone changes the function by rounding only)."""
+
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
         for feeder, linears in _groups(arch, block):
@@ -160,8 +165,8 @@ def _smoothquant_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo) -
                                                  smoothquant.weight_absmax([w.data for w in weights]), cand.alpha)
                 _write(feeder.weight, awq.fold_into_previous(feeder.weight.data, s))
                 for w in weights:
-                    _write(w, awq.apply_scales(w.data, s))
-            for w in weights:
+                    changed += _write(w, awq.apply_scales(w.data, s)) * (not quantize)
+            for w in weights if quantize else ():
                 changed += _write(w, fake_quantize(w.data, spec))
         return changed
     return apply

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ from quantgate.models.arch import ArchInfo
 
 MICRO_BATCH = 8  # calibration windows per forward pass
 SAMPLE_ROWS = 4096  # activation rows kept per input group (AWQ's search data)
-OVERLAP_WORDS = 12  # a shared run of this many words counts as overlap with the eval text
 
 
 @dataclass(frozen=True)
@@ -57,19 +55,16 @@ def calibration_text(cfg: CalibrationConfig) -> tuple[str, str]:
     return path.read_text(encoding="utf-8"), str(path)
 
 
-def check_disjoint(calibration: str, eval_texts: Iterable[str], n: int = OVERLAP_WORDS) -> None:
-    """Refuse calibration text that shares any run of n words with the eval text."""
-    def grams(text: str) -> set[tuple[str, ...]]:
-        words = re.findall(r"\w+", text.lower())
-        return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-    calib = grams(calibration)
+def check_disjoint(calibration: str, eval_texts: Iterable[str]) -> None:
+    """Refuse calibration text that shares a run of prose.OVERLAP_WORDS words with the eval text."""
+    calib = prose.word_ngrams(calibration)
     for text in eval_texts:
-        shared = calib & grams(text)
+        shared = calib & prose.word_ngrams(text)
         if shared:
-            example = " ".join(next(iter(sorted(shared))))
-            raise UserError(f"calibration data overlaps the eval set ({len(shared)} shared {n}-word runs, "
-                            f"e.g. '{example}'): calibrating on evaluated text would flatter the candidate")
+            example = " ".join(min(shared))
+            raise UserError(f"calibration data overlaps the eval set ({len(shared)} shared "
+                            f"{prose.OVERLAP_WORDS}-word runs, e.g. '{example}'): calibrating on evaluated "
+                            "text would flatter the candidate")
 
 
 def calibration_set(tokenizer, cfg: CalibrationConfig, eval_texts: Iterable[str]) -> CalibrationSet:

@@ -41,6 +41,7 @@ def to_dict(result: RunResult) -> dict[str, Any]:
             "duplicates": [{"task": t, "id": i, "same_as": f} for t, i, f in suite.duplicates],
             "window_tokens": result.prepared.n_window_tokens,
         },
+        "calibration": result.calibration,
         "baseline": _model(result.baseline),
         "candidates": [
             {
@@ -49,6 +50,7 @@ def to_dict(result: RunResult) -> dict[str, Any]:
                 "bits": c.candidate.bits,
                 "group_size": c.candidate.group_size,
                 "symmetric": c.candidate.symmetric,
+                "settings": c.candidate.model_dump(mode="json"),
                 "modules_changed": c.modules_changed,
                 "quantize_seconds": round(c.quantize_seconds, 3),
                 "vs_baseline": _comparison(c),
