@@ -36,6 +36,7 @@ CANDIDATES = (
     CandidateConfig(method="awq", bits=4, group_size=64),
     CandidateConfig(method="rtn", bits=3, group_size=64),
     CandidateConfig(method="gptq", bits=3, group_size=64),
+    CandidateConfig(method="gptq", bits=3, group_size=64, act_order=True),
     CandidateConfig(method="awq", bits=3, group_size=64),
     CandidateConfig(method="w8a8"),
     CandidateConfig(method="smoothquant", alpha=0.5),
@@ -47,6 +48,8 @@ def main() -> int:
     ap.add_argument("--piqa", type=int, default=500)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--only", nargs="*", help="candidate labels to run (default: all); the first of "
+                    "each bit width is the reference of the KLD ratio, so include it")
     args = ap.parse_args()
     if not (DATA / "piqa.jsonl").is_file():
         print(f"bench needs {DATA / 'piqa.jsonl'} (the shared evaluation data)", file=sys.stderr)
@@ -66,7 +69,7 @@ def main() -> int:
         base[k] = (model_metrics(scores, p, "accuracy", tok), ref)
 
     rows = []
-    for cand in CANDIDATES:
+    for cand in [c for c in CANDIDATES if not args.only or c.label in args.only]:
         t0 = time.perf_counter()
         made = make_candidate(baseline.model, baseline.arch, cand, calib, seed=0)
         seconds = time.perf_counter() - t0
