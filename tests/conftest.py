@@ -95,3 +95,17 @@ class CharTokenizer:
 @pytest.fixture(scope="session")
 def char_tokenizer() -> CharTokenizer:
     return CharTokenizer()
+
+
+def gen(seed: int) -> torch.Generator:
+    """A seeded CPU random generator (tests draw every random tensor from one)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def outlier_activations(n: int, cols: int, seed: int, channels: list[int], scale: float,
+                        shift: float = 0.0) -> torch.Tensor:
+    """LLM-like activations [n, cols]: standard normal, except `channels`, which are
+    x * scale + shift in every row (a few large channels, as in real transformer inputs)."""
+    x = torch.randn(n, cols, generator=gen(seed))
+    x[:, channels] = x[:, channels] * scale + shift
+    return x

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from quantgate.methods.rtn import fake_quantize
+from conftest import gen, outlier_activations
 from quantgate.methods.smoothquant import (
     W8_SPEC,
     accumulate_absmax,
@@ -20,15 +21,9 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 OUTLIERS = [3, 30, 77, 90]
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _activations(n: int, cols: int, seed: int) -> torch.Tensor:
     """LLM-like activations [n, cols]: a few channels ~50x larger than the rest, in every token."""
-    x = torch.randn(n, cols, generator=_gen(seed))
-    x[:, OUTLIERS] = x[:, OUTLIERS] * 5 + 50
-    return x
+    return outlier_activations(n, cols, seed, OUTLIERS, scale=5.0, shift=50.0)
 
 
 def _w8a8(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
@@ -40,7 +35,7 @@ def _w8a8(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> torch.Ten
 
 def test_smoothing_alone_leaves_the_product_unchanged():
     x = _activations(64, 128, seed=0)
-    w = torch.randn(32, 128, generator=_gen(1)) / 10
+    w = torch.randn(32, 128, generator=gen(1)) / 10
     s = smoothing_scales(x.abs().amax(0), weight_absmax([w]), alpha=0.5)
     ref = x @ w.T
     smoothed = (x / s) @ apply_scales(w, s).T
@@ -50,7 +45,7 @@ def test_smoothing_alone_leaves_the_product_unchanged():
 @pytest.mark.parametrize("seed", range(3))
 def test_smoothing_lowers_w8a8_error_on_outlier_channels(seed):
     x = _activations(256, 128, seed=seed)
-    weights = [torch.randn(out, 128, generator=_gen(10 + seed + out)) / 10 for out in (48, 64)]
+    weights = [torch.randn(out, 128, generator=gen(10 + seed + out)) / 10 for out in (48, 64)]
     s = smoothing_scales(accumulate_absmax(accumulate_absmax(None, x[:100]), x[100:]), weight_absmax(weights))
     for w in weights:
         ref = x @ w.T
@@ -98,7 +93,7 @@ def test_activation_error_is_at_most_half_a_step(bits):
 
 
 def test_zero_rows_stay_zero_and_dtype_is_kept():
-    x = torch.randn(5, 16, generator=_gen(6))
+    x = torch.randn(5, 16, generator=gen(6))
     x[2] = 0.0
     q = fake_quantize_activations(x)
     assert torch.equal(q[2], torch.zeros(16)) and torch.isfinite(q).all()
