@@ -94,8 +94,10 @@ def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
 class _OneDNNLinears:
     """While active, every float32 nn.Linear of a model multiplies with oneDNN's fp32 GEMM on a
     weight packed once (here about 2x MKL's sgemm throughput; same float32 math, different
-    summation order). Weights changed since packing are repacked on entry. Modules are left
-    exactly as they were on exit. Does nothing where oneDNN is unavailable."""
+    summation order). Assumes the weights do not change while the engine lives (candidates are
+    built before their engine); an in-place change through the parameter itself bumps its version
+    and is repacked on entry, a change through `.data` is not seen. Modules are left exactly as
+    they were on exit. Does nothing where oneDNN is unavailable."""
 
     def __init__(self, model: torch.nn.Module, enabled: bool = True):
         usable = enabled and torch.backends.mkldnn.is_available()
