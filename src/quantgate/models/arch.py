@@ -21,6 +21,8 @@ class ArchInfo:
     # into the feeder only where its output width equals the linears' input width (a grouped-
     # query v_proj does not match o_proj, so that pair is skipped for such models).
     scaling_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # (regex over Hugging Face parameter names, GGUF tensor name with {} for the regex groups).
+    gguf_names: tuple[tuple[str, str], ...] = ()
 
     def is_block_linear(self, name: str) -> bool:
         return re.fullmatch(self.block_linears, name) is not None
@@ -35,6 +37,20 @@ _LLAMA_LIKE = ArchInfo(
         ("self_attn.v_proj", ("self_attn.o_proj",)),
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    gguf_names=(
+        (r"model\.embed_tokens\.weight", "token_embd.weight"),
+        (r"model\.norm\.weight", "output_norm.weight"),
+        (r"lm_head\.weight", "output.weight"),
+        (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blk.{}.attn_norm.weight"),
+        (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+        (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "blk.{}.attn_q.weight"),
+        (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "blk.{}.attn_k.weight"),
+        (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "blk.{}.attn_v.weight"),
+        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "blk.{}.attn_output.weight"),
+        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
+        (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
+        (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
     ),
 )
 
