@@ -64,3 +64,10 @@ class Engine(Protocol):
         """Greedy continuation token ids of each prompt; stops after end-of-sequence or any of
         stop_ids (the stop token is included)."""
         ...
+
+
+def stop_after(token: int, generated: Sequence[int], ends: set[int], stops: set[int]) -> bool:
+    """The stopping rule every engine's greedy generation shares: stop after an end-of-sequence
+    token, or after a stop token once some other token has been generated (so leading newlines
+    before a short answer are skipped over, not taken as an empty answer)."""
+    return token in ends or (token in stops and any(t not in stops for t in generated))

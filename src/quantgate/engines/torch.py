@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from quantgate.config import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_SIZE
-from quantgate.engines.base import Request, Timing
+from quantgate.engines.base import Request, Timing, stop_after
 
 
 @dataclass
@@ -253,7 +253,7 @@ class TorchEngine:
                     logits = self.model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1).logits
                     token = int(logits[0, -1].argmax())
                     out.append(token)
-                    if token in ends or (token in stops and any(t not in stops for t in out)):
+                    if stop_after(token, out, ends, stops):
                         break
                     step = torch.tensor([[token]])
             self.timing.add("generate", 0.0, len(out))

@@ -1,0 +1,101 @@
+"""llama.cpp engine (through llama-cpp-python) over a GGUF file, behind the same interface as
+the torch engine: token ids in, log-probabilities and greedy tokens out.
+
+The context's key/value cache is reused: for an item, the context plus the options' common prefix
+is evaluated once; each option then rewinds the cache to that point and evaluates only its own
+tokens (llama-cpp-python's `eval` drops cache entries past `n_tokens` before it runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantgate.engines.base import Request, Timing, stop_after
+from quantgate.engines.torch import _common_prefix_len
+from quantgate.errors import UserError
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """[T, V] float32 logits -> float64 log-probabilities."""
+    x = logits.astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+class LlamaCppEngine:
+    name = "llamacpp"
+
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise UserError("serving.engine llamacpp needs the package llama-cpp-python") from None
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, logits_all=True,
+                             n_threads=n_threads or torch.get_num_threads(), verbose=False, seed=0)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: llama.cpp cannot load this GGUF file: {e}") from None
+        self.timing = Timing()
+
+    def _eval_from(self, start: int, tokens: Sequence[int]) -> np.ndarray:
+        """Keep the first `start` cached tokens, evaluate `tokens` after them; logits of the new
+        positions, float32 [len(tokens), V]."""
+        self.llm.n_tokens = start
+        self.llm.eval(list(tokens))
+        return np.asarray(self.llm.scores[start : start + len(tokens)])
+
+    def loglikelihood(self, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
+        out = np.zeros(len(requests), dtype=np.float64)
+        greedy = np.ones(len(requests), dtype=bool)
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(requests):
+            by_context.setdefault(tuple(ctx), []).append(i)
+        n_tokens = sum(len(c) + len(x) for c, x in requests)
+        with self.timing.timed("loglikelihood", n_tokens):
+            for ctx, ids in by_context.items():
+                conts = [tuple(requests[i][1]) for i in ids]
+                shared = min(_common_prefix_len(conts), min(len(c) for c in conts) - 1)
+                prefix = list(ctx) + list(conts[0][:shared])
+                # rows predicting the shared tokens and each option's first own token
+                head = _log_softmax(self._eval_from(0, prefix)[len(ctx) - 1 :])
+                for i, cont in zip(ids, conts):
+                    own = cont[shared:]
+                    rows = head if len(own) == 1 else np.concatenate(
+                        [head, _log_softmax(self._eval_from(len(prefix), own[:-1]))])
+                    targets = np.array(cont)
+                    lp = rows[np.arange(len(cont)), targets]
+                    out[i] = float(lp.sum())
+                    greedy[i] = bool((rows.argmax(-1) == targets).all())
+        return out, greedy
+
+    def token_logprobs(self, windows: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
+        for w in windows:
+            with self.timing.timed("token_logprobs", len(w)):
+                lp = _log_softmax(self._eval_from(0, w)[: len(w) - 1])
+            yield torch.from_numpy(lp.astype(np.float32))
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[list[int]]:
+        ends, stops = {self.llm.token_eos()}, set(stop_ids)
+        results = []
+        for prompt in prompts:
+            out: list[int] = []
+            with self.timing.timed("generate", len(prompt)):
+                logits = self._eval_from(0, prompt)[-1]
+                for _ in range(max_new_tokens):
+                    token = int(np.argmax(logits))
+                    out.append(token)
+                    if stop_after(token, out, ends, stops):
+                        break
+                    logits = self._eval_from(self.llm.n_tokens, [token])[-1]
+            self.timing.add("generate", 0.0, len(out))
+            results.append(out)
+        return results
