@@ -150,6 +150,15 @@ def test_judge_every_rule_kind():
         judge("c", 100, cmp, QualityGateConfig(task_floors={"missing": 0.9}))
 
 
+def test_a_candidate_no_rule_applies_to_does_not_pass():
+    # unlabeled prompts only (no OVERALL), no task floor, no ceilings: nothing was checked
+    cmp = _comparison(_task("chat", recovery=1.0, ci=(1.0, 1.0), labeled=False, base=1.0))
+    v = judge("c", 100, cmp, QualityGateConfig())
+    assert not v.passed and len(v.rules) == 1 and "some gate rule applies" in v.rules[0].rule
+    floored = judge("c", 100, cmp, QualityGateConfig(task_floors={"chat": 0.9}))
+    assert floored.passed and [r.rule for r in floored.rules] == ["chat agreement with baseline >= 0.9"]
+
+
 def test_check_tasks_rejects_rules_on_tasks_not_in_the_eval_set():
     tasks = {"mc": 10, "qa": 5}
     check_tasks(QualityGateConfig(task_floors={"mc": 0.9}, absolute_floors={"overall": 0.3, "qa": 0.1}), tasks)
@@ -173,24 +182,24 @@ def _verdict(name: str, size: int, status: str = "pass") -> CandidateVerdict:
 def test_decide_recommends_the_smallest_passing_candidate():
     verdicts = [_verdict("w8", 800), _verdict("w2", 200, "fail"), _verdict("w4", 400), _verdict("w3", 300,
                                                                                                 "inconclusive")]
-    d = decide(verdicts, labeled_items=500, min_items=100)
+    d = decide(verdicts, eval_items=500, min_items=100)
     assert d.recommended == "w4"  # w2 and w3 are smaller but do not hold the gate
     assert "smallest of 2" in d.reason and d.verdicts == tuple(verdicts)
     # ties on size: by name, so the answer does not depend on the order of the list
     tie = [_verdict("b", 100), _verdict("a", 100)]
-    assert decide(tie, labeled_items=100, min_items=100).recommended == "a"  # == min_items is enough
-    only = decide([_verdict("w8", 800), _verdict("w4", 400, "fail")], labeled_items=500, min_items=100)
+    assert decide(tie, eval_items=100, min_items=100).recommended == "a"  # == min_items is enough
+    only = decide([_verdict("w8", 800), _verdict("w4", 400, "fail")], eval_items=500, min_items=100)
     assert only.recommended == "w8" and "only candidate" in only.reason
-    none = decide([_verdict("w4", 400, "fail")], labeled_items=500, min_items=100)
+    none = decide([_verdict("w4", 400, "fail")], eval_items=500, min_items=100)
     assert none.recommended is None and "no candidate holds" in none.reason
 
 
-def test_decide_recommends_nothing_on_too_few_labeled_items():
-    d = decide([_verdict("w8", 800)], labeled_items=99, min_items=100)
+def test_decide_recommends_nothing_on_too_few_eval_items():
+    d = decide([_verdict("w8", 800)], eval_items=99, min_items=100)
     assert d.recommended is None
     assert "min_items" in d.reason and "99" in d.reason and "100" in d.reason
-    zero = decide([_verdict("w8", 800)], labeled_items=0, min_items=100)
-    assert zero.recommended is None and "no labeled eval items" in zero.reason and "min_items" in zero.reason
+    zero = decide([_verdict("w8", 800)], eval_items=0, min_items=100)
+    assert zero.recommended is None and "no eval items" in zero.reason and "min_items" in zero.reason
 
 
 # ---------------------------------------------------------------- the acceptance test
@@ -285,12 +294,12 @@ def test_damage_on_5_percent_of_items_fails_the_flip_budget_while_recovery_passe
     assert "flip rate <= 0.02" in flip_rule.rule and flip_rule.status == "fail"
     assert flip_rule.value == pytest.approx(0.05)
     assert not verdict.passed and verdict.failed_rules == [flip_rule]
-    assert decide([verdict], labeled_items=N_ITEMS, min_items=100).recommended is None
+    assert decide([verdict], eval_items=N_ITEMS, min_items=100).recommended is None
 
     # the same candidate under a gate on accuracy alone: it ships
     accuracy_only = judge("rtn-w4", 1_000_000, cmp, QualityGateConfig(min_acceptable=0.94))
     assert [r.status for r in accuracy_only.rules] == ["pass"] and accuracy_only.passed
-    assert decide([accuracy_only], labeled_items=N_ITEMS, min_items=100).recommended == "rtn-w4"
+    assert decide([accuracy_only], eval_items=N_ITEMS, min_items=100).recommended == "rtn-w4"
 
 
 def test_one_way_damage_of_the_same_size_is_not_passed_on_recovery(damaged):
@@ -406,5 +415,5 @@ def test_baseline_against_itself_end_to_end(tiny_llama, char_tokenizer):
     # 2 of 2 prompts agree, but two prompts cannot show agreement >= 0.5 at 95% (Wilson lo 0.34)
     small = judge("itself", 1, cmp, gate.model_copy(update={"task_floors": {"chat": 0.5}}))
     assert small.rules[1].status == "inconclusive" and not small.passed
-    assert decide([verdict], labeled_items=7, min_items=gate.min_items).recommended == "itself"
-    assert decide([verdict], labeled_items=7, min_items=100).recommended is None
+    assert decide([verdict], eval_items=7, min_items=gate.min_items).recommended == "itself"
+    assert decide([verdict], eval_items=7, min_items=100).recommended is None

@@ -95,6 +95,10 @@ def judge(name: str, weight_bytes: int, cmp: Comparison, gate: QualityGateConfig
     if gate.max_kld_p99 is not None:
         rules.append(at_most(f"KLD p99 <= {gate.max_kld_p99}", cmp.kld.quantile, cmp.kld.quantile_ci,
                              gate.max_kld_p99))
+    if not rules:  # e.g. unlabeled prompts only, with no task floor and no KLD ceiling
+        nan = float("nan")
+        rules.append(RuleResult("some gate rule applies to this eval set (set task_floors or KLD ceilings)",
+                                "fail", nan, (nan, nan), nan))
     return CandidateVerdict(name, weight_bytes, tuple(rules), gate.inconclusive == "pass")
 
 
@@ -119,11 +123,11 @@ def _own_interval(t: TaskComparison, confidence: float) -> tuple[float, float]:
     return stats.wilson_interval(round(t.cand * t.n), t.n, confidence)
 
 
-def decide(verdicts: list[CandidateVerdict], *, labeled_items: int, min_items: int) -> Decision:
+def decide(verdicts: list[CandidateVerdict], *, eval_items: int, min_items: int) -> Decision:
     """Recommend the passing candidate with the fewest weight bytes (the most compressed) — but
     only on an eval set large enough to say so."""
-    if labeled_items < min_items:
-        what = "no labeled eval items" if labeled_items == 0 else f"only {labeled_items} labeled eval items"
+    if eval_items < min_items:
+        what = "no eval items" if eval_items == 0 else f"only {eval_items} eval items"
         return Decision(tuple(verdicts), None,
                         f"{what} (quality_gate.min_items is {min_items}): measured, but no candidate "
                         "can be called shippable without an eval set")

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import numpy as np
 import torch
 
 import quantgate
@@ -106,7 +105,7 @@ def execute(cfg: RunConfig, progress: Progress = _no_progress) -> RunResult:
         prepared=prepared, baseline=base, candidates=results,
         calibration=calib and {"source": calib.source, "sha256": calib.digest,
                                "samples": int(calib.windows.shape[0]), "seq_len": int(calib.windows.shape[1])},
-        decision=decide(verdicts, labeled_items=int((~np.isnan(base.metrics.score)).sum()), min_items=gate.min_items),
+        decision=decide(verdicts, eval_items=len(suite.items), min_items=gate.min_items),
         environment=environment(),
     )
 
