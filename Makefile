@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo test test-fast bench bench-methods clean
+.PHONY: install demo test test-fast bench bench-methods bench-llamacpp clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench: install
 
 bench-methods: install
 	$(PY) bench/bench_methods.py
+
+bench-llamacpp: $(TEST_STAMP)
+	$(PY) bench/bench_llamacpp.py
 
 clean:
 	rm -rf $(VENV) quantgate-results .pytest_cache
