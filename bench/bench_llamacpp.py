@@ -36,6 +36,8 @@ def bare_decode_tokens_per_s(path: Path, prompt: list[int], new_tokens: int) -> 
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=512, verbose=False, seed=0)
+    for _ in zip(range(8), llm.generate(prompt, top_k=1, temp=0.0, reset=True)):
+        pass  # warm-up: weights paged in, as they are for the harness after its quality pass
     gen = llm.generate(prompt, top_k=1, temp=0.0, reset=True)
     next(gen)  # prefill + first token
     t0 = time.perf_counter()
