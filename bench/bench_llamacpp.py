@@ -23,7 +23,7 @@ from quantgate.engines.llamacpp import LlamaCppEngine
 from quantgate.engines.torch import TorchEngine
 from quantgate.evals.datasets import default_suite
 from quantgate.evals.tasks import kl_divergence, make_windows
-from quantgate.methods.gguf_quant import quantize_gguf
+from quantgate.methods.gguf_quant import quantize_gguf, tensor_types
 from quantgate.models.gguf_export import write_gguf
 from quantgate.models.load import load_baseline, locate_packaged
 
@@ -93,6 +93,9 @@ def main() -> int:
             f"{roofline_fraction(speed.decode_tokens_per_s, size, bandwidth):.0%}",
         )
     console.print(table)
+    for gguf_type, *_ in rows:
+        counts = tensor_types(OUT / f"{gguf_type}.gguf")
+        console.print(f"{gguf_type:7s} tensors by stored type: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     return 0
 
 

@@ -84,7 +84,7 @@ def test_corrupted_or_truncated_gguf_is_a_clear_error(f32_gguf, tmp_path):
 
 
 def test_llamacpp_quantizer_orders_quality_by_bits(baseline, engines, f32_gguf, tmp_path):
-    from quantgate.methods.gguf_quant import quantize_gguf
+    from quantgate.methods.gguf_quant import quantize_gguf, tensor_types
 
     text = default_suite(limit=1, cloze_items=0, seed=0).perplexity_text
     windows = make_windows(baseline.tokenizer, text, 128, 2)
@@ -93,6 +93,10 @@ def test_llamacpp_quantizer_orders_quality_by_bits(baseline, engines, f32_gguf, 
     for gguf_type in ("Q8_0", "Q4_K_M", "Q2_K"):
         out = quantize_gguf(f32_gguf, tmp_path / f"{gguf_type}.gguf", gguf_type)
         assert out.stat().st_size < f32_gguf.stat().st_size
+        stored = tensor_types(out)
+        assert stored["F32"] < sum(stored.values())  # quantized tensors, of whatever types llama.cpp chose
+        if gguf_type == "Q8_0":
+            assert stored["Q8_0"] > 0  # (on this model Q2_K stores no Q2_K tensor: rows are not 256-wide)
         cpp = LlamaCppEngine(out, n_ctx=512)
         kld[gguf_type] = float(np.mean(np.concatenate(
             [kl_divergence(r, lp) for r, lp in zip(reference, cpp.token_logprobs(windows))])))

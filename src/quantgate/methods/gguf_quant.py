@@ -6,7 +6,10 @@ chooses (e.g. Q4_K_M keeps some attention/ffn_down tensors at Q6_K).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+
+from gguf import GGUFReader
 
 from quantgate.errors import NothingHappened, UserError
 
@@ -41,3 +44,9 @@ def quantize_gguf(source: Path, out: Path, gguf_type: str, *, threads: int = 0) 
     if status != 0 or not out.is_file():
         raise NothingHappened(f"llama.cpp could not quantize {source} to {gguf_type} (status {status})")
     return out
+
+
+def tensor_types(path: Path) -> Counter[str]:
+    """How many tensors of a GGUF file are stored in each type, e.g. {'Q8_0': 180, 'Q6_K': 31,
+    'F32': 61}: a K-quant file whose rows do not divide into 256 is largely other types."""
+    return Counter(t.tensor_type.name for t in GGUFReader(path).tensors)
