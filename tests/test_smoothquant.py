@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantgate.methods.rtn import fake_quantize
 from conftest import gen, outlier_activations
+from quantgate.methods.rtn import fake_quantize
 from quantgate.methods.smoothquant import (
     W8_SPEC,
     accumulate_absmax,

@@ -18,6 +18,45 @@ import torch
 Request = tuple[tuple[int, ...], tuple[int, ...]]
 
 
+@dataclass(frozen=True)
+class ContextGroup:
+    """Requests that share one context: the context and the first `shared` continuation tokens
+    (common to every option) need computing once. Every option keeps >= 1 token of its own,
+    which is predicted from the last shared position."""
+
+    context: tuple[int, ...]
+    request_ids: list[int]
+    continuations: list[tuple[int, ...]]
+    shared: int
+
+    @property
+    def prefix(self) -> list[int]:
+        return list(self.context) + list(self.continuations[0][: self.shared])
+
+
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def group_by_context(requests: Sequence[Request]) -> list[ContextGroup]:
+    """Requests grouped by identical context, in first-seen order; empty parts are an error."""
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        if not ctx or not cont:
+            raise ValueError(f"request {i}: context and continuation must both be non-empty")
+        by_context.setdefault(tuple(ctx), []).append(i)
+    groups = []
+    for ctx, ids in by_context.items():
+        conts = [tuple(requests[i][1]) for i in ids]
+        shared = min(_common_prefix_len(conts), min(len(c) for c in conts) - 1)
+        groups.append(ContextGroup(ctx, ids, conts, shared))
+    return groups
+
+
 @dataclass
 class Timing:
     """Wall time and tokens processed per engine call kind (e.g. "loglikelihood")."""

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantgate.engines.base import Request, Timing, stop_after
-from quantgate.engines.torch import _common_prefix_len
+from quantgate.engines.base import Request, Timing, group_by_context, stop_after
 from quantgate.errors import UserError
 
 
@@ -54,19 +53,14 @@ class LlamaCppEngine:
     def loglikelihood(self, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
         out = np.zeros(len(requests), dtype=np.float64)
         greedy = np.ones(len(requests), dtype=bool)
-        by_context: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, _) in enumerate(requests):
-            by_context.setdefault(tuple(ctx), []).append(i)
         n_tokens = sum(len(c) + len(x) for c, x in requests)
         with self.timing.timed("loglikelihood", n_tokens):
-            for ctx, ids in by_context.items():
-                conts = [tuple(requests[i][1]) for i in ids]
-                shared = min(_common_prefix_len(conts), min(len(c) for c in conts) - 1)
-                prefix = list(ctx) + list(conts[0][:shared])
+            for group in group_by_context(requests):
+                prefix, ctx_len = group.prefix, len(group.context)
                 # rows predicting the shared tokens and each option's first own token
-                head = _log_softmax(self._eval_from(0, prefix)[len(ctx) - 1 :])
-                for i, cont in zip(ids, conts):
-                    own = cont[shared:]
+                head = _log_softmax(self._eval_from(0, prefix)[ctx_len - 1 :])
+                for i, cont in zip(group.request_ids, group.continuations):
+                    own = cont[group.shared :]
                     rows = head if len(own) == 1 else np.concatenate(
                         [head, _log_softmax(self._eval_from(len(prefix), own[:-1]))])
                     targets = np.array(cont)

@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from quantgate.config import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_SIZE
-from quantgate.engines.base import Request, Timing, stop_after
+from quantgate.engines.base import ContextGroup, Request, Timing, group_by_context, stop_after
 
 
 @dataclass
@@ -43,24 +43,15 @@ class _Packed:
     owners: list[tuple[int, ...]]
 
 
-def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs[1:]):
-            return i
-    return n
-
-
-def _pack(context: tuple[int, ...], request_ids: list[int], conts: list[tuple[int, ...]]) -> _Packed:
-    # Every option keeps >= 1 token of its own, predicted from the last prefix row.
-    shared = min(_common_prefix_len(conts), min(len(c) for c in conts) - 1)
-    prefix = list(context) + list(conts[0][:shared])
+def _pack(group: ContextGroup) -> _Packed:
+    """The group as one sequence: the prefix, then each option's own inputs as a segment."""
+    prefix, shared = group.prefix, group.shared
     p = len(prefix)
     tokens, positions, segments = prefix, list(range(p)), [0] * p
-    rows = list(range(len(context) - 1, p - 1))  # rows predicting the shared tokens
-    targets = list(conts[0][:shared])
-    owners = [tuple(request_ids)] * shared
-    for seg, (rid, cont) in enumerate(zip(request_ids, conts), start=1):
+    rows = list(range(len(group.context) - 1, p - 1))  # rows predicting the shared tokens
+    targets = prefix[len(group.context) :]
+    owners = [tuple(group.request_ids)] * shared
+    for seg, (rid, cont) in enumerate(zip(group.request_ids, group.continuations), start=1):
         own = cont[shared:]
         rows.append(p - 1)  # the last prefix row predicts the option's first own token
         start = len(tokens)
@@ -71,15 +62,6 @@ def _pack(context: tuple[int, ...], request_ids: list[int], conts: list[tuple[in
         targets += list(own)
         owners += [(rid,)] * len(own)
     return _Packed(tokens, positions, segments, rows, targets, owners)
-
-
-def _packed_items(requests: Sequence[Request]) -> list[_Packed]:
-    by_context: dict[tuple[int, ...], list[int]] = {}
-    for i, (ctx, cont) in enumerate(requests):
-        if not ctx or not cont:
-            raise ValueError(f"request {i}: context and continuation must both be non-empty")
-        by_context.setdefault(tuple(ctx), []).append(i)
-    return [_pack(ctx, ids, [tuple(requests[i][1]) for i in ids]) for ctx, ids in by_context.items()]
 
 
 def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -152,7 +134,7 @@ class TorchEngine:
     def loglikelihood(self, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
         out = np.zeros(len(requests), dtype=np.float64)
         greedy = np.ones(len(requests), dtype=bool)
-        items = sorted(_packed_items(requests), key=lambda x: len(x.tokens))
+        items = sorted((_pack(g) for g in group_by_context(requests)), key=lambda x: len(x.tokens))
         n_tokens = sum(len(c) + len(x) for c, x in requests)
         with self.timing.timed("loglikelihood", n_tokens), torch.inference_mode(), self.fast_linears:
             for batch in self._batches(items):
