@@ -85,3 +85,10 @@ def smoothing_only_max_diff(model: torch.nn.Module, calib: CalibrationSet, ids: 
 
 def test_smoothing_alone_leaves_the_tiny_model_unchanged(tiny_llama, torch_single_thread):
     assert smoothing_only_max_diff(tiny_llama, _calib(), torch.randint(0, 128, (2, 20))) < 1e-4
+
+
+def test_w8a8_with_quantized_embeddings_runs(tiny_llama):
+    # the activation hook must not touch the embedding, whose input is token ids
+    made = make_candidate(tiny_llama, arch_of("llama"), CandidateConfig(method="w8a8", quantize_embeddings=True))
+    with torch.no_grad():
+        assert torch.isfinite(made.model(torch.randint(0, 128, (1, 8))).logits).all()

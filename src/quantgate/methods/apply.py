@@ -68,9 +68,11 @@ def make_candidate(
             f"candidate {cand.label}: quantized 0 modules "
             f"({len(names)} matched the architecture table, none changed)"
         )
-    if cand.method in W8A8_METHODS:
+    if cand.method in W8A8_METHODS:  # activations of linears only: an embedding's input is token ids
         for name in names:
-            model.get_submodule(name).register_forward_pre_hook(_quantize_input)
+            module = model.get_submodule(name)
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(_quantize_input)
     specs = {id(model.get_submodule(n).weight): spec for n in names}
     total, qparams = weight_bytes(model, specs)
     return CandidateModel(model=model, modules_changed=changed, weight_bytes=total, quantized_params=qparams)
