@@ -90,5 +90,7 @@ def test_smoothing_alone_leaves_the_tiny_model_unchanged(tiny_llama, torch_singl
 def test_w8a8_with_quantized_embeddings_runs(tiny_llama):
     # the activation hook must not touch the embedding, whose input is token ids
     made = make_candidate(tiny_llama, arch_of("llama"), CandidateConfig(method="w8a8", quantize_embeddings=True))
+    assert not made.model.model.embed_tokens._forward_pre_hooks  # ids would be silently rounded
+    assert made.model.model.layers[0].self_attn.q_proj._forward_pre_hooks
     with torch.no_grad():
         assert torch.isfinite(made.model(torch.randint(0, 128, (1, 8))).logits).all()
