@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo test test-fast bench bench-methods bench-llamacpp clean
+.PHONY: install system-deps demo test test-fast bench bench-methods bench-llamacpp bench-prune clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,26 @@ $(TEST_STAMP): $(STAMP)
 
 install: $(STAMP)
 
+# $(call apt_if_missing,GLOB,PACKAGES): apt-get install PACKAGES unless a file matches GLOB (as
+# root, as CI runs; otherwise say so and go on: the tests that need them skip outside CI).
+apt_if_missing = if ! ls $(1) >/dev/null 2>&1; then \
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2); \
+	else echo "system-deps: $(2) missing (make system-deps as root installs it); tests that need it skip"; fi; fi
+
+# Programs the tests take from the system: PostgreSQL's server binaries (the store tests start a
+# throwaway cluster of their own on loopback); headless Chromium and its driver (the HTML report test).
+system-deps:
+	@$(call apt_if_missing,/usr/lib/postgresql/*/bin/initdb,postgresql)
+	@$(call apt_if_missing,/usr/bin/chromedriver,chromium chromium-driver fonts-dejavu-core)
+
 demo: install
 	$(VENV)/bin/quantgate run
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) system-deps
 	$(PY) -m pytest -q
 
-test-fast: $(TEST_STAMP)
+test-fast: $(TEST_STAMP) system-deps
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
@@ -43,6 +56,9 @@ bench-methods: install
 
 bench-llamacpp: $(TEST_STAMP)
 	$(PY) bench/bench_llamacpp.py
+
+bench-prune: $(TEST_STAMP)
+	$(PY) bench/bench_prune.py
 
 clean:
 	rm -rf $(VENV) quantgate-results .pytest_cache

@@ -12,22 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from quantgate.config import CalibrationConfig, CandidateConfig, QualityGateConfig
-from quantgate.engines.torch import TorchEngine
-from quantgate.evals.datasets import load_suite
-from quantgate.evals.metrics import compare, model_metrics
-from quantgate.evals.tasks import evaluate, prepare
+from quantgate.config import CandidateConfig
 from quantgate.methods.apply import make_candidate
-from quantgate.methods.calibrate import calibration_set
-from quantgate.models.load import load_baseline
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 CANDIDATES = (
     CandidateConfig(method="rtn", bits=4, group_size=64),
@@ -45,39 +37,21 @@ CANDIDATES = (
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--piqa", type=int, default=500)
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=256)
+    harness.add_arguments(ap)
     ap.add_argument("--only", nargs="*", help="candidate labels to run (default: all); the first of "
                     "each bit width is the reference of the KLD ratio, so include it")
     args = ap.parse_args()
-    if not (DATA / "piqa.jsonl").is_file():
-        print(f"bench needs {DATA / 'piqa.jsonl'} (the shared evaluation data)", file=sys.stderr)
+    bench = harness.setup(args)
+    if bench is None:
         return 2
-    baseline = load_baseline("smollm2-135m-instruct")
-    tok = baseline.tokenizer
-    suites = {
-        "default": load_suite(QualityGateConfig(), limit=None, cloze_items=200, seed=0),
-        "piqa": load_suite(QualityGateConfig(eval_set=str(DATA / "piqa.jsonl")), limit=args.piqa, cloze_items=0, seed=0),
-    }
-    prepared = {k: prepare(s, tok, window_tokens=256, n_windows=8) for k, s in suites.items()}
-    calib = calibration_set(tok, CalibrationConfig(samples=args.samples, seq_len=args.seq_len),
-                            [t for s in suites.values() for t in s.texts()])
-    base = {}
-    for k, p in prepared.items():
-        scores, ref = evaluate(TorchEngine(baseline.model), p, keep=True)
-        base[k] = (model_metrics(scores, p, "accuracy", tok), ref)
+    calib = bench.calib
 
     rows = []
     for cand in [c for c in CANDIDATES if not args.only or c.label in args.only]:
         t0 = time.perf_counter()
-        made = make_candidate(baseline.model, baseline.arch, cand, calib, seed=0)
+        made = make_candidate(bench.baseline.model, bench.baseline.arch, cand, calib, seed=0)
         seconds = time.perf_counter() - t0
-        result = {}
-        for k, p in prepared.items():
-            scores, _ = evaluate(TorchEngine(made.model), p, base[k][1])
-            metrics = model_metrics(scores, p, "accuracy", tok)
-            result[k] = compare(base[k][0], metrics, scores, p, n_boot=500)
+        result = harness.compare_model(bench, made.model)
         rows.append((cand, seconds, result))
         print(f"{cand.label}: {seconds:.0f} s", file=sys.stderr, flush=True)
 

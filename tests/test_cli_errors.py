@@ -85,11 +85,22 @@ def test_seed_block_parses_and_says_not_supported_yet(tmp_path):
     [
         ("serving: {engine: vllm}\n", "serving.engine 'vllm'"),
         ("quality_gate: {verified_against: bf16}\n", "verified_against 'bf16'"),
-        ("candidates:\n  - {method: gguf, bits: 4}\n", "method 'gguf'"),
     ],
 )
 def test_features_not_built_yet(tmp_path, text, fragment):
     assert_one_line_error(quantgate("run", str(write(tmp_path, text))), "not supported yet", fragment)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("candidates:\n  - {method: gguf, type: Q4_K_M}\n", "runs on serving.engine llamacpp, not 'torch'"),
+        ("candidates:\n  - {method: gguf, bits: 4}\n", "candidates.0: Value error, method gguf needs 'type'"),
+        ("serving: {engine: llamacpp}\ncandidates:\n  - {method: rtn, bits: 4}\n", "runs on serving.engine torch"),
+    ],
+)
+def test_methods_must_match_the_engine(tmp_path, text, fragment):
+    assert_one_line_error(quantgate("run", str(write(tmp_path, text))), fragment)
 
 
 def test_both_candidate_forms_is_an_error(tmp_path):

@@ -20,6 +20,26 @@ class Throughput:
     new_tokens: int  # tokens generated in total (generation may end early at end-of-sequence)
 
 
+@dataclass(frozen=True)
+class Economics:
+    """A model on its engine. For fake-quantized candidates (simulated=True) only the quality is
+    real: the weights are still float32, so no speed or memory of theirs is measured."""
+
+    engine: str
+    simulated: bool
+    artifact_bytes: int | None  # the file the engine loads (GGUF), None when nothing is written
+    peak_rss_bytes: int | None  # peak resident memory of the engine's own process
+    throughput: Throughput | None
+    roofline_fraction: float | None  # decode tokens/s x bytes per token / memory bandwidth
+    load: tuple[LoadLevel, ...] = ()  # batch sizes 1 .. serving.max_batch_size
+    cost: Cost | None = None  # at economics.tokens_per_month, when a price is configured
+
+    @property
+    def tokens_per_s_under_load(self) -> float | None:
+        """Generated tokens/s at the largest batch size measured."""
+        return self.load[-1].tokens_per_s if self.load else None
+
+
 def measure(engine: Engine, prompts: Sequence[Sequence[int]], new_tokens: int) -> Throughput:
     """Generate greedily for each prompt twice — 1 token (prefill) and `new_tokens` (the request)
     — at batch 1. Decode speed = extra tokens / extra time, summed over the prompts."""
@@ -45,6 +65,69 @@ def measure(engine: Engine, prompts: Sequence[Sequence[int]], new_tokens: int) -
         latency_s={"p50": float(p50), "p95": float(p95), "p99": float(p99)},
         new_tokens=decoded + len(prompts),
     )
+
+
+@dataclass(frozen=True)
+class LoadLevel:
+    """The fixed request mix served `batch_size` requests at a time."""
+
+    batch_size: int
+    batched: bool  # True: one forward serves the whole batch; False: requests queue (batch 1)
+    latency_s: dict[str, float]  # p50 / p95 / p99 of request latency (queueing included)
+    tokens_per_s: float  # generated tokens per second over the whole load
+
+
+def batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to and including max_batch_size."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return sizes + [max_batch_size]
+
+
+def load_levels(engine: Engine, prompts: Sequence[Sequence[int]], new_tokens: int,
+                sizes: Sequence[int]) -> list[LoadLevel]:
+    """For each batch size B: B requests (the mix, repeated as needed) arrive together. An engine
+    with `generate_batch` serves them in one batch (every request's latency is the batch's);
+    otherwise they queue and request i waits for the i before it."""
+    levels = []
+    for b in sizes:
+        batch = [prompts[i % len(prompts)] for i in range(b)]
+        batched = hasattr(engine, "generate_batch")
+        if batched:
+            t0 = time.perf_counter()
+            engine.generate_batch(batch, new_tokens)
+            latencies = [time.perf_counter() - t0] * b
+        else:
+            latencies, t0 = [], time.perf_counter()
+            for prompt in batch:  # no stop ids: generation may still end early at end-of-sequence
+                engine.generate([prompt], new_tokens)
+                latencies.append(time.perf_counter() - t0)
+        p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+        levels.append(LoadLevel(b, batched, {"p50": float(p50), "p95": float(p95), "p99": float(p99)},
+                                b * new_tokens / max(latencies)))
+    return levels
+
+
+@dataclass(frozen=True)
+class Cost:
+    per_million_tokens: float
+    monthly: float
+    monthly_saving: float  # versus the baseline; negative when the candidate costs more
+    worth_it: bool
+    note: str
+
+
+def cost_at_volume(tokens_per_s: float, baseline_tokens_per_s: float, *, cost_per_hour: float,
+                   tokens_per_month: float, min_saving: float) -> Cost:
+    """Machine time to serve the monthly volume at the measured throughput under load, priced
+    by the hour: cost per 1M tokens = price per hour / (tokens per hour / 1e6)."""
+    def monthly(tps: float) -> float:
+        return tokens_per_month / (tps * 3600) * cost_per_hour
+
+    saving = monthly(baseline_tokens_per_s) - monthly(tokens_per_s)
+    worth = saving >= min_saving
+    note = (f"saves {saving:,.2f} a month" if worth else
+            f"already cheap enough at your volume: saves {saving:,.2f} a month (under {min_saving:,.2f})")
+    return Cost(cost_per_hour / (tokens_per_s * 3600) * 1e6, monthly(tokens_per_s), saving, worth, note)
 
 
 def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:

@@ -123,15 +123,22 @@ def _own_interval(t: TaskComparison, confidence: float) -> tuple[float, float]:
     return stats.wilson_interval(round(t.cand * t.n), t.n, confidence)
 
 
-def decide(verdicts: list[CandidateVerdict], *, eval_items: int, min_items: int) -> Decision:
+def decide(verdicts: list[CandidateVerdict], *, eval_items: int, min_items: int, ladder: bool = False) -> Decision:
     """Recommend the passing candidate with the fewest weight bytes (the most compressed) — but
-    only on an eval set large enough to say so."""
+    only on an eval set large enough to say so. ladder=True: the verdicts are rungs in order of
+    aggressiveness, measured until the first that failed; recommend the last that passed."""
     if eval_items < min_items:
         what = "no eval items" if eval_items == 0 else f"only {eval_items} eval items"
         return Decision(tuple(verdicts), None,
                         f"{what} (quality_gate.min_items is {min_items}): measured, but no candidate "
                         "can be called shippable without an eval set")
     passing = [v for v in verdicts if v.passed]
+    if ladder:
+        broke = next((v.name for v in verdicts if not v.passed), None)
+        where = f"the ladder broke at {broke}" if broke else "every rung held"
+        if not passing:
+            return Decision(tuple(verdicts), None, f"{where}, the first rung: no candidate holds the gate")
+        return Decision(tuple(verdicts), passing[-1].name, f"the last rung that holds every rule; {where}")
     if not passing:
         return Decision(tuple(verdicts), None, "no candidate holds every rule of the quality gate")
     best = min(passing, key=lambda v: (v.weight_bytes, v.name))

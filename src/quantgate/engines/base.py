@@ -9,10 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # engines run in processes that never import torch (see engines/process.py)
+    import torch
 
 # (context token ids, continuation token ids); the context is never empty.
 Request = tuple[tuple[int, ...], tuple[int, ...]]

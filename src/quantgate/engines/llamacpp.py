@@ -8,14 +8,18 @@ tokens (llama-cpp-python's `eval` drops cache entries past `n_tokens` before it 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from quantgate.engines.base import Request, Timing, group_by_context, stop_after
 from quantgate.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -28,7 +32,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 class LlamaCppEngine:
     name = "llamacpp"
 
-    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512):
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
+                 logits_all: bool = True):
+        """logits_all=False is the serving configuration: only the last position's logits are
+        kept (generation works, scoring does not), and no [n_ctx, vocab] buffers are allocated."""
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -37,8 +44,8 @@ class LlamaCppEngine:
         if not path.is_file():
             raise UserError(f"{path}: GGUF file not found")
         try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, logits_all=True,
-                             n_threads=n_threads or torch.get_num_threads(), verbose=False, seed=0)
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, logits_all=logits_all,
+                             n_threads=n_threads or len(os.sched_getaffinity(0)), verbose=False, seed=0)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"{path}: llama.cpp cannot load this GGUF file: {e}") from None
         self.timing = Timing()
@@ -69,11 +76,16 @@ class LlamaCppEngine:
                     greedy[i] = bool((rows.argmax(-1) == targets).all())
         return out, greedy
 
+    def window_logprobs(self, window: Sequence[int]) -> np.ndarray:
+        """token_logprobs of one window as numpy, float32 [T-1, V] (no torch needed)."""
+        with self.timing.timed("token_logprobs", len(window)):
+            return _log_softmax(self._eval_from(0, window)[: len(window) - 1]).astype(np.float32)
+
     def token_logprobs(self, windows: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
+        import torch
+
         for w in windows:
-            with self.timing.timed("token_logprobs", len(w)):
-                lp = _log_softmax(self._eval_from(0, w)[: len(w) - 1])
-            yield torch.from_numpy(lp.astype(np.float32))
+            yield torch.from_numpy(self.window_logprobs(w))
 
     def generate(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()

@@ -215,6 +215,29 @@ class TorchEngine:
 
     # -- generation -----------------------------------------------------------------------------
 
+    def generate_batch(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
+        """Greedy decoding of all prompts at once (left-padded, one KV cache), exactly
+        `new_tokens` each with no stopping: the load a server sees at this batch size. Padding can
+        change low bits of the outputs, so evaluation uses `generate`, never this."""
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(list(p))
+            mask[r, width - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = []
+        with self.timing.timed("generate_batch", int(mask.sum())), torch.inference_mode(), self.fast_linears:
+            cache = DynamicCache(config=self.model.config)
+            for _ in range(new_tokens):
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                    use_cache=True, logits_to_keep=1).logits
+                ids = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+                out.append(ids)
+                mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+                positions = positions[:, -1:] + 1
+        return torch.cat(out, dim=1).tolist()
+
     def generate(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
     ) -> list[list[int]]:
@@ -241,6 +264,16 @@ class TorchEngine:
             self.timing.add("generate", 0.0, len(out))
             results.append(out)
         return results
+
+
+def open_engine(path: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                batch_tokens: int = DEFAULT_BATCH_TOKENS) -> TorchEngine:
+    """A TorchEngine over a local Hugging Face directory of safetensors weights (float32): how
+    an engine process (engines/process.py) opens the torch engine."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    return TorchEngine(model, max_batch_size=max_batch_size, batch_tokens=batch_tokens)
 
 
 def loglikelihood_reference(model: torch.nn.Module, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:

@@ -165,12 +165,16 @@ def compare(
             out[t] = _paired(t, base, cand, mask, confidence, n_boot, seed)
         else:
             out[t] = _agreement(t, base, cand, mask, confidence)
-    kld = stats.bootstrap_mean_quantile(cand_scores.kld, q=0.99, clusters=cand_scores.window_of,
-                                        n_boot=max(200, n_boot // 2), confidence=confidence, seed=seed)
+    if len(cand_scores.kld):
+        kld = stats.bootstrap_mean_quantile(cand_scores.kld, q=0.99, clusters=cand_scores.window_of,
+                                            n_boot=max(200, n_boot // 2), confidence=confidence, seed=seed)
+    else:  # no distributions (an engine without prompt log-probabilities): unmeasured, not zero
+        nan = float("nan")
+        kld = stats.MeanQuantile(nan, (nan, nan), nan, (nan, nan), 0.99, 0)
     headline = out[OVERALL] if OVERALL in out else next(iter(out.values()))
     return Comparison(
         recovery=headline.recovery, tasks=out, flips=headline.flips, kld=kld,
-        top1_agreement=float(np.mean(cand_scores.top1_agree)),
+        top1_agreement=float(np.mean(cand_scores.top1_agree)) if len(cand_scores.top1_agree) else float("nan"),
     )
 
 

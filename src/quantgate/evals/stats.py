@@ -20,7 +20,12 @@ import numpy as np
 __all__ = [
     "MeanQuantile",
     "PairedBootstrap",
+    "KSResult",
     "bootstrap_mean_quantile",
+    "fisher_exact",
+    "interval_difference_p",
+    "ks_2samp",
+    "kolmogorov_sf",
     "mcnemar_exact",
     "min_detectable_drop",
     "normal_quantile",
@@ -496,3 +501,145 @@ def min_detectable_drop(
         / (n + z_b * z_b)
     )
     return delta if delta <= discordance else math.inf
+
+
+# --------------------------------------------------------------------------
+# 6. two independent samples: did a distribution or a proportion move?
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KSResult:
+    """Result of :func:`ks_2samp`.
+
+    Fields:
+        d: the two-sample Kolmogorov-Smirnov statistic, sup_x |F_x(t) - F_y(t)| in [0, 1].
+        p: two-sided asymptotic p-value of "both samples come from one continuous distribution".
+        n_x, n_y: the sample sizes.
+    """
+
+    d: float
+    p: float
+    n_x: int
+    n_y: int
+
+
+def kolmogorov_sf(lam: float) -> float:
+    """Survival function of the Kolmogorov distribution, Q(lam) = P(K > lam).
+
+    Q(lam) = 2 sum_{k>=1} (-1)^(k-1) exp(-2 k^2 lam^2)   (used for lam >= 1.18), and the
+    equivalent Jacobi-theta form 1 - sqrt(2 pi)/lam sum_{k>=1} exp(-(2k-1)^2 pi^2 / (8 lam^2))
+    for small lam, where the first series converges slowly. Both are summed until the terms
+    vanish in double precision (a handful of terms either side of 1.18).
+
+    Returns:
+        Q in [0, 1]; 1.0 for lam <= 0.
+    """
+    if lam <= 0.0:
+        return 1.0
+    if lam < 1.18:
+        y = math.pi**2 / (8.0 * lam * lam)
+        s = sum(math.exp(-((2 * k - 1) ** 2) * y) for k in range(1, 8))
+        return min(1.0, max(0.0, 1.0 - math.sqrt(2.0 * math.pi) / lam * s))
+    s = sum((-1) ** (k - 1) * math.exp(-2.0 * k * k * lam * lam) for k in range(1, 12))
+    return min(1.0, max(0.0, 2.0 * s))
+
+
+def ks_2samp(x: np.ndarray, y: np.ndarray) -> KSResult:
+    """Two-sample Kolmogorov-Smirnov test.
+
+    Args:
+        x: shape (n_x,), finite values of one sample (e.g. per-item NLL of the original eval set).
+        y: shape (n_y,), finite values of the other (e.g. of new production inputs).
+
+    D = max over all observed values t of |F_x(t) - F_y(t)| with right-continuous empirical CDFs
+    (ties between the samples handled exactly). p = Q((sqrt(m) + 0.12 + 0.11/sqrt(m)) * D) with
+    m = n_x n_y / (n_x + n_y) and Q = kolmogorov_sf: the asymptotic distribution with Stephens'
+    small-sample correction (Press et al., Numerical Recipes, 14.3); conservative for discrete data
+    (e.g. token counts with ties).
+
+    Returns:
+        KSResult(d, p, n_x, n_y).
+
+    Raises:
+        ValueError: for non-1-D, empty or non-finite samples.
+    """
+    x, y = _sample("x", x), _sample("y", y)
+    xs, ys = np.sort(x), np.sort(y)
+    grid = np.concatenate([xs, ys])  # (n_x + n_y,) every point where a CDF jumps
+    fx = np.searchsorted(xs, grid, side="right") / xs.size
+    fy = np.searchsorted(ys, grid, side="right") / ys.size
+    d = float(np.max(np.abs(fx - fy)))
+    m = xs.size * ys.size / (xs.size + ys.size)
+    p = kolmogorov_sf((math.sqrt(m) + 0.12 + 0.11 / math.sqrt(m)) * d)
+    return KSResult(d=d, p=p, n_x=int(xs.size), n_y=int(ys.size))
+
+
+def _sample(name: str, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sample, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} must be finite")
+    return x
+
+
+def fisher_exact(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided Fisher exact test that two proportions k1/n1 and k2/n2 are equal.
+
+    Args:
+        k1, n1: successes and trials of sample 1 (e.g. flipped items of the original run).
+        k2, n2: the same for sample 2 (e.g. of a drift check); 0 <= k <= n, n >= 1.
+
+    Conditional on the margins, k1 ~ Hypergeometric(N = n1 + n2, K = k1 + k2, n1). The p-value
+    sums the probabilities of every table no more likely than the observed one (with a relative
+    tolerance of 1e-7 for ties in floating point), as R's fisher.test and SciPy do. Probabilities
+    are computed exactly from integer binomial coefficients.
+
+    Returns:
+        p in [0, 1].
+
+    Raises:
+        ValueError: for counts outside 0 <= k <= n or n < 1.
+    """
+    for k, n in ((k1, n1), (k2, n2)):
+        if int(k) != k or int(n) != n or n < 1 or not 0 <= k <= n:
+            raise ValueError(f"fisher_exact: need integers 0 <= k <= n, n >= 1; got k={k}, n={n}")
+    k1, n1, k2, n2 = int(k1), int(n1), int(k2), int(n2)
+    total, hits = n1 + n2, k1 + k2
+    lo, hi = max(0, hits - n2), min(hits, n1)
+    weight = {a: math.comb(n1, a) * math.comb(n2, hits - a) for a in range(lo, hi + 1)}
+    observed = weight[k1]
+    extreme = sum(w for w in weight.values() if w <= observed * (1 + 1e-7))
+    return min(1.0, extreme / math.comb(total, hits))
+
+
+def interval_difference_p(a: float, a_ci: tuple[float, float], b: float, b_ci: tuple[float, float],
+                          confidence: float) -> float:
+    """Two-sided p-value that two independent estimates a and b are equal, from their intervals.
+
+    Args:
+        a, b: point estimates (e.g. a candidate's recovery in the original run and in a drift check).
+        a_ci, b_ci: their two-sided (lo, hi) intervals at `confidence` (e.g. bootstrap intervals).
+        confidence: the intervals' confidence level in (0, 1).
+
+    Each interval is read as estimate +- z * se with z = normal_quantile((1 + confidence) / 2),
+    so se = (hi - lo) / (2 z); then z_diff = (b - a) / sqrt(se_a^2 + se_b^2) and p = 2 (1 - Phi(|z_diff|))
+    (Altman & Bland, BMJ 2003, "Interval estimation for a difference between independent
+    quantities"). When both intervals have zero width p is 1 for a == b, else 0.
+
+    Returns:
+        p in [0, 1]; nan when an estimate or interval end is nan.
+
+    Raises:
+        ValueError: for confidence outside (0, 1).
+    """
+    _check_confidence(confidence)
+    values = (a, b, *a_ci, *b_ci)
+    if any(v is None or math.isnan(v) for v in values):
+        return math.nan
+    z = normal_quantile((1.0 + confidence) / 2.0)
+    se = math.hypot((a_ci[1] - a_ci[0]) / (2 * z), (b_ci[1] - b_ci[0]) / (2 * z))
+    if se == 0.0:
+        return 1.0 if a == b else 0.0
+    return 2.0 * (1.0 - NormalDist().cdf(abs(b - a) / se))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -105,6 +106,21 @@ def with_response_windows(prepared: PreparedSuite, generations: dict[int, list[i
     return replace(prepared, windows=prepared.windows[: prepared.n_text_windows] + extra)
 
 
+def generation_only(prepared: PreparedSuite) -> tuple[PreparedSuite, list[str]]:
+    """The suite without what needs prompt log-probabilities (choice and cloze items, and the
+    perplexity/KLD windows), for an engine that cannot give them; and the refused task names."""
+    items = prepared.suite.items
+    keep = [i for i in range(len(items)) if i in prepared.prompts]
+    refused = sorted({items[i].task for i in range(len(items)) if i not in prepared.prompts})
+    if not keep:
+        raise UserError(f"eval set '{prepared.suite.name}': every task ({', '.join(refused)}) needs prompt "
+                        "log-probabilities, and the server gives none: nothing left to run")
+    suite = replace(prepared.suite, items=tuple(items[i] for i in keep))
+    return replace(prepared, suite=suite, requests=[], offsets=np.zeros(len(keep) + 1, dtype=int),
+                   option_chars=np.zeros(0, dtype=np.int64), prompts={n: prepared.prompts[o] for n, o in enumerate(keep)},
+                   windows=[], n_text_windows=0), refused
+
+
 def line_end_ids(tokenizer) -> tuple[int, ...]:
     """Ids of vocabulary tokens that contain a newline (short answers end at the line's end)."""
     vocab = tokenizer.get_vocab()
@@ -135,56 +151,138 @@ class ModelScores:
     top1_agree: np.ndarray | None  # bool [n_window_tokens]: same argmax as the reference
     window_of: np.ndarray  # int [n_window_tokens]: which window each position belongs to
     seconds: float
+    items_scored: int = 0  # items the engine scored in this call
+    items_reused: int = 0  # items taken from the cache (a resumed run)
+
+
+@dataclass(frozen=True)
+class ItemOutput:
+    """What an engine produced for one item: each option's summed log-prob and greedy flag
+    (choice and cloze items), or the generated token ids (generation and prompt items)."""
+
+    option_ll: tuple[float, ...] = ()
+    option_greedy: tuple[bool, ...] = ()
+    generation: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class WindowOutput:
+    """Per-position results over all windows (the parts of ModelScores that windows give)."""
+
+    token_nll: np.ndarray
+    kld: np.ndarray | None
+    top1_agree: np.ndarray | None
+    window_of: np.ndarray
+
+
+class ScoreCache(Protocol):
+    """Where finished work is kept as it is done, so a killed run resumes without redoing it."""
+
+    chunk_items: int  # items scored between two records
+
+    def known(self) -> dict[int, ItemOutput]: ...  # item index -> output
+    def record(self, outputs: dict[int, ItemOutput]) -> None: ...
+    def windows(self) -> WindowOutput | None: ...
+    def record_windows(self, out: WindowOutput) -> None: ...
 
 
 def evaluate(
-    engine: Engine,
+    engine: Engine | None,
     prepared: PreparedSuite,
     reference: Sequence[torch.Tensor] | None = None,
     *,
     keep: bool = False,
     on_step: Callable[[int], None] | None = None,
+    cache: ScoreCache | None = None,
 ) -> tuple[ModelScores, list[torch.Tensor]]:
     """Score every option, generate for every generation/prompt item, and run every window. With
     `reference` (the baseline's per-window log-probs), also per-position KL divergence and top-1
     agreement. With keep=True the model's own per-window log-probs are returned (to serve as the
-    reference of later models)."""
+    reference of later models). With a `cache`, items it knows are not scored again, new ones are
+    recorded every `cache.chunk_items` items, and window results are reused unless keep=True.
+    `engine` may be None only when the cache holds everything."""
     step = on_step or (lambda n: None)
-    before = sum(engine.timing.seconds.values())
-    option_ll, option_greedy = np.zeros(0), np.zeros(0, dtype=bool)
-    if prepared.requests:
-        option_ll, option_greedy = engine.loglikelihood(prepared.requests)
-        _check_not_constant(option_ll, prepared.offsets, engine.name)
+    before = sum(engine.timing.seconds.values()) if engine else 0.0
+    known = dict(cache.known()) if cache else {}
+    todo = [i for i in range(len(prepared.suite.items)) if i not in known]
+    size = cache.chunk_items if cache else max(1, len(todo))
+    for start in range(0, len(todo), size):
+        new = _score_items(_need(engine), prepared, todo[start : start + size])
+        if cache:
+            cache.record(new)
+        known.update(new)
     step(1)
-    generations = _generate(engine, prepared)
+    cached = cache.windows() if cache and not keep else None
+    windows, kept = (cached, []) if cached is not None else _run_windows(_need(engine), prepared, reference, keep)
+    if cache and cached is None:
+        cache.record_windows(windows)
+    step(1)
+    n = len(prepared.suite.items)
+    option_ll = np.array([x for i in range(n) for x in known[i].option_ll], dtype=np.float64)
+    if len(option_ll):
+        _check_not_constant(option_ll, prepared.offsets, engine.name if engine else "cache")
+    scores = ModelScores(
+        option_ll=option_ll,
+        option_greedy=np.array([x for i in range(n) for x in known[i].option_greedy], dtype=bool),
+        generations={i: list(known[i].generation) for i in prepared.prompts},
+        token_nll=windows.token_nll, kld=windows.kld, top1_agree=windows.top1_agree, window_of=windows.window_of,
+        seconds=(sum(engine.timing.seconds.values()) - before) if engine else 0.0,
+        items_scored=len(todo), items_reused=n - len(todo),
+    )
+    return scores, kept
+
+
+def _need(engine: Engine | None) -> Engine:
+    if engine is None:
+        raise ValueError("evaluate: work is left but no engine was given")
+    return engine
+
+
+def _score_items(engine: Engine, prepared: PreparedSuite, idx: list[int]) -> dict[int, ItemOutput]:
+    """Outputs of the items `idx` (indices into the suite), in one loglikelihood call and one
+    generation pass."""
+    off = prepared.offsets
+    requests = [r for i in idx for r in prepared.requests[off[i] : off[i + 1]]]
+    ll, greedy = engine.loglikelihood(requests) if requests else (np.zeros(0), np.zeros(0, dtype=bool))
+    generations = _generate(engine, prepared, [i for i in idx if i in prepared.prompts])
+    out, k = {}, 0
+    for i in idx:
+        n = off[i + 1] - off[i]
+        gen = generations.get(i)
+        out[i] = ItemOutput(tuple(map(float, ll[k : k + n])), tuple(map(bool, greedy[k : k + n])),
+                            tuple(gen) if gen is not None else None)
+        k += n
+    return out
+
+
+def _run_windows(engine: Engine, prepared: PreparedSuite, reference: Sequence[torch.Tensor] | None,
+                 keep: bool) -> tuple[WindowOutput, list[torch.Tensor]]:
     nll, kld, agree, window_of, kept = [], [], [], [], []
     for w, lp in enumerate(engine.token_logprobs(prepared.windows)):
         targets = torch.tensor(prepared.windows[w][1:])
         if w < prepared.n_text_windows:
             nll.append(-lp[torch.arange(len(targets)), targets].double())
         window_of.append(np.full(len(targets), w))
-        if reference is not None:
-            kld.append(kl_divergence(reference[w], lp))
+        if reference is not None:  # engines that see only the top-k (servers) bring their own estimate
+            kld.append(np.asarray(getattr(engine, "kl_divergence", kl_divergence)(reference[w], lp)))
             agree.append((reference[w].argmax(-1) == lp.argmax(-1)).numpy())
         if keep:
             kept.append(lp)
-    step(1)
-    scores = ModelScores(
-        option_ll=option_ll, option_greedy=option_greedy, generations=generations,
+    out = WindowOutput(
         token_nll=torch.cat(nll).numpy() if nll else np.zeros(0),
-        kld=np.concatenate(kld) if kld else None,
-        top1_agree=np.concatenate(agree) if agree else None,
+        kld=np.concatenate(kld) if kld else None if reference is None else np.zeros(0),
+        top1_agree=np.concatenate(agree) if agree else None if reference is None else np.zeros(0, dtype=bool),
         window_of=np.concatenate(window_of) if window_of else np.zeros(0, dtype=int),
-        seconds=sum(engine.timing.seconds.values()) - before,
     )
-    return scores, kept
+    return out, kept
 
 
-def _generate(engine: Engine, prepared: PreparedSuite) -> dict[int, list[int]]:
-    """Greedy outputs, grouped by (max_new_tokens, stop at line end) so each group is one call.
-    Short answers (generation items) stop at the end of the line; prompt items run to EOS."""
+def _generate(engine: Engine, prepared: PreparedSuite, idx: list[int]) -> dict[int, list[int]]:
+    """Greedy outputs of the prompt items `idx`, grouped by (max_new_tokens, stop at line end)
+    so each group is one call. Short answers (generation items) stop at the end of the line;
+    prompt items run to EOS."""
     groups: dict[tuple[int, bool], list[int]] = {}
-    for i in prepared.prompts:
+    for i in idx:
         item = prepared.suite.items[i]
         key = (prepared.suite.spec(item.task).max_new_tokens, isinstance(item, GenerationItem))
         groups.setdefault(key, []).append(i)

@@ -1,6 +1,12 @@
 """Turn a baseline into a candidate: walk the modules the architecture table names and apply a
 method's pure tensor functions to their weights (calibrated methods through the one
-layer-by-layer driver in calibrate.py). Counts what changed; nothing changed is an error."""
+layer-by-layer driver in calibrate.py). Counts what changed; nothing changed is an error.
+
+A candidate with `steps` runs them in order on one copy: prune steps (methods/prune.py), then
+at most one quantize step, which keeps the pruned zeros exactly zero (RTN, AWQ and SmoothQuant
+map 0 to 0 on their grids, the asymmetric zero point being an integer code; GPTQ is given the
+mask and stores the code of 0, compensating like a rounding error).
+"""
 
 from __future__ import annotations
 
@@ -11,19 +17,22 @@ from dataclasses import dataclass
 
 import torch
 
-from quantgate.config import CALIBRATED_METHODS, W8A8_METHODS, CandidateConfig
-from quantgate.errors import NothingHappened
-from quantgate.methods import awq, gptq, smoothquant
+from quantgate.config import PRUNE_PATTERNS, W8A8_METHODS, CandidateConfig
+from quantgate.errors import NothingHappened, UserError
+from quantgate.methods import awq, gptq, prune, smoothquant
 from quantgate.methods.calibrate import BlockMethod, CalibrationSet, GroupInputs, run_blocks
 from quantgate.methods.rtn import QuantSpec, dequantize, fake_quantize, packed_bytes
-from quantgate.models.arch import ArchInfo
+from quantgate.models.arch import ArchInfo, Units
 
 
 @dataclass(frozen=True)
 class CandidateModel:
     model: torch.nn.Module
-    modules_changed: int
-    weight_bytes: int  # packed bytes of quantized tensors + baseline-precision bytes of the rest
+    modules_changed: int  # summed over steps (a linear pruned, then quantized, counts twice)
+    # Packed bytes of quantized tensors + baseline-precision bytes of the rest. Unstructured
+    # sparsity saves nothing here: the zeros are stored densely (no sparse format is written);
+    # structured pruning's smaller shapes are counted as they are.
+    weight_bytes: int
     quantized_params: int  # number of weights stored as integers
 
 
@@ -43,26 +52,45 @@ def make_candidate(
     baseline: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig, calib: CalibrationSet | None = None,
     *, seed: int = 0, on_block: Callable[[int], None] | None = None,
 ) -> CandidateModel:
-    """A quantized copy of `baseline` (which is left untouched). Calibrated methods need `calib`.
-    Raises NothingHappened when no module matched the architecture table or no weight changed."""
+    """A quantized and/or pruned copy of `baseline` (which is left untouched); candidates that
+    need_calibration need `calib`. Raises NothingHappened when a step matched no module of the
+    architecture table or changed no weight."""
     model = copy.deepcopy(baseline)
+    changed, specs, pruned = 0, {}, False
+    with torch.no_grad():
+        for step in cand.steps or (cand,):
+            if step.needs_calibration and calib is None:
+                raise ValueError(f"candidate {cand.label}: {step.label} needs calibration data")
+            if step.method == "prune":
+                changed += _prune(model, arch, step, calib, seed, on_block)
+                pruned = True
+            else:
+                n, specs = _quantize(model, arch, step, calib, seed, on_block, keep_zeros=pruned)
+                changed += n
+    total, qparams = weight_bytes(model, specs)
+    return CandidateModel(model=model, modules_changed=changed, weight_bytes=total, quantized_params=qparams)
+
+
+def _quantize(
+    model: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig, calib: CalibrationSet | None, seed: int,
+    on_block: Callable[[int], None] | None, *, keep_zeros: bool = False,
+) -> tuple[int, dict[int, QuantSpec]]:
+    """Quantize `model` in place: (linears changed, {id of each quantized weight: its spec}).
+    keep_zeros: exact zeros are pruned weights to keep at 0 (GPTQ is given the mask)."""
     spec = spec_of(cand)
     names = targets(model, arch, cand)
-    calibrated = cand.method in CALIBRATED_METHODS
+    calibrated = cand.method in _BLOCK_METHODS
     changed = 0
-    with torch.no_grad():
-        if calibrated:
-            if calib is None:
-                raise ValueError(f"candidate {cand.label}: method {cand.method} needs calibration data")
-            method = _BLOCK_METHODS[cand.method](cand, spec, arch)
-            changed += run_blocks(model, arch, calib, _NEEDS[cand.method], method, seed, on_block)
-        seen: set[int] = set()
-        for name in names:
-            weight = model.get_submodule(name).weight
-            if (calibrated and arch.is_block_linear(name)) or id(weight) in seen:
-                continue  # done block by block above, or tied to a tensor already quantized
-            seen.add(id(weight))
-            changed += _write(weight, fake_quantize(weight, spec))
+    if calibrated:
+        method = _BLOCK_METHODS[cand.method](cand, spec, arch, keep_zeros=keep_zeros)
+        changed += run_blocks(model, arch, calib, _NEEDS[cand.method], method, seed, on_block)
+    seen: set[int] = set()
+    for name in names:
+        weight = model.get_submodule(name).weight
+        if (calibrated and arch.is_block_linear(name)) or id(weight) in seen:
+            continue  # done block by block above, or tied to a tensor already quantized
+        seen.add(id(weight))
+        changed += _write(weight, fake_quantize(weight, spec))
     if not names or changed == 0:
         raise NothingHappened(
             f"candidate {cand.label}: quantized 0 modules "
@@ -73,9 +101,7 @@ def make_candidate(
             module = model.get_submodule(name)
             if isinstance(module, torch.nn.Linear):
                 module.register_forward_pre_hook(_quantize_input)
-    specs = {id(model.get_submodule(n).weight): spec for n in names}
-    total, qparams = weight_bytes(model, specs)
-    return CandidateModel(model=model, modules_changed=changed, weight_bytes=total, quantized_params=qparams)
+    return changed, {id(model.get_submodule(n).weight): spec for n in names}
 
 
 def _write(weight: torch.nn.Parameter, new: torch.Tensor) -> int:
@@ -115,21 +141,25 @@ def _inputs(stats: dict[str, GroupInputs], linears: list[str]) -> GroupInputs:
     return s
 
 
-def _gptq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo) -> BlockMethod:
+def _gptq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, keep_zeros: bool = False) -> BlockMethod:
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
         for _, linears in _groups(arch, block):
             hessian = _inputs(stats, linears).hessian
             for name in linears:
                 weight = block.get_submodule(name).weight
+                keep = weight.data != 0 if keep_zeros else None
                 with _threads(1):
-                    q = gptq.gptq_quantize(weight.data, hessian, spec, damp=cand.damp, act_order=cand.act_order)
+                    q = gptq.gptq_quantize(weight.data, hessian, spec, damp=cand.damp, act_order=cand.act_order,
+                                           keep=keep)
                 changed += _write(weight, dequantize(q))
         return changed
     return apply
 
 
-def _awq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo) -> BlockMethod:
+def _awq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, keep_zeros: bool = False) -> BlockMethod:
+    """keep_zeros needs nothing here: scaling and RTN map 0 to 0."""
+
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         scales: dict[str, torch.Tensor] = {}  # linear name -> the scales its input now carries
         for feeder, linears in _groups(arch, block):  # 1. scales, folded so the float model is unchanged
@@ -154,9 +184,11 @@ def _awq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo) -> BlockM
     return apply
 
 
-def _smoothquant_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, quantize: bool = True) -> BlockMethod:
+def _smoothquant_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, keep_zeros: bool = False,
+                       quantize: bool = True) -> BlockMethod:
     """Smoothing folded into norm-fed groups, then (when `quantize`) int8 weights. Returns the
-    count of linears changed (smoothing alone changes the function by rounding only)."""
+    count of linears changed (smoothing alone changes the function by rounding only).
+    keep_zeros needs nothing here: scaling and RTN map 0 to 0."""
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
@@ -174,12 +206,106 @@ def _smoothquant_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, q
     return apply
 
 
-_BLOCK_METHODS: dict[str, Callable[[CandidateConfig, QuantSpec, ArchInfo], BlockMethod]] = {
+_BLOCK_METHODS: dict[str, Callable[..., BlockMethod]] = {
     "gptq": _gptq_block,
     "awq": _awq_block,
     "smoothquant": _smoothquant_block,
 }
 _NEEDS = {"gptq": {"hessian"}, "awq": {"rows"}, "smoothquant": {"absmax"}}
+
+
+# -- pruning ------------------------------------------------------------------------------------
+
+
+def _prune(model: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig, calib: CalibrationSet | None,
+           seed: int, on_block: Callable[[int], None] | None) -> int:
+    """Prune `model` in place (block linears only); returns the linears changed. Wanda and
+    SparseGPT (and wanda-ranked units) read each group's input Hessian through run_blocks, so a
+    block sees the inputs that the blocks pruned before it produce."""
+    units = None
+    if cand.structure is None:
+        method = _unstructured_block(cand, arch)
+    else:
+        units = dict(arch.units).get(cand.structure)
+        if units is None:
+            raise UserError(f"candidate {cand.label}: the architecture table has no '{cand.structure}' units")
+        n_units = getattr(model.config, units.counts[0])
+        kept = n_units - prune.count_of(cand.sparsity, n_units)
+        if kept < 1:
+            raise UserError(f"candidate {cand.label}: would remove all {n_units} {cand.structure} units of a block")
+        method = _structured_block(units, n_units, kept)
+    if cand.needs_calibration:
+        changed = run_blocks(model, arch, calib, {"hessian"}, method, seed, on_block)
+    else:
+        changed = sum(method(block, {}) for block in model.get_submodule(arch.blocks))
+    if changed == 0:
+        raise NothingHappened(f"candidate {cand.label}: pruned 0 modules")
+    if units is not None:
+        shrink_config(model.config, units, n_units, kept)
+    return changed
+
+
+def _unstructured_block(cand: CandidateConfig, arch: ArchInfo) -> BlockMethod:
+    nm = PRUNE_PATTERNS.get(cand.pattern)
+    sparsity = None if nm else cand.sparsity
+
+    def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
+        changed = 0
+        for _, linears in _groups(arch, block):
+            hessian = _inputs(stats, linears).hessian if stats else None
+            for name in linears:
+                weight = block.get_submodule(name).weight
+                with _threads(1):
+                    pruned = prune.prune_weight(weight.data, cand.prune, hessian, sparsity, nm, damp=cand.damp)
+                changed += _write(weight, pruned)
+        return changed
+    return apply
+
+
+def _structured_block(units: Units, n_units: int, kept: int) -> BlockMethod:
+    """Keep the `kept` most important of each block's `n_units` units (prune.unit_importance on
+    the reading projection, with its input Hessian when calibrated)."""
+
+    def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
+        weight = block.get_submodule(units.cols).weight.data  # [out, in]
+        hessian = _inputs(stats, [units.cols]).hessian if stats else None
+        keep = prune.units_to_keep(prune.unit_importance(weight, n_units, hessian), n_units - kept)
+        return shrink_units(block, units, n_units, keep)
+    return apply
+
+
+def shrink_units(block: torch.nn.Module, units: Units, n_units: int, keep: torch.Tensor) -> int:
+    """Keep only units `keep` (long, ascending) of the block's `n_units`: the output rows of
+    units.rows and the input columns of units.cols they own. Returns linears changed (0 when
+    every unit is kept: the block is then untouched)."""
+    if keep.numel() == n_units:
+        return 0
+    for name in units.rows:
+        _shrink_linear(block.get_submodule(name), 0, keep, n_units)
+    _shrink_linear(block.get_submodule(units.cols), 1, keep, n_units)
+    return len(units.rows) + 1
+
+
+def _shrink_linear(linear: torch.nn.Linear, dim: int, keep: torch.Tensor, n_units: int) -> None:
+    """Keep the channels of units `keep` along dim (0: output rows and bias, 1: input columns).
+    The new parameters are ordinary tensors even under run_blocks' inference mode."""
+    index = prune.unit_channels(keep, linear.weight.shape[dim] // n_units)
+    weight = linear.weight
+    with torch.inference_mode(False):
+        linear.weight = torch.nn.Parameter(weight.data.index_select(dim, index).clone(), weight.requires_grad)
+        if dim == 0 and linear.bias is not None:
+            linear.bias = torch.nn.Parameter(linear.bias.data[index].clone(), linear.bias.requires_grad)
+    linear.out_features, linear.in_features = linear.weight.shape
+
+
+def shrink_config(config, units: Units, n_units: int, kept: int) -> None:
+    """Scale the config's unit counts (units.counts) by kept / n_units, every block having been
+    shrunk alike. The head size is pinned first, or it would be re-derived as hidden_size /
+    num_attention_heads."""
+    if getattr(config, "head_dim", None) is None:
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    for key in units.counts:
+        setattr(config, key, getattr(config, key) * kept // n_units)
 
 
 def weight_bytes(model: torch.nn.Module, specs: dict[int, QuantSpec] | None = None) -> tuple[int, int]:

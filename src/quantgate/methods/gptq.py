@@ -57,6 +57,7 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ-quantize weight [out, in] (any float dtype) given hessian [in, in] (float, PSD).
 
@@ -72,6 +73,10 @@ def gptq_quantize(
 
     Returns a QuantizedWeight in the original column order (dequantize with rtn.dequantize).
     A diagonal H with a positive diagonal (e.g. I) gives exactly rtn.quantize(weight, spec).
+
+    keep (bool [out, in], optional; a pruning mask): where False the code of 0 is stored (0 is on
+    every grid here: symmetric code 0, asymmetric the integer zero point), the change is
+    propagated like a rounding error, and the weight is left out of its group's min/max.
     """
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"expected weight [out, in] and hessian [in, in], got {tuple(weight.shape)} "
@@ -91,6 +96,7 @@ def gptq_quantize(
         perm = torch.sort(-H.diagonal(), stable=True).indices
     inv = torch.argsort(perm)
     W, H = W[:, perm], H[perm][:, perm]
+    kept = None if keep is None else keep[:, perm].to(W.device)  # bool [out, in] by position
     Hinv = _inverse_cholesky_upper(H, damp)  # [in, in] upper triangular, positions as in W
 
     g = cols if spec.group_size is None else spec.group_size
@@ -112,7 +118,8 @@ def gptq_quantize(
         for t, p in enumerate(range(b0, b1)):
             grp = group_at[p]
             if not have_scale[grp]:
-                s, z = compute_scales(current(inv[grp * g : (grp + 1) * g], t), col_spec)  # [out, 1]
+                pos = inv[grp * g : (grp + 1) * g]
+                s, z = compute_scales(current(pos, t) * (1.0 if kept is None else kept[:, pos]), col_spec)  # [out, 1]
                 scales[:, grp : grp + 1] = s
                 if zeros is not None:
                     zeros[:, grp : grp + 1] = z
@@ -120,6 +127,9 @@ def gptq_quantize(
             w = current(p, t).unsqueeze(1)  # [out, 1]
             q = quantize_with(w, scales[:, grp : grp + 1],
                               None if zeros is None else zeros[:, grp : grp + 1], col_spec)
+            if kept is not None:  # pruned: the code of exactly 0
+                zero = 0 if zeros is None else zeros[:, grp : grp + 1]
+                q = dataclasses.replace(q, codes=torch.where(kept[:, p : p + 1], q.codes, zero).to(torch.int16))
             codes[:, p] = q.codes[:, 0]
             err[:, t] = (w - dequantize(q))[:, 0] / Hinv[p, p]
         W[:, b1:] -= err @ Hinv[b0:b1, b1:]  # lazy batch update of the later blocks

@@ -9,6 +9,18 @@ from quantgate.errors import UserError
 
 
 @dataclass(frozen=True)
+class Units:
+    """Structured-pruning units inside a block: unit u owns an equal share of the output rows of
+    each of `rows` and of the input columns of `cols` (the projection that reads them)."""
+
+    rows: tuple[str, ...]
+    cols: str
+    # Config attributes that count widths per block; the first is the number of units, the others
+    # shrink in proportion (e.g. query heads with their KV groups).
+    counts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ArchInfo:
     # Regex (full match) over module names: the Linear layers inside the transformer blocks.
     block_linears: str
@@ -23,6 +35,8 @@ class ArchInfo:
     scaling_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # (regex over Hugging Face parameter names, GGUF tensor name with {} for the regex groups).
     gguf_names: tuple[tuple[str, str], ...] = ()
+    # Structured pruning: unit kind ("mlp", "heads") -> its layout (see Units).
+    units: tuple[tuple[str, Units], ...] = ()
 
     def is_block_linear(self, name: str) -> bool:
         return re.fullmatch(self.block_linears, name) is not None
@@ -51,6 +65,14 @@ _LLAMA_LIKE = ArchInfo(
         (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
         (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
         (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
+    ),
+    units=(
+        # one intermediate neuron: a row of gate and up, a column of down
+        ("mlp", Units(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", ("intermediate_size",))),
+        # one KV group: a key head and a value head with the query heads that share them (their
+        # q rows and o columns), so the query-per-KV ratio, and the attention code, are unchanged
+        ("heads", Units(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
+                        ("num_key_value_heads", "num_attention_heads"))),
     ),
 )
 

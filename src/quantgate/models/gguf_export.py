@@ -21,6 +21,15 @@ from quantgate.models.arch import ArchInfo
 
 # Keys the writer sets itself or that describe the tensors being replaced.
 _SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
+# Hyper-parameters written from the model's own config, not copied from the reference (a
+# structurally pruned model is narrower than its reference): GGUF key after "{arch}." -> attribute.
+_FROM_CONFIG = {
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",  # llama.cpp's default n_embd / n_head is wrong once heads go
+    "attention.value_length": "head_dim",
+}
 _TYPES = {
     "F32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32, np.float32),
     "F16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16, np.float16),
@@ -43,9 +52,15 @@ def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
+def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch_name: str, cfg) -> None:
+    sizes = {f"{arch_name}.{key}": getattr(cfg, attr, None) for key, attr in _FROM_CONFIG.items()}
+    if sizes[f"{arch_name}.attention.key_length"] is None:  # configs without head_dim
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        sizes.update({f"{arch_name}.attention.key_length": head_dim, f"{arch_name}.attention.value_length": head_dim})
+    for key, value in sizes.items():
+        writer.add_uint32(key, int(value))
     for field in reader.fields.values():
-        if field.name.startswith(_SKIP_KEYS):
+        if field.name.startswith(_SKIP_KEYS) or field.name in sizes:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
@@ -62,7 +77,7 @@ def write_gguf(model: torch.nn.Module, arch: ArchInfo, metadata_from: Path, out:
     arch_name = reader.fields["general.architecture"].contents()
     cfg = model.config
     writer = GGUFWriter(str(out), arch_name)
-    _copy_metadata(reader, writer)
+    _copy_metadata(reader, writer, arch_name, cfg)
     writer.add_file_type(file_type)
     tied = getattr(cfg, "tie_word_embeddings", False)
     for hf_name, tensor in model.state_dict().items():

@@ -46,6 +46,7 @@ class Baseline:
     source: str  # what model.base resolved to (file or directory)
     digest: str  # sha256 of the weights file(s) it was read from
     description: str
+    weights_dir: Path | None = None  # a local HF directory of these float32 weights (engine processes load it)
 
 
 def cache_root() -> Path:
@@ -161,4 +162,5 @@ def _load_hf_dir(where: str | Path, *, source: str, description: str) -> Baselin
         source=source,
         digest=digest,
         description=description,
+        weights_dir=directory if directory.is_dir() else None,
     )

@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from quantgate.economics import Economics
+from quantgate.evals.digest import eval_digest
 from quantgate.evals.metrics import TaskComparison
+from quantgate.models.load import file_sha256
 from quantgate.run import ModelResult, RunResult
 
 
@@ -40,8 +43,13 @@ def to_dict(result: RunResult) -> dict[str, Any]:
             "tasks": suite.tasks,
             "duplicates": [{"task": t, "id": i, "same_as": f} for t, i, f in suite.duplicates],
             "window_tokens": result.prepared.n_window_tokens,
+            "sha256": eval_digest(result.prepared),  # the prepared items, labels and tokens (evals/digest.py)
         },
         "calibration": result.calibration,
+        "noise_floor": noise_floor(result),
+        "notes": result.notes,
+        "machine": {"memory_bandwidth_bytes_per_s": result.memory_bandwidth},
+        "economics_config": cfg.economics.model_dump(mode="json"),
         "baseline": _model(result.baseline),
         "candidates": [
             {
@@ -53,7 +61,7 @@ def to_dict(result: RunResult) -> dict[str, Any]:
                 "settings": c.candidate.model_dump(mode="json"),
                 "modules_changed": c.modules_changed,
                 "quantize_seconds": round(c.quantize_seconds, 3),
-                "vs_baseline": _comparison(c),
+                "vs_baseline": comparison_dict(c),
                 "gate": {
                     "passed": verdicts[c.name].passed,
                     "rules": [{**asdict(r), "passed": r.passed} for r in verdicts[c.name].rules],
@@ -62,6 +70,10 @@ def to_dict(result: RunResult) -> dict[str, Any]:
             }
             for c in result.candidates
         ],
+        "failed_candidates": [{"name": f.name, "settings": f.candidate.model_dump(mode="json"), "error": f.error}
+                              for f in result.failed],
+        "strategy": cfg.strategy,
+        "ladder": ladder(result) if cfg.strategy == "ladder" else None,
         "recommendation": {"candidate": result.decision.recommended, "reason": result.decision.reason},
         "exit_code": result.exit_code,
     })
@@ -76,10 +88,49 @@ def _model(m: ModelResult) -> dict[str, Any]:
         "per_task": m.metrics.per_task,
         "perplexity": m.metrics.perplexity,
         "eval_seconds": round(m.scores.seconds, 3),
+        "items_scored": m.scores.items_scored,
+        "items_reused": m.scores.items_reused,
+        "economics": economics(m.economics),
+        "artifact": m.artifact and {"path": str(m.artifact), "sha256": file_sha256(m.artifact),
+                                    "bytes": m.artifact.stat().st_size},
     }
 
 
-def _comparison(m: ModelResult) -> dict[str, Any]:
+def ladder(result: RunResult) -> list[dict[str, str]]:
+    """Each rung in order: "pass", "fail" (where quality broke), or "not measured" (after it)."""
+    verdicts = {v.name: v for v in result.decision.verdicts}
+    return [{"name": c.label, "status": ("pass" if verdicts[c.label].passed else "fail") if c.label in verdicts
+             else "not measured"} for c in result.config.resolved_candidates]
+
+
+def economics(e: Economics | None) -> dict[str, Any] | None:
+    if e is None:
+        return None
+    t = e.throughput
+    return {
+        "engine": e.engine,
+        "simulated": e.simulated,
+        "artifact_bytes": e.artifact_bytes,
+        "peak_rss_bytes": e.peak_rss_bytes,
+        "prefill_tokens_per_s": t and t.prefill_tokens_per_s,
+        "decode_tokens_per_s": t and t.decode_tokens_per_s,
+        "latency_s": t and t.latency_s,
+        "roofline_fraction": e.roofline_fraction,
+        "load": [asdict(level) for level in e.load],
+        "cost": e.cost and asdict(e.cost),
+    }
+
+
+def noise_floor(result: RunResult) -> dict[str, Any] | None:
+    f = result.noise_floor
+    if f is None:
+        return None
+    return {"engine": f.engine, "reference": f.reference, "kld_mean": float(f.kld.mean()),
+            "kld_p99": float(np.quantile(f.kld, 0.99)), "top1_agreement": float(f.top1_agree.mean()),
+            "tokens": int(f.kld.size)}
+
+
+def comparison_dict(m: ModelResult) -> dict[str, Any]:
     c = m.comparison
     return {
         "recovery": c.recovery,
@@ -96,7 +147,19 @@ def _comparison(m: ModelResult) -> dict[str, Any]:
         "kld_p99": c.kld.quantile,
         "kld_p99_ci": c.kld.quantile_ci,
         "top1_agreement": c.top1_agreement,
+        "kld_hist": kld_histogram(m.scores.kld),
     }
+
+
+def kld_histogram(kld: np.ndarray | None, bins: int = 30) -> dict[str, list[float]] | None:
+    """Per-token KL divergences counted in log-spaced bins from 1e-5 (values below it, zeros
+    included, fall in the first bin) to the largest value."""
+    if kld is None or not len(kld):
+        return None
+    low = 1e-5
+    edges = np.geomspace(low, max(float(kld.max()), low * 10) * 1.0001, bins + 1)
+    counts, _ = np.histogram(np.clip(kld, low, None), bins=edges)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
 
 
 def _task(t: TaskComparison) -> dict[str, Any]:

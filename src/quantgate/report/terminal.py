@@ -3,6 +3,7 @@ recommendation, and what accuracy alone would hide."""
 
 from __future__ import annotations
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -10,10 +11,6 @@ from quantgate.evals.metrics import OVERALL, TaskComparison
 from quantgate.gate import CandidateVerdict, RuleResult
 from quantgate.run import ModelResult, RunResult
 
-# A candidate whose accuracy recovery holds but which is beyond either line gets a
-# "silent loss" callout below the table.
-FLIP_CALLOUT = 0.05
-TOP1_CALLOUT = 0.90
 STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[red]fail[/]", "inconclusive": "[yellow]inconclusive[/]"}
 
 
@@ -27,6 +24,16 @@ def render(result: RunResult, console: Console) -> None:
         shown = ", ".join(f"{i} = {f}" for _, i, f in suite.duplicates[:5])
         console.print(f"[yellow]![/] {len(suite.duplicates)} duplicate items (same content): {shown}")
     console.print(table(result))
+    console.print(economics_table(result))
+    console.print(noise_floor_line(result))
+    for note in result.notes:
+        console.print(f"[yellow]![/] {note}")
+    for f in result.failed:
+        console.print(f"[red]✗[/] {f.name}: {f.error}")
+    for m in [result.baseline, *result.candidates]:
+        cost = m.economics and m.economics.cost
+        if cost and m.candidate is not None and not cost.worth_it:
+            console.print(f"[yellow]![/] {m.name}: {cost.note}")
     if len(suite.tasks) > 0 and result.candidates and result.candidates[0].comparison.tasks:
         console.print(task_table(result))
     verdicts = {v.name: v for v in result.decision.verdicts}
@@ -36,6 +43,8 @@ def render(result: RunResult, console: Console) -> None:
         note = silent_loss(c, result.config.quality_gate.min_acceptable)
         if note:
             console.print(f"[yellow]![/] {note}")
+    if result.config.strategy == "ladder":
+        console.print(ladder_line(result))
     rec = result.decision.recommended
     if rec:
         console.print(f"[bold green]recommendation:[/] {rec} — {result.decision.reason}")
@@ -75,6 +84,55 @@ def _row(m: ModelResult, metric: str, verdict: CandidateVerdict, recommended: bo
         f"{c.kld.mean:.4f}", f"{c.kld.quantile:.3f}", f"{c.top1_agreement:.1%}",
         f"{m.metrics.perplexity:.2f}", mark,
     ]
+
+
+def economics_table(result: RunResult) -> Table:
+    """Speed and memory on the serving engine; fake-quantized candidates have none of their own."""
+    bandwidth = f"memory bandwidth {result.memory_bandwidth / 1e9:.1f} GB/s" if result.memory_bandwidth else ""
+    t = Table(title=f"economics on the serving engine, batch 1 ({bandwidth})")
+    econ = result.config.economics
+    priced = econ.hardware_cost_per_hour is not None and econ.tokens_per_month is not None
+    load = f"tok/s at batch {result.config.serving.max_batch_size}"
+    cost_cols = ("$ / 1M tok", f"$ / month at {econ.tokens_per_month:,.0f} tok", "saving / month") if priced else ()
+    for col in ("model", "engine", "artifact MB", "peak RSS MB", "prefill tok/s", "decode tok/s", "decode vs baseline",
+                "latency p50 / p95 / p99 s", "roofline", load, *cost_cols):
+        t.add_column(col, justify="left" if col in ("model", "engine") else "right", no_wrap=col == "model")
+    base = result.baseline.economics
+    for m in [result.baseline, *result.candidates]:
+        c = m.economics and m.economics.cost
+        costs = [f"{c.per_million_tokens:.4f}", f"{c.monthly:,.2f}", f"{c.monthly_saving:,.2f}"] if c else ["—"] * 3
+        t.add_row(m.name, *_economics_cells(m, base), *(costs if priced else []))
+    return t
+
+
+def _economics_cells(m: ModelResult, base) -> list[str]:
+    e = m.economics
+    if e is None or e.simulated or e.throughput is None:
+        what = "simulated: quality only" if e is not None and e.simulated else "speed not measured"
+        return [e.engine if e else "—", what, "", "", "", "", "", "", ""]
+    tp, mb = e.throughput, lambda b: f"{b / 1e6:.1f}" if b else "—"
+    ratio = f"{tp.decode_tokens_per_s / base.throughput.decode_tokens_per_s:.2f}x" if base and base.throughput else "—"
+    lat = tp.latency_s
+    return [e.engine, mb(e.artifact_bytes), mb(e.peak_rss_bytes), f"{tp.prefill_tokens_per_s:.0f}",
+            f"{tp.decode_tokens_per_s:.1f}", ratio, f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['p99']:.2f}",
+            f"{e.roofline_fraction:.0%}" if e.roofline_fraction is not None else "—",
+            f"{e.tokens_per_s_under_load:.1f}" + ("" if e.load[-1].batched else " (queued)") if e.load else "—"]
+
+
+def ladder_line(result: RunResult) -> str:
+    from quantgate.report.data import ladder
+
+    marks = {"pass": "[green]✓[/]", "fail": "[red]✗ quality broke here[/]", "not measured": "[dim]not measured[/]"}
+    return "ladder: " + " → ".join(f"{r['name']} {marks[r['status']]}" for r in ladder(result))
+
+
+def noise_floor_line(result: RunResult) -> str:
+    f = result.noise_floor
+    if f is None:
+        return "engine noise floor: not measured"
+    return (f"engine noise floor ({f.engine} vs {f.reference}, {f.kld.size} tokens): KLD mean {f.kld.mean():.2e}, "
+            f"p99 {np.quantile(f.kld, 0.99):.2e}, top-1 agreement {f.top1_agree.mean():.2%} — "
+            "smaller differences than this are the engines', not the compression's")
 
 
 def task_table(result: RunResult) -> Table:
@@ -117,15 +175,9 @@ def reasons(v: CandidateVerdict) -> str:
 
 
 def silent_loss(c: ModelResult, min_acceptable: float) -> str | None:
-    """What a gate on accuracy alone would ship without noticing, if anything."""
-    cmp = c.comparison
-    if cmp.recovery < min_acceptable:
-        return None
-    if cmp.flips.rate < FLIP_CALLOUT and cmp.top1_agreement >= TOP1_CALLOUT:
-        return None
-    return (
-        f"{c.name} keeps {cmp.recovery:.1%} of the baseline's accuracy, yet {cmp.flips.rate:.1%} of answers "
-        f"flipped ({cmp.flips.correct_to_wrong} correct→wrong, {cmp.flips.wrong_to_correct} wrong→correct) "
-        f"and it agrees with the baseline's top-1 next token only {cmp.top1_agreement:.1%} of the time "
-        f"(KLD mean {cmp.kld.mean:.3f}): a gate on accuracy alone would ship it."
-    )
+    """What a gate on accuracy alone would ship without noticing, if anything (the same note the
+    HTML and Markdown reports show)."""
+    from quantgate.report.data import comparison_dict
+    from quantgate.report.view import silent_loss as note
+
+    return note(c.name, comparison_dict(c), min_acceptable)

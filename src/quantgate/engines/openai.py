@@ -1,0 +1,491 @@
+"""Engine for an OpenAI-compatible server (vLLM, llama-cpp-python's server, ...) over HTTP.
+
+Everything goes through the legacy completions endpoint, whose prompt may be token ids:
+  * scoring: `echo: true, max_tokens: 1, logprobs: k, temperature: 0` on context + continuation;
+    the echoed prompt entries give log P(token p | tokens < p) per position. max_tokens is 1, not
+    0: llama-cpp-python reads 0 as "until the context is full".
+  * generation: the rendered prompt's ids, temperature 0.
+Servers that take only text (llama-cpp-python 0.3's server rejects id lists) get the ids decoded
+with the baseline's tokenizer; every answer is then checked to be about the same tokens.
+
+Layout of an echoed answer (OpenAI's): one entry per prompt token (the first has no value), then
+one per generated token. A server may omit the first prompt entry (llama-cpp-python does for a
+prompt that starts with BOS); any other count is refused. Two silent failures are detected, once
+by a probe and again on every answer:
+  * no prompt entries at all (echo ignored): multiple-choice scores would sit exactly at chance;
+  * entries shifted by one position (llama-cpp-python 0.3 for prompts not starting with BOS: each
+    value is read from the distribution *after* its token, and the generated entry is dropped).
+    At temperature 0 the generated token is the argmax, so its value must be the largest of its
+    top-k; the probe also checks that the distribution reported at the prompt's last position is
+    the one the server generates from when the prompt stops just before it.
+A server failing these reports `supports_prompt_logprobs = False` (with `prompt_logprobs_problem`
+saying why); loglikelihood and token_logprobs then raise UserError and generation still works.
+
+token_logprobs rows come from top-k entries (see quantgate.engines.topk for the fill scheme and
+the bias of the KL divergence estimate); `logprobs_topk` reports k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from quantgate.engines import http
+from quantgate.engines.base import Request, Timing, stop_after
+from quantgate.engines.topk import kld_topk, fill_row
+from quantgate.errors import UserError
+
+PROBE_TEXT = "The capital of France is Paris. The capital of Italy is"
+# Parameters outside OpenAI's set, tried first and dropped if refused: vLLM keys tokens as
+# "token_id:N"; llama-cpp-python applies a 1.1 repetition penalty unless told otherwise.
+EXTRAS = {"return_tokens_as_token_ids": True, "repeat_penalty": 1.0}
+GREEDY_TOL = 1e-3  # nats: the greedy token's value may sit this far below the largest reported
+PROBE_TOL = 0.05  # nats: one distribution reported twice (prompt side, generation side)
+DEFAULT_POLICY = http.RetryPolicy()
+
+
+class Misaligned(ValueError):
+    """An echoed answer whose entries cannot be mapped onto the prompt's positions."""
+
+
+class NoPromptLogprobs(Misaligned):
+    """An answer with no log-probabilities for the prompt's tokens."""
+
+
+@dataclass(frozen=True)
+class Echo:
+    """One echoed answer mapped onto the n prompt positions (n = tokens sent)."""
+
+    values: list[float | None]  # [n] log P(ids[p] | ids[:p]); None where the server gave none
+    tops: list[dict[str, float] | None]  # [n] top-k at p, keyed as the server names tokens
+    keys: list[str | None]  # [n] the server's name of the token at p
+    generated: tuple[str, float | None, dict[str, float] | None] | None  # first generated entry
+
+
+def parse_echo(body: dict[str, Any], n: int) -> Echo:
+    """Map an echoed completion (OpenAI layout, see the module docstring) onto n prompt
+    positions; Misaligned / NoPromptLogprobs when that cannot be done faithfully."""
+    choice = first_choice(body)
+    lp = choice.get("logprobs") or {}
+    keys = lp.get("tokens") or []
+    values = lp.get("token_logprobs") or [None] * len(keys)
+    tops = lp.get("top_logprobs") or [None] * len(keys)
+    usage = body.get("usage") or {}
+    if usage.get("prompt_tokens", n) != n:
+        raise Misaligned(f"the server counted {usage['prompt_tokens']} prompt tokens where {n} were sent")
+    n_generated = usage.get("completion_tokens", 1)
+    m = len(keys) - n_generated
+    if m <= 0 or all(v is None for v in values[:m]):
+        raise NoPromptLogprobs("the answer has no log-probabilities for the prompt's tokens (echo or logprobs ignored)")
+    if m not in (n, n - 1) or len(values) != len(keys) or len(tops) != len(keys):
+        raise Misaligned(f"{m} prompt entries for {n} prompt tokens")
+    pad = [None] * (n - m)
+    generated = (keys[m], values[m], tops[m]) if len(keys) > m else None
+    _check_greedy(generated)
+    return Echo(pad + list(values[:m]), pad + list(tops[:m]), pad + list(keys[:m]), generated)
+
+
+def _check_greedy(generated: tuple[str, float | None, dict[str, float] | None] | None) -> None:
+    """At temperature 0 the generated token is the argmax: its value is the largest reported."""
+    if generated is None or generated[1] is None or not generated[2]:
+        return
+    key, value, top = generated
+    if value < max(top.values()) - GREEDY_TOL:
+        best = max(top, key=top.get)
+        raise Misaligned(f"the entry after the prompt ({key!r}, {value:.3f}) is not the greedy token "
+                         f"({best!r}, {top[best]:.3f}): the entries are shifted by one position")
+
+
+def first_choice(body: dict[str, Any]) -> dict[str, Any]:
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise Misaligned("the answer has no choices")
+    return choices[0]
+
+
+def same_distribution(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Two top-k reports of one distribution: the same top token and every common value within
+    PROBE_TOL."""
+    common = a.keys() & b.keys()
+    return (max(a, key=a.get) == max(b, key=b.get)
+            and all(abs(a[k] - b[k]) <= PROBE_TOL for k in common))
+
+
+@dataclass(frozen=True)
+class _Form:
+    """How prompts are sent: token ids or decoded text, with or without EXTRAS."""
+
+    text: bool
+    extras: bool
+
+
+class OpenAIEngine:
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        tokenizer=None,
+        probe_ids: Sequence[int] | None = None,
+        vocab_size: int | None = None,
+        top_k: int = 20,
+        max_concurrency: int = 16,
+        policy: http.RetryPolicy = DEFAULT_POLICY,
+    ):
+        """base_url: the API root (".../v1"); model: the served name (None: the only one listed).
+        tokenizer (the baseline's): needed for text-only servers, to name top-k tokens a server
+        gives as text, for the probe prompt unless probe_ids is given, and for the end-of-sequence
+        id. vocab_size: width of token_logprobs rows (default: the tokenizer's length)."""
+        if tokenizer is None and probe_ids is None:
+            raise UserError("the openai engine needs the baseline's tokenizer or probe_ids")
+        self.url = base_url.rstrip("/")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.probe_ids = list(probe_ids) if probe_ids is not None else tokenizer.encode(PROBE_TEXT)
+        if len(self.probe_ids) < 3:
+            raise UserError("the openai engine's probe prompt needs at least 3 tokens")
+        self.vocab_size = vocab_size if vocab_size is not None else (len(tokenizer) if tokenizer else None)
+        self.eos_id = getattr(tokenizer, "eos_token_id", None)
+        self.logprobs_topk = top_k
+        self.max_concurrency = max_concurrency
+        self.policy = policy
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timing = Timing()
+        self._form: _Form | None = None
+        self._problem: str | None = None
+        self._ids_by_text: dict[str, int] | None = None
+
+    @staticmethod
+    def kl_divergence(reference: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
+        """Per-position KL(reference || this server) from top-k rows (engines/topk.py): a lower
+        bound of the exact value, short by the reference's mass outside this server's top k."""
+        return kld_topk(reference, rows).numpy()
+
+    @classmethod
+    def from_config(cls, serving, tokenizer, vocab_size: int | None = None) -> OpenAIEngine:
+        """From a ServingConfig (engine openai); the API key is read from serving.api_key_env."""
+        key = None
+        if serving.api_key_env:
+            key = os.environ.get(serving.api_key_env)
+            if not key:
+                raise UserError(f"serving.api_key_env: environment variable {serving.api_key_env} is not set")
+        policy = http.RetryPolicy(timeout_s=serving.timeout_s, max_retries=serving.max_retries)
+        return cls(serving.base_url, serving.model, api_key=key, tokenizer=tokenizer, vocab_size=vocab_size,
+                   top_k=serving.top_logprobs, max_concurrency=serving.max_batch_size, policy=policy)
+
+    # -----------------------------------------------------------------------------------------
+    # Set-up: the model's name, the prompt form the server takes, the prompt-logprob probe.
+
+    @property
+    def supports_prompt_logprobs(self) -> bool:
+        self._ready()
+        return self._problem is None
+
+    @property
+    def prompt_logprobs_problem(self) -> str | None:
+        """Why the server's prompt log-probabilities cannot be used; None when they can."""
+        self._ready()
+        return self._problem
+
+    def _ready(self) -> None:
+        if self._form is None:
+            self.run(self._setup)
+
+    async def _setup(self, client: httpx.AsyncClient) -> None:
+        await self._resolve_model(client)
+        form, first = await self._choose_form(client)
+        self._form = form
+        self._problem = await self._probe(client, first)
+
+    async def _resolve_model(self, client: httpx.AsyncClient) -> None:
+        body = await http.get_json(client, f"{self.url}/models", self.policy)
+        served = [m.get("id") for m in body.get("data") or () if isinstance(m, dict)]
+        if self.model is None:
+            if len(served) != 1:
+                raise UserError(f"{self.url}: serving.model is needed: the server lists {served or 'no models'}")
+            self.model = served[0]
+        elif served and self.model not in served:
+            raise UserError(f"{self.url}: serving.model '{self.model}' is not served; it lists {served}")
+
+    async def _choose_form(self, client: httpx.AsyncClient) -> tuple[_Form, dict[str, Any]]:
+        """The first prompt form the server accepts (ids before text, extras before none), with
+        its answer to the probe's echo request. A 5xx counts as a refusal here, not retried
+        (llama-cpp-python answers an id list with 500); 429s and timeouts are still retried."""
+        forms = [_Form(False, True), _Form(False, False)]
+        if self.tokenizer is not None:
+            forms += [_Form(True, True), _Form(True, False)]
+        refusing_5xx = dataclasses.replace(self.policy, retry_5xx=False)
+        refusals = []
+        for form in forms:
+            payload = self._payload(self.probe_ids, form, echo=True, max_tokens=1, logprobs=self.logprobs_topk)
+            try:
+                return form, await http.post_json(client, f"{self.url}/completions", payload, refusing_5xx)
+            except http.ServerRejected as e:
+                refusals.append(f"{'text' if form.text else 'token ids'}: {e}")
+        hint = "" if self.tokenizer is not None else " (text prompts need the tokenizer)"
+        raise UserError(f"{self.url}: no prompt form accepted{hint}: " + " | ".join(refusals))
+
+    async def _probe(self, client: httpx.AsyncClient, answer: dict[str, Any]) -> str | None:
+        """None when prompt log-probabilities line up with the prompt, else why not."""
+        ids = self.probe_ids
+        try:
+            echo = self._echo(answer, ids)
+        except UserError as e:
+            return str(e)
+        body = await self._post(client, self._score_payload(ids[:-1], self.logprobs_topk))
+        try:
+            shorter = self._echo(body, ids[:-1])
+        except UserError as e:
+            return str(e)
+        prompt_side, generation_side = echo.tops[-1], shorter.generated and shorter.generated[2]
+        if not prompt_side or not generation_side:
+            return f"{self.url}: the server reports no top log-probabilities (logprobs={self.logprobs_topk})"
+        if not same_distribution(prompt_side, generation_side):
+            return (f"{self.url}: the distribution the server reports at the prompt's last position is not the "
+                    "one it generates from there: its prompt log-probabilities are misplaced")
+        return None
+
+    def _echo(self, body: dict[str, Any], ids: Sequence[int]) -> Echo:
+        """parse_echo with the server's URL in errors, and the token names checked against ids."""
+        try:
+            echo = parse_echo(body, len(ids))
+        except NoPromptLogprobs as e:
+            raise UserError(f"{self.url}: {e}: multiple-choice scores would sit exactly at chance") from None
+        except Misaligned as e:
+            raise UserError(f"{self.url}: prompt log-probabilities do not line up with the prompt: {e}") from None
+        bad = next((p for p, key in enumerate(echo.keys) if not self._names(key, ids[p])), None)
+        if bad is not None:
+            raise UserError(f"{self.url}: the server's token at prompt position {bad} is {echo.keys[bad]!r}, "
+                            f"not token id {ids[bad]}: it tokenized the prompt differently")
+        return echo
+
+    def _names(self, key: str | None, token: int) -> bool:
+        """Whether the server's name of a token can be `token` (unknowable names pass)."""
+        if key is None:
+            return True
+        if key.startswith("token_id:"):
+            return key == f"token_id:{token}"
+        if self.tokenizer is None or not key or key.startswith("bytes:"):
+            return True
+        text = self.tokenizer.decode([token])
+        return "\ufffd" in text or key == text
+
+    # -----------------------------------------------------------------------------------------
+    # Requests.
+
+    def _payload(self, ids: Sequence[int], form: _Form, **fields: Any) -> dict[str, Any]:
+        prompt: Any = self.tokenizer.decode(list(ids)) if form.text else list(ids)
+        extras = EXTRAS if form.extras else {}
+        return {"model": self.model, "prompt": prompt, "temperature": 0, **extras, **fields}
+
+    def _score_payload(self, ids: Sequence[int], logprobs: int) -> dict[str, Any]:
+        return self._payload(ids, self._form, echo=True, max_tokens=1, logprobs=logprobs)
+
+    async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> dict[str, Any]:
+        return await http.post_json(client, f"{self.url}/completions", payload, self.policy)
+
+    def run(self, work: Callable[[httpx.AsyncClient], Awaitable[Any]]) -> Any:
+        """work(client) on a fresh event loop, with a client carrying this engine's headers."""
+
+        async def main() -> Any:
+            async with http.client(self.headers, self.max_concurrency) as client:
+                return await work(client)
+
+        return asyncio.run(main())
+
+    def _complete_many(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answers to the payloads, at most max_concurrency requests in flight, in order."""
+
+        async def work(client: httpx.AsyncClient) -> list[dict[str, Any]]:
+            calls = [lambda p=p: self._post(client, p) for p in payloads]
+            return await http.bounded_gather(calls, self.max_concurrency)
+
+        return self.run(work)
+
+    def _scored(self, seqs: Sequence[Sequence[int]], logprobs: int) -> list[Echo]:
+        if not self.supports_prompt_logprobs:
+            raise UserError(f"scoring tasks refused: {self._problem}; only generation tasks can run on this server")
+        bodies = self._complete_many([self._score_payload(s, logprobs) for s in seqs])
+        return [self._echo(b, s) for b, s in zip(bodies, seqs)]
+
+    # -----------------------------------------------------------------------------------------
+    # The Engine interface.
+
+    def loglikelihood(self, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
+        seqs = [list(ctx) + list(cont) for ctx, cont in requests]
+        with self.timing.timed("loglikelihood", sum(map(len, seqs))):
+            echoes = self._scored(seqs, 1)
+        out = np.zeros(len(requests), dtype=np.float64)
+        greedy = np.ones(len(requests), dtype=bool)
+        for i, ((ctx, _), echo) in enumerate(zip(requests, echoes)):
+            values, tops = echo.values[len(ctx):], echo.tops[len(ctx):]
+            if any(v is None for v in values) or any(not t for t in tops):
+                raise UserError(f"{self.url}: request {i}: no log-probability for some continuation token")
+            out[i] = math.fsum(values)
+            greedy[i] = all(v >= max(t.values()) - GREEDY_TOL for v, t in zip(values, tops))
+        return out, greedy
+
+    def token_logprobs(self, windows: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
+        """Rows from the top-k entries plus the actual next token's exact value (so perplexity is
+        exact); the rest of each row filled by quantgate.engines.topk.fill_row."""
+        if self.vocab_size is None:
+            raise UserError("the openai engine needs vocab_size (or the tokenizer) for token_logprobs")
+        step = self.max_concurrency
+        for start in range(0, len(windows), step):
+            chunk = windows[start : start + step]
+            with self.timing.timed("token_logprobs", sum(map(len, chunk))):
+                echoes = self._scored(chunk, self.logprobs_topk)
+            for w, echo in zip(chunk, echoes):
+                yield torch.stack([self._row(echo, w, p) for p in range(1, len(w))])
+
+    def _row(self, echo: Echo, window: Sequence[int], p: int) -> torch.Tensor:
+        """Row p-1 of a window (predicts window[p]) as float32 [vocab]."""
+        if echo.values[p] is None or not echo.tops[p]:
+            raise UserError(f"{self.url}: no log-probabilities at window position {p}")
+        known = {i: v for key, v in echo.tops[p].items() if (i := self._token_id(key)) is not None}
+        known[window[p]] = echo.values[p]
+        return fill_row(known, self.vocab_size)
+
+    def _token_id(self, key: str) -> int | None:
+        """The id a server's token name stands for; None when the name is ambiguous (its mass
+        then joins the filled tail)."""
+        if key.startswith("token_id:"):
+            return int(key[len("token_id:"):])
+        if self.tokenizer is None:
+            raise UserError(f"{self.url}: the server names top-k tokens by text; the tokenizer is needed to map them")
+        if self._ids_by_text is None:
+            n = min(self.vocab_size, len(self.tokenizer.get_vocab()))
+            texts = [self.tokenizer.decode([i]) for i in range(n)]
+            counts: dict[str, int] = {}
+            for t in texts:
+                counts[t] = counts.get(t, 0) + 1
+            self._ids_by_text = {t: i for i, t in enumerate(texts) if counts[t] == 1}
+        return self._ids_by_text.get(key)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> list[list[int]]:
+        """Greedy continuations; stop tokens are applied here (stop_after), so the server
+        generates up to max_new_tokens."""
+        self._ready()
+        payloads = [self._payload(p, self._form, max_tokens=max_new_tokens, **self._id_fields()) for p in prompts]
+        with self.timing.timed("generate", sum(map(len, prompts))):
+            bodies = self._complete_many(payloads)
+        ends, stops = {self.eos_id} - {None}, set(stop_ids)
+        results = []
+        for body in bodies:
+            ids = self._generated_ids(body)
+            out: list[int] = []
+            for token in ids[:max_new_tokens]:
+                out.append(token)
+                if stop_after(token, out, ends, stops):
+                    break
+            self.timing.add("generate", 0.0, len(out))
+            results.append(out)
+        return results
+
+    def _id_fields(self) -> dict[str, Any]:
+        """Ask for generated tokens' names when the server names them by id."""
+        return {"logprobs": 1} if self._form.extras and not self._form.text else {}
+
+    def _generated_ids(self, body: dict[str, Any]) -> list[int]:
+        """The generated ids: from "token_id:N" names, else the text re-encoded with the
+        tokenizer; the end-of-sequence token appended when the server stopped at it."""
+        try:
+            choice = first_choice(body)
+        except Misaligned as e:
+            raise UserError(f"{self.url}: {e}") from None
+        keys = (choice.get("logprobs") or {}).get("tokens") or []
+        if keys and all(k.startswith("token_id:") for k in keys):
+            ids = [int(k[len("token_id:"):]) for k in keys]
+        elif self.tokenizer is not None:
+            ids = self.tokenizer.encode(choice.get("text") or "", add_special_tokens=False)
+        else:
+            raise UserError(f"{self.url}: the server does not name generated tokens by id; the tokenizer is needed")
+        if choice.get("finish_reason") == "stop" and self.eos_id is not None and ids[-1:] != [self.eos_id]:
+            ids.append(self.eos_id)
+        return ids
+
+    # -----------------------------------------------------------------------------------------
+    # Load.
+
+    def stream_payload(self, prompt: Sequence[int], new_tokens: int) -> dict[str, Any]:
+        self._ready()
+        return self._payload(prompt, self._form, max_tokens=new_tokens,
+                             stream_options={"include_usage": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving under load: latency, time to first token and throughput per concurrency level.
+
+
+@dataclass(frozen=True)
+class LoadLevel:
+    concurrency: int  # requests in flight at once
+    requests: int  # requests sent at this level
+    latency_s: dict[str, float]  # p50 / p95 / p99 of whole-request latency (streamed to the end)
+    ttft_s: dict[str, float]  # p50 / p95 / p99 of time to the first streamed text
+    tokens_per_s: float  # generated tokens of all requests / the level's wall time
+    requests_per_s: float
+    new_tokens: int  # generated tokens in total (the server's usage count, else streamed events)
+
+
+def concurrency_levels(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... below max_batch_size, then max_batch_size itself."""
+    levels = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return levels + [max_batch_size]
+
+
+def _percentiles(xs: Sequence[float]) -> dict[str, float]:
+    p50, p95, p99 = np.percentile(xs, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
+def _streamed_tokens(result: http.StreamResult) -> int:
+    for event in reversed(result.events):
+        usage = event.get("usage") or {}
+        if isinstance(usage.get("completion_tokens"), int):
+            return usage["completion_tokens"]
+    return sum(1 for e in result.events for c in e.get("choices", ()) if c.get("text"))
+
+
+def measure_load(engine: OpenAIEngine, prompts: Sequence[Sequence[int]], new_tokens: int,
+                 max_batch_size: int, rounds: int = 2) -> list[LoadLevel]:
+    """At each concurrency level c (concurrency_levels), send max(len(prompts), rounds * c)
+    streamed greedy requests (prompts in turn) with at most c in flight; measure each request's
+    latency and time to first text, and the level's throughput. One unmeasured request first
+    warms the server up. Plain data, one per level."""
+    url = f"{engine.url}/completions"
+
+    async def send(payloads: list[dict[str, Any]], c: int) -> tuple[list[http.StreamResult], float]:
+        start = time.perf_counter()
+        async with http.client(engine.headers, c) as client:
+            calls = [lambda p=p: http.post_stream(client, url, p, engine.policy) for p in payloads]
+            results = await http.bounded_gather(calls, c)
+        return results, time.perf_counter() - start
+
+    asyncio.run(send([engine.stream_payload(prompts[0], new_tokens)], 1))
+    levels = []
+    for c in concurrency_levels(max_batch_size):
+        batch = [prompts[i % len(prompts)] for i in range(max(len(prompts), rounds * c))]
+        results, wall = asyncio.run(send([engine.stream_payload(p, new_tokens) for p in batch], c))
+        tokens = sum(_streamed_tokens(r) for r in results)
+        levels.append(LoadLevel(
+            concurrency=c, requests=len(results), latency_s=_percentiles([r.total_s for r in results]),
+            ttft_s=_percentiles([r.first_event_s for r in results]), tokens_per_s=tokens / wall,
+            requests_per_s=len(results) / wall, new_tokens=tokens,
+        ))
+    return levels

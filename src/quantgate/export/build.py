@@ -1,0 +1,182 @@
+"""`quantgate export`: one evaluated candidate of a stored run, written as an artifact with its
+manifest.
+
+GGUF candidates (llama.cpp engine) are exported as the file the engine evaluated, refused when its
+bytes are not the recorded ones. Torch candidates are made again from the stored config (same code
+path, seed and calibration windows, each checked against the run), written, loaded back, and
+compared with the re-made candidate before the manifest is written: the integer weights must
+decompress to the evaluated weights bit for bit, and the loaded model's next-token distributions on
+the held-out text windows must match (mean KL divergence below ROUND_TRIP_MAX_KLD).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from quantgate.config import CandidateConfig
+from quantgate.errors import NotSupportedYet, UserError
+from quantgate.evals.tasks import PreparedSuite, kl_divergence
+from quantgate.export import formats, manifest
+from quantgate.export.codes import NotOnGrid, recover_codes
+from quantgate.export.stored import Recreated, StoredRun, load_stored_run, recreate
+from quantgate.methods.apply import spec_of, targets
+from quantgate.models.load import file_sha256
+
+ROUND_TRIP_MAX_KLD = 1e-4  # mean per-token KL(evaluated candidate || loaded artifact)
+
+
+@dataclass(frozen=True)
+class Exported:
+    directory: Path
+    manifest: Path
+    files: dict[str, dict[str, Any]]  # relative path -> sha256, bytes
+    round_trip: dict[str, Any] | None
+
+
+def export_candidate(run_dir: Path, name: str, fmt: str, out: Path | None = None,
+                     dtype: str | None = None) -> Exported:
+    """Export candidate `name` of the run in `run_dir` as `fmt` (formats.FORMATS) into `out`
+    (default: <run dir>/exports/<name>-<fmt>), which must not exist or be empty."""
+    if fmt not in formats.FORMATS:
+        raise UserError(f"--format {fmt}: expected one of {', '.join(formats.FORMATS)}")
+    run = load_stored_run(run_dir)
+    cand, _ = run.candidate(name)
+    out = out or run.path.parent / "exports" / f"{name}-{fmt}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty (choose another --out)")
+    if (fmt == "gguf") != (cand.method == "gguf"):
+        raise UserError(_wrong_format(name, cand, fmt))
+    if dtype is not None and fmt == "gguf":
+        raise UserError("--dtype applies to compressed-tensors and hf exports (a GGUF file is copied as evaluated)")
+    if dtype is not None and dtype not in formats.DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(formats.DTYPES)}")
+    try:
+        if fmt == "gguf":
+            scheme, round_trip, source, digest = _export_gguf(run, name, cand, out)
+        else:
+            rec = recreate(run, name)
+            scheme, round_trip = _export_torch(rec, fmt, dtype or formats.default_dtype(fmt, cand), out)
+            source, digest = None, rec.eval_sha256
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    files = manifest.file_entries(out)
+    doc = manifest.build(candidate=name, fmt=fmt, scheme=scheme, files=files, results=run.results,
+                         results_path=run.path, eval_sha256=digest, round_trip=round_trip, source=source)
+    return Exported(out, manifest.write(out, doc), files, round_trip)
+
+
+def _wrong_format(name: str, cand: CandidateConfig, fmt: str) -> str:
+    if cand.method == "gguf":
+        return (f"candidate {name} is a llama.cpp GGUF ({cand.type}); it exports as --format gguf, the file "
+                "the llama.cpp engine evaluated")
+    return (f"candidate {name} was evaluated as PyTorch weights on the torch engine; --format gguf exports "
+            "only the GGUF file a llama.cpp candidate was evaluated as (use compressed-tensors or hf)")
+
+
+# -- GGUF ------------------------------------------------------------------------------------------
+
+
+def _export_gguf(run: StoredRun, name: str, cand: CandidateConfig, out: Path) -> tuple[dict, dict, dict, str]:
+    """Copy the evaluated GGUF file (its recorded path; when that is gone, llama.cpp's quantizer is
+    run again the same way) after checking its sha256 against the run's record."""
+    rec = recreate(run, name, make=False)
+    artifact = rec.record.get("artifact")
+    if not artifact:
+        raise UserError(f"{run.path}: candidate {name} has no recorded artifact")
+    path = Path(artifact["path"])
+    if not path.is_file():
+        path = _requantize(run, rec, cand)
+    digest = file_sha256(path)
+    if digest != artifact["sha256"]:
+        raise UserError(f"{path}: sha256 {digest[:16]}… differs from the file the run evaluated "
+                        f"({artifact['sha256'][:16]}…); refusing to export it")
+    (copied,) = formats.copy_gguf(path, out)
+    if file_sha256(copied) != digest:
+        raise UserError(f"{copied}: the copy's sha256 differs from its source {path}")
+    source = {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}
+    return formats.gguf_scheme(cand), {"bytes_identical": True, "sha256": digest}, source, rec.eval_sha256
+
+
+def _requantize(run: StoredRun, rec: Recreated, cand: CandidateConfig) -> Path:
+    from quantgate.methods.calibrate import calibration_set
+    from quantgate.methods.gguf_quant import quantized_gguf
+
+    calib = None
+    if cand.imatrix:
+        calib = calibration_set(rec.baseline.tokenizer, run.config.calibration, rec.prepared.suite.texts())
+    return quantized_gguf(rec.baseline, cand.type, calib)
+
+
+# -- compressed-tensors and hf ---------------------------------------------------------------------------
+
+
+def _export_torch(rec: Recreated, fmt: str, dtype: str, out: Path) -> tuple[dict, dict]:
+    """Write the re-made candidate as `fmt`, load it back and compare; (scheme, round-trip record)."""
+    model, cand, arch = rec.made.model, rec.candidate, rec.baseline.arch
+    quantized = cand.method != "prune"
+    names = targets(model, arch, cand) if quantized else []
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    scheme = formats.torch_scheme(cand, fmt, dtype, names, [n for n in linears if n not in names])
+    codes = _codes(model, cand, names) if fmt == "compressed-tensors" else None
+    reference = _text_logprobs(model, rec.prepared)
+    if codes is not None:
+        formats.write_compressed_tensors(model, rec.baseline.tokenizer, codes, scheme, out)
+    else:
+        formats.write_hf(copy.deepcopy(model), rec.baseline.tokenizer, out, dtype)
+    loaded = formats.load_torch_artifact(out, scheme)
+    exact = all(torch.equal(loaded.get_submodule(n).weight, model.get_submodule(n).weight) for n in names)
+    kld = np.concatenate([kl_divergence(r, lp) for r, lp in zip(reference, _text_logprobs(loaded, rec.prepared))])
+    round_trip = {"kld_mean": float(kld.mean()), "kld_max": float(kld.max()), "tokens": int(kld.size),
+                  "quantized_weights_exact": exact, "reference": "the re-made candidate, float32, on the "
+                  "held-out text windows"}
+    if fmt == "compressed-tensors" and not exact:
+        raise UserError(f"{out}: the loaded integer weights differ from the evaluated ones")
+    if not kld.mean() < ROUND_TRIP_MAX_KLD:
+        hint = ("storing its other tensors in float16 changes it too much: export with --dtype float32"
+                if dtype != "float32" else "the artifact does not reproduce it")
+        raise UserError(f"{out}: the exported model's mean KL divergence from the evaluated candidate is "
+                        f"{kld.mean():.3g} (limit {ROUND_TRIP_MAX_KLD:g}); {hint}")
+    return scheme, round_trip
+
+
+def _codes(model: torch.nn.Module, cand: CandidateConfig, names: list[str]) -> dict:
+    if not names:
+        raise UserError(f"candidate {cand.label} quantizes nothing (method {cand.method}): export it as hf")
+    if cand.quantize_embeddings:
+        raise NotSupportedYet(f"compressed-tensors export of quantized embeddings (candidate {cand.label}; "
+                              "export hf)")
+    spec = spec_of(cand)
+    formats.check_ct_shapes(model, names, spec)
+    try:
+        return {n: recover_codes(model.get_submodule(n).weight.detach(), spec) for n in names}
+    except NotOnGrid as e:
+        raise UserError(f"candidate {cand.label}: a weight is not on its {spec} grid ({e})") from None
+
+
+def _text_logprobs(model: torch.nn.Module, prepared: PreparedSuite) -> list[torch.Tensor]:
+    """The model's log-probabilities [T-1, V] on each held-out text window."""
+    from quantgate.engines.torch import TorchEngine
+
+    return list(TorchEngine(model).token_logprobs(prepared.windows[: prepared.n_text_windows]))
+
+
+def render_export(e: Exported, console) -> None:
+    """Where the artifact went, its files and sizes, and the round-trip check."""
+    for name, entry in e.files.items():
+        console.print(f"  {name}  {entry['bytes']:,} bytes  sha256 {entry['sha256'][:16]}…")
+    total = sum(entry["bytes"] for entry in e.files.values())
+    console.print(f"exported to {e.directory} ({total:,} bytes); manifest: {e.manifest}")
+    trip = e.round_trip or {}
+    if "kld_mean" in trip:
+        console.print(f"round trip: mean KLD vs the evaluated candidate {trip['kld_mean']:.3g} over {trip['tokens']} "
+                      f"tokens; integer weights exact: {trip['quantized_weights_exact']}")
+    elif trip:
+        console.print(f"round trip: byte-identical to the evaluated file (sha256 {trip['sha256'][:16]}…)")

@@ -1,0 +1,243 @@
+"""Artifact formats: write a candidate as a file a serving engine loads, and load it back.
+
+- gguf: the very file the llama.cpp engine evaluated, copied byte for byte.
+- compressed-tensors: integer weights packed with their scales (and zero points) in the layout
+  vLLM loads, written with the compressed-tensors library:
+    * weight-only candidates (rtn, gptq, awq; W{bits}A16) -> "pack-quantized": codes packed into
+      int32 words, float scales per group ("group" strategy) or per output row ("channel"), zero
+      points packed likewise when asymmetric.
+    * W8A8 candidates (smoothquant, w8a8) -> "int-quantized": int8 weights with per-channel
+      scales, and input activations int8, symmetric, *dynamic per token* (one scale per token,
+      max|x| / 127, computed at run time). Dynamic because that is what was evaluated: quantgate
+      fake-quantizes each linear's input with its own per-token absmax and stores no activation
+      scales. SmoothQuant's smoothing factors are already folded into the norms (and the
+      linears' columns), so the smoothed model's weights are what is written.
+  Linears outside the candidate's targets (lm_head, unless quantized) and every other tensor are
+  stored densely in the export dtype (default_dtype: float16 for W{bits}A16, float32 for W8A8).
+- hf: a plain Hugging Face directory of the dequantized weights (float32 by default: the exact
+  weights that were evaluated).
+
+compressed-tensors stores codes on a signed grid: [-2^(b-1), 2^(b-1) - 1] with signed zero
+points. quantgate's asymmetric codes [0, 2^b - 1] and zero points [0, 2^b - 1] are shifted by
+2^(b-1), which leaves every q - z unchanged.
+
+Loading back (load_torch_artifact): transformers reads the directory on CPU in float32; packed
+modules are decompressed to dense float32 weights (bit-identical to the evaluated ones, the float16
+scales widening exactly), and W8A8 input quantization is installed as quantgate evaluates it.
+(compressed-tensors' own Python forward divides by 127.5 instead of 127; vLLM's int8 kernel and
+quantgate use 127.)
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantgate.config import W8A8_METHODS, CandidateConfig
+from quantgate.errors import NotSupportedYet, UserError
+from quantgate.methods.rtn import QuantizedWeight, QuantSpec, dequantize
+from quantgate.methods.smoothquant import fake_quantize_activations
+
+FORMATS = ("gguf", "compressed-tensors", "hf")
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+WEIGHTS_FILE = "model.safetensors"
+# W8A8 input activations as quantgate evaluates them (methods/smoothquant.fake_quantize_activations).
+W8A8_INPUTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+
+
+def default_dtype(fmt: str, cand: CandidateConfig) -> str:
+    """Storage dtype of the tensors that are not integer-coded, when --dtype is not given:
+    float16 for weight-only compressed-tensors checkpoints (the serving size; the round trip
+    stays below 1e-4 KLD), float32 otherwise. hf holds the dequantized weights, exact only in
+    float32; W8A8 candidates re-round every activation to int8 per token, which turns any float16
+    rounding of the other tensors into a different model (on the default model even float16
+    layer-0 norms alone move the smoothquant candidate by a mean KLD of 0.016)."""
+    return "float16" if fmt == "compressed-tensors" and cand.method not in W8A8_METHODS else "float32"
+
+
+def torch_scheme(cand: CandidateConfig, fmt: str, dtype: str, targets: list[str], ignore: list[str]) -> dict[str, Any]:
+    """The manifest's explicit scheme of a torch-evaluated candidate written as `fmt`: what was
+    quantized how (weights as compressed-tensors QuantizationArgs; None for a pruned-only
+    candidate), the input quantization applied at run time, and the storage dtype of the rest."""
+    quantized = cand.method != "prune"
+    w8a8 = cand.method in W8A8_METHODS
+    weights = {"num_bits": cand.bits, "type": "int", "symmetric": bool(cand.symmetric),
+               "strategy": "group" if cand.group_size else "channel", "group_size": cand.group_size}
+    return {
+        "method": cand.method,
+        "bits": cand.bits if quantized else None,
+        "group_size": cand.group_size if quantized else None,
+        "symmetric": cand.symmetric if quantized else None,
+        "steps": [s.label for s in cand.steps] if cand.steps else None,
+        "format": ("int-quantized" if w8a8 else "pack-quantized") if fmt == "compressed-tensors" else "dense",
+        "weights": weights if quantized else None,
+        "input_activations": dict(W8A8_INPUTS) if w8a8 else None,
+        "dtype": dtype, "targets": targets, "ignore": ignore,
+    }
+
+
+def gguf_scheme(cand: CandidateConfig) -> dict[str, Any]:
+    """The manifest's scheme of a llama.cpp candidate: llama.cpp's file type, nominal bits."""
+    return {"method": cand.method, "bits": cand.bits, "group_size": None, "symmetric": None,
+            "format": "gguf", "gguf_type": cand.type, "imatrix": cand.imatrix, "input_activations": None}
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def copy_gguf(source: Path, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / source.name
+    shutil.copyfile(source, target)
+    return [target]
+
+
+def write_hf(model: torch.nn.Module, tokenizer, out: Path, dtype: str) -> list[Path]:
+    """A plain HF directory (safetensors, config, generation config, tokenizer) of `model`, whose
+    floating tensors are cast to `dtype`. `model` is the caller's own copy (it is cast in place)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(DTYPES[dtype])
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return sorted(out.glob("*.safetensors"))
+
+
+def write_compressed_tensors(model: torch.nn.Module, tokenizer, codes: dict[str, QuantizedWeight],
+                             scheme: dict[str, Any], out: Path) -> list[Path]:
+    """A compressed-tensors directory: each module of `codes` (name -> its exact codes) packed in
+    scheme["format"], every other tensor dense in scheme["dtype"]; config.json carries the
+    quantization_config. Each packed module is decompressed again and compared with the
+    model's weight bit for bit before anything is written."""
+    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+    from safetensors.torch import save_file
+
+    ct_scheme = _ct_scheme(scheme)
+    compressor = BaseCompressor.get_value_from_registry(scheme["format"])
+    dtype = DTYPES[scheme["dtype"]]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, q in codes.items():
+        weight = model.get_submodule(name).weight.detach()
+        packed = compressor.compress(_ct_state(q), ct_scheme)
+        back = compressor.decompress({**packed, "weight_scale": packed["weight_scale"].float()}, ct_scheme)["weight"]
+        if not torch.equal(back.float(), weight.float()):
+            raise UserError(f"{name}: the {scheme['format']} packing does not reproduce the evaluated weight")
+        packed["weight_scale"] = packed["weight_scale"].to(dtype)  # float16 scales: exact in either dtype
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in packed.items()})
+    skip = {f"{name}.weight" for name in codes}
+    tensors.update({k: v.to(dtype) if v.is_floating_point() else v
+                    for k, v in _stored_tensors(model).items() if k not in skip})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    config.dtype = scheme["dtype"]
+    config.save_pretrained(out)
+    ModelCompressor(quantization_config=_ct_config(ct_scheme, scheme)).update_config(str(out))
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return [out / WEIGHTS_FILE]
+
+
+def check_ct_shapes(model: torch.nn.Module, names: list[str], spec: QuantSpec) -> None:
+    """compressed-tensors groups must tile the columns; refuse a group size that does not divide."""
+    for name in names:
+        cols = model.get_submodule(name).weight.shape[1]
+        if spec.group_size is not None and cols % spec.group_size:
+            raise NotSupportedYet(f"compressed-tensors export of {name}: group_size {spec.group_size} does not "
+                                  f"divide its {cols} input columns (the format has no shorter last group)")
+
+
+def _ct_scheme(scheme: dict[str, Any]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = {k: v for k, v in scheme["weights"].items() if v is not None}
+    inputs = scheme["input_activations"]
+    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights),
+                              input_activations=QuantizationArgs(**inputs) if inputs else None,
+                              format=scheme["format"])
+
+
+def _ct_config(ct_scheme, scheme: dict[str, Any]):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    return QuantizationConfig(config_groups={"group_0": ct_scheme}, format=scheme["format"],
+                              quantization_status="compressed", ignore=list(scheme["ignore"]))
+
+
+def _ct_state(q: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A module's state as compressed-tensors' compressors take it: the exact float32 weight,
+    float32 scales [out, n_groups] and, asymmetric, int8 zero points on the signed grid."""
+    state = {"weight": dequantize(q), "weight_scale": q.scales.float()}
+    if q.zeros is not None:
+        state["weight_zero_point"] = (q.zeros - 2 ** (q.spec.bits - 1)).to(torch.int8)
+    return state
+
+
+def _stored_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without tied duplicates (named_parameters keeps a shared tensor's first name)
+    and without non-persistent buffers."""
+    state = model.state_dict()
+    keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers() if n in state}
+    return {k: v.detach() for k, v in state.items() if k in keep}
+
+
+# -- loading back ----------------------------------------------------------------------------------
+
+
+def load_torch_artifact(directory: Path, scheme: dict[str, Any]) -> torch.nn.Module:
+    """An exported compressed-tensors or hf directory as a float32 CPU model that computes what
+    the evaluated candidate computed. transformers loads it (compressed modules dequantized by
+    compressed-tensors at load); the packed modules' weights are then decompressed once more with
+    their scales widened to float32, so (q - z) · s is the exact float32 product (transformers
+    multiplies in the scales' stored dtype), and the scheme's input quantization is installed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    packed = scheme["format"] in ("pack-quantized", "int-quantized")
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+        if packed:  # dequantize at load (compressed-tensors' lazy path cannot read packed zero points)
+            config.quantization_config = {**config.quantization_config, "dequantize": True}
+        model = AutoModelForCausalLM.from_pretrained(str(directory), config=config, dtype=torch.float32,
+                                                     use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{directory}: cannot load the exported model: {str(e).splitlines()[0]}") from None
+    if packed:
+        _exact_weights(model, directory / WEIGHTS_FILE, scheme)
+    if scheme.get("input_activations"):
+        hook = _input_quantizer(scheme["input_activations"])
+        for name in scheme["targets"]:
+            model.get_submodule(name).register_forward_pre_hook(hook)
+    return model.eval()
+
+
+def _exact_weights(model: torch.nn.Module, path: Path, scheme: dict[str, Any]) -> None:
+    """Overwrite each target's weight with its float32 decompression from the file at `path`."""
+    from compressed_tensors.compressors import BaseCompressor
+    from safetensors import safe_open
+
+    ct_scheme = _ct_scheme(scheme)
+    compressor = BaseCompressor.get_value_from_registry(scheme["format"])
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+        keys = set(f.keys())
+        for name in scheme["targets"]:
+            state = {k[len(name) + 1:]: f.get_tensor(k) for k in keys if k.rsplit(".", 1)[0] == name}
+            state["weight_scale"] = state["weight_scale"].float()
+            model.get_submodule(name).weight.copy_(compressor.decompress(state, ct_scheme)["weight"])
+
+
+def _input_quantizer(args: dict[str, Any]):
+    """The forward pre-hook that quantizes a linear's input as `args` (compressed-tensors
+    QuantizationArgs as a dict) says; only what quantgate evaluates is accepted."""
+    expected = {**W8A8_INPUTS, "num_bits": args.get("num_bits")}
+    if {k: args.get(k) for k in expected} != expected or not 2 <= args["num_bits"] <= 16:
+        raise NotSupportedYet(f"input activation quantization {args} (quantgate applies int, symmetric, "
+                              "dynamic per-token)")
+    bits = int(args["num_bits"])
+
+    def hook(_module: torch.nn.Module, inputs: tuple) -> tuple:
+        return (fake_quantize_activations(inputs[0], bits=bits), *inputs[1:])
+
+    return hook

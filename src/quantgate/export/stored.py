@@ -1,0 +1,127 @@
+"""A stored gate run (results.json) as the inputs it was computed from, each checked against
+what the run recorded: the config (by digest), the baseline weights (sha256), the eval set (the
+prepared suite's digest) and the calibration windows (sha256). A re-created candidate goes
+through the same code path as the run (make_candidate, same seed, same calibration)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from quantgate.config import CALIBRATED_METHODS, CandidateConfig, RunConfig
+from quantgate.errors import UserError
+from quantgate.evals.datasets import load_suite
+from quantgate.evals.digest import eval_digest
+from quantgate.evals.tasks import PreparedSuite, prepare
+from quantgate.methods.apply import CandidateModel, make_candidate
+from quantgate.methods.calibrate import calibration_set
+from quantgate.models.load import Baseline, load_baseline
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    path: Path  # results.json
+    results: dict[str, Any]
+    config: RunConfig
+
+    def candidate(self, name: str) -> tuple[CandidateConfig, dict[str, Any]]:
+        """The named candidate's settings and its entry in results.json."""
+        records = {c["name"]: c for c in self.results["candidates"]}
+        if name not in records:
+            failed = {c["name"] for c in self.results.get("failed_candidates") or ()}
+            why = "its engine crashed in that run" if name in failed else f"candidates: {', '.join(records) or 'none'}"
+            raise UserError(f"{self.path}: no evaluated candidate '{name}' ({why})")
+        configs = {c.label: c for c in self.config.resolved_candidates}
+        return configs[name], records[name]
+
+
+def read_run(config: dict[str, Any], config_digest: str, where: Path, results: dict[str, Any]) -> StoredRun:
+    """A StoredRun from a config as JSON and the digest recorded beside it. The digest is checked
+    on the JSON as stored (RunConfig.digest's canonical form), so a config written before fields
+    were added to the schema still matches; it is then read with the current schema's defaults."""
+    stored = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    if stored != config_digest:
+        raise UserError(f"{where}: the stored config does not match its config_digest (edited?)")
+    try:
+        cfg = RunConfig.model_validate(config)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"{where}: config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return StoredRun(where, results, cfg)
+
+
+def load_stored_run(run_dir: Path) -> StoredRun:
+    from quantgate.report.files import RESULTS, find_run, load_results
+
+    run = find_run(run_dir)
+    results = load_results(run)
+    for key in ("config", "config_digest", "model"):
+        if key not in results:
+            raise UserError(f"{run / RESULTS}: missing key '{key}'")
+    return read_run(results["config"], results["config_digest"], run / RESULTS, results)
+
+
+def checked_baseline(cfg: RunConfig, model_sha256: str, where: Path) -> Baseline:
+    """model.base loaded, refused when its weights are not the ones the run measured."""
+    baseline = load_baseline(cfg.model.base)
+    if baseline.digest != model_sha256:
+        raise UserError(f"{where}: model.base '{cfg.model.base}' now has sha256 {baseline.digest[:16]}…, "
+                        f"the run measured {model_sha256[:16]}…")
+    return baseline
+
+
+def prepared_suite(cfg: RunConfig, tokenizer) -> PreparedSuite:
+    """The eval suite tokenized as the run did (run.execute)."""
+    ev = cfg.evaluation
+    suite = load_suite(cfg.quality_gate, limit=ev.limit, cloze_items=ev.cloze_items, seed=cfg.seed)
+    return prepare(suite, tokenizer, window_tokens=ev.window_tokens, n_windows=ev.ppl_windows)
+
+
+def checked_eval(prepared: PreparedSuite, recorded: str | None, where: Path) -> str:
+    """The prepared suite's digest, refused when it differs from a recorded one."""
+    digest = eval_digest(prepared)
+    if recorded is not None and recorded != digest:
+        raise UserError(f"{where}: the eval set no longer matches the one the run measured "
+                        f"(eval sha256 {digest[:16]}… vs recorded {recorded[:16]}…)")
+    return digest
+
+
+@dataclass(frozen=True)
+class Recreated:
+    baseline: Baseline
+    prepared: PreparedSuite
+    eval_sha256: str
+    candidate: CandidateConfig
+    record: dict[str, Any]
+    made: CandidateModel | None  # None for llama.cpp candidates (their artifact is the GGUF file)
+
+
+def recreate(run: StoredRun, name: str, *, make: bool = True) -> Recreated:
+    """The candidate `name` made again from the stored config, after checking the baseline,
+    eval set and calibration data against the run; its size and changed-module count must match
+    the recorded ones."""
+    cfg, where = run.config, run.path
+    cand, record = run.candidate(name)
+    baseline = checked_baseline(cfg, run.results["model"]["sha256"], where)
+    prepared = prepared_suite(cfg, baseline.tokenizer)
+    digest = checked_eval(prepared, (run.results.get("eval") or {}).get("sha256"), where)
+    made = None
+    if make:
+        calib = None
+        if cand.needs_calibration or cand.method in CALIBRATED_METHODS:
+            calib = calibration_set(baseline.tokenizer, cfg.calibration, prepared.suite.texts())
+            recorded = (run.results.get("calibration") or {}).get("sha256")
+            if recorded != calib.digest:
+                raise UserError(f"{where}: the calibration windows no longer match the run's "
+                                f"(sha256 {calib.digest[:16]}… vs recorded {str(recorded)[:16]}…)")
+        made = make_candidate(baseline.model, baseline.arch, cand, calib, seed=cfg.seed)
+        got = (made.weight_bytes, made.modules_changed)
+        if got != (record["weight_bytes"], record.get("modules_changed", made.modules_changed)):
+            raise UserError(f"{where}: candidate {name} re-created with (bytes, modules changed) {got}, "
+                            f"the run recorded ({record['weight_bytes']}, {record.get('modules_changed')})")
+    return Recreated(baseline, prepared, digest, cand, record, made)

@@ -1,0 +1,226 @@
+"""`quantgate verify`: is this artifact the one that passed (or failed) its gate, and does it still
+measure what was recorded?
+
+1. Every file the manifest lists must have its recorded sha256 (else a one-line refusal naming
+   the file, exit 2).
+2. The run's config (checked by digest), baseline (sha256) and eval set (digest of the prepared
+   suite) are reloaded and checked against the manifest.
+3. The baseline and then the artifact run on the eval set, on the artifact's engine (GGUF: the
+   llama.cpp engine in its own process; compressed-tensors and hf: transformers on the torch
+   engine), exactly as the gate run did, and the re-measured metrics are compared with the
+   recorded ones.
+
+Tolerances come from the noise the manifest records: k = the run's engine noise floor (mean
+per-token KL divergence) + the export's own round-trip KL divergence. A per-token log-probability
+then moves by about σ = sqrt(2k) (KL ≈ ½·Var of the log-ratio for small changes), so an option's
+summed log-likelihood of T tokens moves by at most Z·σ·T (Z = 4), and an item whose two best
+options are closer than twice that is a near tie whose answer may legitimately differ. Accuracy
+may move by the near-tie items only; the flipped items may differ only on near ties; the mean
+KL divergence from the baseline may move by 2k + 4·sqrt(k·KL) (the first-order change of
+E_base[log p_cand] when log p_cand moves by δ with E[δ²] ≈ 2k); log-perplexity by Z·σ.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantgate.engines.base import Engine
+from quantgate.errors import UserError
+from quantgate.evals.datasets import ChoiceItem
+from quantgate.evals.metrics import ModelMetrics, model_metrics
+from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, with_response_windows
+from quantgate.export import formats, manifest
+from quantgate.export.stored import checked_baseline, checked_eval, prepared_suite, read_run
+from quantgate.models.load import Baseline
+
+Z = 4.0  # standard deviations of engine noise an option's log-likelihood may move by
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    recorded: str
+    measured: str
+    tolerance: str
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Verification:
+    artifact: Path
+    candidate: str
+    engine: str
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def verify(path: Path) -> Verification:
+    """Check an exported artifact (its directory or a file in it) against its manifest and re-measure it."""
+    directory, doc = manifest.read(path)
+    manifest.check_files(directory, doc)
+    where = directory / manifest.MANIFEST
+    run = read_run(doc["config"], doc["config_digest"], where, doc)
+    baseline = checked_baseline(run.config, doc["model"]["sha256"], where)
+    prepared = prepared_suite(run.config, baseline.tokenizer)
+    checked_eval(prepared, doc["eval"]["sha256"], where)
+    engine = "llamacpp" if doc["format"] == "gguf" else "torch"
+    opener = _llamacpp_opener(run.config, baseline, directory, doc) if engine == "llamacpp" else \
+        _torch_opener(run.config, baseline, directory, doc)
+    base_scores, cand_scores, prepared = measure(opener, prepared)
+    metric = run.config.quality_gate.metric
+    base = model_metrics(base_scores, prepared, metric, baseline.tokenizer)
+    cand = model_metrics(cand_scores, prepared, metric, baseline.tokenizer)
+    checks = compare(doc, metric, prepared, (base_scores, base), (cand_scores, cand))
+    return Verification(directory, doc["candidate"], engine, tuple(checks))
+
+
+# -- running the baseline and the artifact -----------------------------------------------------------
+
+Opener = Callable[[str], Any]  # "baseline" | "candidate" -> a context manager yielding an Engine
+
+
+def measure(opener: Opener, prepared: PreparedSuite) -> tuple[ModelScores, ModelScores, PreparedSuite]:
+    """Baseline then candidate, as run.execute measures them: the baseline's per-window log-probs
+    (its responses to prompt items appended as windows) are the candidate's KL reference."""
+    with opener("baseline") as engine:
+        base, reference = evaluate(engine, prepared, keep=True)
+        prepared = with_response_windows(prepared, base.generations)
+        reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
+    with opener("candidate") as engine:
+        cand, _ = evaluate(engine, prepared, reference)
+    return base, cand, prepared
+
+
+def _torch_opener(cfg, baseline: Baseline, directory: Path, doc: dict[str, Any]) -> Opener:
+    from quantgate.engines.torch import TorchEngine
+
+    @contextmanager
+    def open_engine(which: str) -> Iterator[Engine]:
+        model = baseline.model if which == "baseline" else formats.load_torch_artifact(directory, doc["scheme"])
+        yield TorchEngine(model, max_batch_size=cfg.serving.max_batch_size, batch_tokens=cfg.evaluation.batch_tokens)
+
+    return open_engine
+
+
+def _llamacpp_opener(cfg, baseline: Baseline, directory: Path, doc: dict[str, Any]) -> Opener:
+    from quantgate.engines.process import EngineProcess
+    from quantgate.methods.gguf_quant import float_gguf
+
+    (artifact,) = doc["files"]
+    ev, econ = cfg.evaluation, cfg.economics
+    n_ctx = max(2048, ev.window_tokens + 1, econ.prompt_tokens + econ.new_tokens + 1)  # as run.py sizes it
+
+    @contextmanager
+    def open_engine(which: str) -> Iterator[Engine]:
+        path = float_gguf(baseline) if which == "baseline" else directory / artifact
+        with tempfile.TemporaryDirectory(prefix="quantgate-verify-") as logs, \
+                EngineProcess("llamacpp", label=which, log=Path(logs) / f"{which}.log", path=str(path),
+                              n_ctx=n_ctx) as engine:
+            yield engine
+
+    return open_engine
+
+
+# -- comparing with the record ---------------------------------------------------------------------
+
+
+def compare(doc: dict[str, Any], metric: str, prepared: PreparedSuite, base: tuple[ModelScores, ModelMetrics],
+            cand: tuple[ModelScores, ModelMetrics]) -> list[Check]:
+    """Recorded vs re-measured: the gate metric of baseline and candidate, the flipped items, the
+    candidate's mean KL divergence from the baseline and its perplexity (tolerances: module doc)."""
+    measured = doc["measured"]
+    k = _noise_kld(doc)
+    sigma = math.sqrt(2.0 * k)
+    normalize = metric == "accuracy_norm"
+    base_ties = near_ties(base[0], prepared, Z * sigma, normalize=normalize)
+    cand_ties = near_ties(cand[0], prepared, Z * sigma, normalize=normalize)
+    labeled = ~np.isnan(base[1].score)
+    n = int(labeled.sum())
+    checks = [
+        _metric_check(f"baseline {metric}", measured["baseline"][metric], base[1].metric(metric), n,
+                      int((base_ties & labeled).sum())),
+        _metric_check(f"candidate {metric}", measured["candidate"][metric], cand[1].metric(metric), n,
+                      int((cand_ties & labeled).sum())),
+        _flips_check(measured.get("flipped_items") or [], prepared, base[1], cand[1], (base_ties | cand_ties) & labeled),
+    ]
+    recorded_kld = (measured.get("vs_baseline") or {}).get("kld_mean")
+    if recorded_kld is not None and cand[0].kld is not None:
+        tol = 2 * k + 4 * math.sqrt(k * recorded_kld) + 1e-6 * recorded_kld + 1e-12
+        got = float(np.mean(cand[0].kld))
+        checks.append(Check("KL divergence from baseline (mean)", f"{recorded_kld:.6g}", f"{got:.6g}",
+                            f"±{tol:.2g}", abs(got - recorded_kld) <= tol))
+    recorded_ppl = measured["candidate"].get("perplexity")
+    if recorded_ppl is not None and math.isfinite(cand[1].perplexity):
+        tol = Z * sigma + 1e-6
+        ok = abs(math.log(cand[1].perplexity) - math.log(recorded_ppl)) <= tol
+        checks.append(Check("candidate perplexity", f"{recorded_ppl:.6g}", f"{cand[1].perplexity:.6g}",
+                            f"×/÷ {math.exp(tol):.6g}", ok))
+    return checks
+
+
+def _noise_kld(doc: dict[str, Any]) -> float:
+    """k: the run's engine noise floor plus the export's round trip (mean per-token KLD)."""
+    floor = (doc["measured"].get("noise_floor") or {}).get("kld_mean") or 0.0
+    trip = (doc.get("round_trip") or {}).get("kld_mean") or 0.0
+    return float(floor) + float(trip)
+
+
+def near_ties(scores: ModelScores, prepared: PreparedSuite, per_token: float, *, normalize: bool) -> np.ndarray:
+    """bool [n_items]: multiple-choice items whose best two options (by summed log-likelihood, or
+    per character when `normalize`) are closer than twice the most any option may move, an
+    option of T tokens moving by up to per_token · T (per character: / its characters)."""
+    values = scores.option_ll / prepared.option_chars if normalize else scores.option_ll
+    tokens = np.array([len(cont) for _, cont in prepared.requests], dtype=np.float64)
+    moves = per_token * tokens / (prepared.option_chars if normalize else 1.0)
+    ties = np.zeros(len(prepared.suite.items), dtype=bool)
+    for i, item in enumerate(prepared.suite.items):
+        a, b = prepared.offsets[i], prepared.offsets[i + 1]
+        if isinstance(item, ChoiceItem) and b - a > 1:
+            top = np.sort(values[a:b])[-2:]
+            ties[i] = top[1] - top[0] <= 2 * moves[a:b].max()
+    return ties
+
+
+def _metric_check(what: str, recorded: float | None, got: float, n: int, ties: int) -> Check:
+    """Equal, or off by no more items than there are near ties."""
+    if recorded is None:
+        return Check(what, "-", f"{got:.4f}", "-", not math.isfinite(got))
+    off = round(abs(got - recorded) * n)
+    return Check(what, f"{recorded:.4f}", f"{got:.4f}", f"±{ties} near-tie items of {n}", off <= ties)
+
+
+def _flips_check(recorded: list[dict[str, Any]], prepared: PreparedSuite, base: ModelMetrics, cand: ModelMetrics,
+                 ties: np.ndarray) -> Check:
+    """The items whose correctness changed vs the baseline: the same set, except near ties."""
+    ids = [(item.task, item.id) for item in prepared.suite.items]
+    was = {(f["task"], f["id"]) for f in recorded if f.get("direction") != "output changed"}
+    now = {ids[i] for i in np.flatnonzero(base.correct != cand.correct) if not np.isnan(base.score[i])}
+    allowed = {ids[i] for i in np.flatnonzero(ties)}
+    differ = was ^ now
+    return Check("flipped items", str(len(was)), f"{len(now)} ({len(differ)} differ)",
+                 f"only near ties ({len(allowed)})", differ <= allowed)
+
+
+def render_verification(v: Verification, console) -> None:
+    """The recorded-vs-re-measured table and a one-line verdict."""
+    from rich.table import Table
+
+    table = Table(title=f"verify {v.candidate} ({v.artifact}) on {v.engine}")
+    for column in ("check", "recorded", "re-measured", "tolerance", ""):
+        table.add_column(column)
+    for c in v.checks:
+        table.add_row(c.what, c.recorded, c.measured, c.tolerance, "ok" if c.ok else "MISMATCH")
+    console.print(table)
+    console.print("verified: the artifact measures what its gate run recorded" if v.ok
+                  else "NOT verified: re-measured metrics differ from the record beyond the noise tolerance")
