@@ -72,7 +72,7 @@ def tiny_run(tmp_path_factory) -> Path:
         "candidates": list(CANDIDATES.values()),
         "evaluation": {"limit": 8, "cloze_items": 8, "ppl_windows": 2, "window_tokens": 32},
         "calibration": {"samples": 4, "seq_len": 32},
-        "economics": {"requests": 1, "prompt_tokens": 8, "new_tokens": 2},
+        "economics": {"measure": False},
         "quality_gate": {"min_items": 4},
     })
     with single_thread():
@@ -240,6 +240,26 @@ def test_manifest_says_what_the_artifact_is(tiny_run, tmp_path):
     assert doc["machine"]["run"] == results["environment"]["machine"]
 
 
+def test_eval_digest_follows_items_labels_and_tokens(tiny_run):
+    from dataclasses import replace
+
+    from quantgate.evals.digest import eval_digest
+
+    run = load_stored_run(tiny_run)
+    tokenizer = load_baseline(run.config.model.base).tokenizer
+    prepared = prepared_suite(run.config, tokenizer)
+    digest = eval_digest(prepared)
+    assert digest == eval_digest(prepared_suite(run.config, tokenizer)) == run.results["eval"]["sha256"]
+    first = prepared.suite.items[0]
+    relabeled = replace(prepared.suite, items=(replace(first, gold=(first.gold + 1) % len(first.continuations)),
+                                                 *prepared.suite.items[1:]))
+    assert eval_digest(replace(prepared, suite=relabeled)) != digest
+    windows = [prepared.windows[0][:-1] + [0], *prepared.windows[1:]]
+    assert eval_digest(replace(prepared, windows=windows)) != digest
+    responses = replace(prepared, windows=prepared.windows + [[1, 2, 3]])  # baseline outputs are not eval data
+    assert eval_digest(responses) == digest
+
+
 # -- verify -----------------------------------------------------------------------------------------
 
 
@@ -310,7 +330,7 @@ def test_real_model_w4a16_checkpoint_is_a_quarter_of_float16(tmp_path):
         "candidates": [{"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True}],
         "evaluation": {"limit": 12, "cloze_items": 8, "ppl_windows": 1, "window_tokens": 64},
         "calibration": {"samples": 4, "seq_len": 64},
-        "economics": {"requests": 1, "prompt_tokens": 16, "new_tokens": 4},
+        "economics": {"measure": False},
         "quality_gate": {"min_items": 10},
     })
     run_dir = tmp_path / "run"
@@ -341,7 +361,7 @@ def test_gguf_export_is_the_evaluated_file_and_verifies(tmp_path):
         "serving": {"engine": "llamacpp"},
         "candidates": [{"method": "gguf", "type": "Q8_0"}],
         "evaluation": {"limit": 12, "cloze_items": 8, "ppl_windows": 1, "window_tokens": 64},
-        "economics": {"requests": 1, "prompt_tokens": 16, "new_tokens": 4},
+        "economics": {"measure": False},
         "quality_gate": {"min_items": 10},
     })
     run_dir = tmp_path / "run"

@@ -308,6 +308,7 @@ SMALL_RUN = (
     "  - {method: rtn, bits: 2, group_size: 64}\n"
     "evaluation: {limit: 24, cloze_items: 12, ppl_windows: 2, window_tokens: 64}\n"
     "quality_gate: {min_items: 30}\n"
+    "serving: {max_batch_size: 2}\n"
     "economics: {requests: 2, prompt_tokens: 16, new_tokens: 8, hardware_cost_per_hour: 1.0, tokens_per_month: 1.0e8}\n"
 )
 

@@ -48,7 +48,7 @@ PERIODS = {"daily": timedelta(days=1), "weekly": timedelta(days=7), "monthly": t
 SHIFT_ALPHA = 0.01  # input shift: KS p-value under this ...
 SHIFT_MIN_D = 0.1  # ... and a KS statistic over this
 # Speed is not what a drift check measures: the run's engine measurement shrinks to one short request.
-QUICK_ECONOMICS = EconomicsConfig(requests=1, prompt_tokens=16, new_tokens=2)
+QUICK_ECONOMICS = EconomicsConfig(measure=False)  # a drift check is about quality; speed is not re-measured
 
 
 @dataclass(frozen=True)

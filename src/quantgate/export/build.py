@@ -173,10 +173,10 @@ def render_export(e: Exported, console) -> None:
     for name, entry in e.files.items():
         console.print(f"  {name}  {entry['bytes']:,} bytes  sha256 {entry['sha256'][:16]}…")
     total = sum(entry["bytes"] for entry in e.files.values())
-    console.print(f"exported to {e.directory} ({total:,} bytes); manifest: {e.manifest}")
+    console.print(f"exported to {e.directory} ({total:,} bytes); manifest: {e.manifest}", soft_wrap=True)
     trip = e.round_trip or {}
     if "kld_mean" in trip:
         console.print(f"round trip: mean KLD vs the evaluated candidate {trip['kld_mean']:.3g} over {trip['tokens']} "
-                      f"tokens; integer weights exact: {trip['quantized_weights_exact']}")
+                      f"tokens; integer weights exact: {trip['quantized_weights_exact']}", soft_wrap=True)
     elif trip:
         console.print(f"round trip: byte-identical to the evaluated file (sha256 {trip['sha256'][:16]}…)")

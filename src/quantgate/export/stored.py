@@ -37,6 +37,8 @@ class StoredRun:
             why = "its engine crashed in that run" if name in failed else f"candidates: {', '.join(records) or 'none'}"
             raise UserError(f"{self.path}: no evaluated candidate '{name}' ({why})")
         configs = {c.label: c for c in self.config.resolved_candidates}
+        if name not in configs:
+            raise UserError(f"{self.path}: candidate '{name}' is not in the stored config")
         return configs[name], records[name]
 
 

@@ -74,7 +74,7 @@ def verify(path: Path) -> Verification:
     baseline = checked_baseline(run.config, doc["model"]["sha256"], where)
     prepared = prepared_suite(run.config, baseline.tokenizer)
     checked_eval(prepared, doc["eval"]["sha256"], where)
-    engine = "llamacpp" if doc["format"] == "gguf" else "torch"
+    engine = _engine(run.config, doc, where)
     opener = _llamacpp_opener(run.config, baseline, directory, doc) if engine == "llamacpp" else \
         _torch_opener(run.config, baseline, directory, doc)
     base_scores, cand_scores, prepared = measure(opener, prepared)
@@ -83,6 +83,19 @@ def verify(path: Path) -> Verification:
     cand = model_metrics(cand_scores, prepared, metric, baseline.tokenizer)
     checks = compare(doc, metric, prepared, (base_scores, base), (cand_scores, cand))
     return Verification(directory, doc["candidate"], engine, tuple(checks))
+
+
+def _engine(cfg, doc: dict[str, Any], where: Path) -> str:
+    """The engine the artifact runs on, which must be the one its gate run measured it on."""
+    engine = "llamacpp" if doc["format"] == "gguf" else "torch"
+    cand = {c.label: c for c in cfg.resolved_candidates}.get(doc["candidate"])
+    if cand is None:
+        raise UserError(f"{where}: candidate '{doc['candidate']}' is not in the manifest's config")
+    measured_on = (cand.serving or cfg.serving).engine
+    if measured_on != engine:
+        raise UserError(f"{where}: the gate run measured {doc['candidate']} on the {measured_on} engine; a "
+                        f"{doc['format']} artifact is re-measured on {engine}, so the records would not compare")
+    return engine
 
 
 # -- running the baseline and the artifact -----------------------------------------------------------
