@@ -133,7 +133,7 @@ def execute(cfg: RunConfig, progress: Progress = _no_progress, workdir: Path | N
     baseline = load_baseline(cfg.model.base)
     prepared = prepare(suite, baseline.tokenizer, window_tokens=ev.window_tokens, n_windows=ev.ppl_windows)
     calib = None
-    if any(c.method in CALIBRATED_METHODS or c.imatrix for c in cfg.resolved_candidates):
+    if any(c.needs_calibration or c.imatrix for c in cfg.resolved_candidates):
         calib = calibration_set(baseline.tokenizer, cfg.calibration, suite.texts())
 
     notes, bench = [], _bench_prompts(cfg, prepared)  # the request mix comes from the held-out text
@@ -310,7 +310,7 @@ def _llamacpp_candidate(ctx: _Context, cand: CandidateConfig, prepared: Prepared
 def _torch_candidate(ctx: _Context, cand: CandidateConfig, prepared: PreparedSuite,
                      reference: list[torch.Tensor], cache: StoreCache | None) -> tuple[ModelScores, Made]:
     """A fake-quantized copy of the baseline, evaluated in this process on the torch engine."""
-    calibrated = cand.method in CALIBRATED_METHODS
+    calibrated = cand.needs_calibration
     model = ctx.baseline.model
     n_blocks = len(model.get_submodule(ctx.baseline.arch.blocks)) if calibrated else 1
     step = ctx.progress(cand.label, 2 + n_blocks)
