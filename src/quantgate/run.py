@@ -230,23 +230,17 @@ def _run_baseline(ctx: _Context, prepared: PreparedSuite) -> tuple[ModelResult, 
     if ctx.engine == "llamacpp":
         path = float_gguf(ctx.baseline)
         with _engine_process(ctx, "baseline", path) as engine:
-            scores, reference = evaluate(engine, prepared, keep=True, on_step=step, cache=ctx.cache(None, prepared))
-            prepared = with_response_windows(prepared, scores.generations)
-            reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
+            scores, prepared, reference = _reference_pass(ctx, engine, prepared, step)
         size = path.stat().st_size
         economics = _measured(ctx, "baseline", path, size)
     elif ctx.engine == "openai":
         engine = ctx.server(ctx.cfg.serving)
-        scores, reference = evaluate(engine, prepared, keep=True, on_step=step, cache=ctx.cache(None, prepared))
-        prepared = with_response_windows(prepared, scores.generations)
-        reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
+        scores, prepared, reference = _reference_pass(ctx, engine, prepared, step)
         path, size = None, nominal_bytes(ctx.baseline.model, 16)
         economics = _served(ctx, engine)
     else:
         engine = ctx.torch_engine(ctx.baseline.model)
-        scores, reference = evaluate(engine, prepared, keep=True, on_step=step, cache=ctx.cache(None, prepared))
-        prepared = with_response_windows(prepared, scores.generations)
-        reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
+        scores, prepared, reference = _reference_pass(ctx, engine, prepared, step)
         path, size = None, weight_bytes(ctx.baseline.model)[0]
         economics = _measured(ctx, "baseline", ctx.baseline.weights_dir, size) if ctx.baseline.weights_dir else None
     step(1)
@@ -256,6 +250,16 @@ def _run_baseline(ctx: _Context, prepared: PreparedSuite) -> tuple[ModelResult, 
         scores=scores, economics=economics, artifact=path,
     )
     return result, prepared, reference
+
+
+def _reference_pass(ctx: _Context, engine, prepared: PreparedSuite,
+                    step: Callable[[int], None]) -> tuple[ModelScores, PreparedSuite, list[torch.Tensor]]:
+    """The baseline on its engine: its scores, the suite extended with its own responses to
+    prompt items, and its log-probs over every window (text and responses)."""
+    scores, reference = evaluate(engine, prepared, keep=True, on_step=step, cache=ctx.cache(None, prepared))
+    prepared = with_response_windows(prepared, scores.generations)
+    reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
+    return scores, prepared, reference
 
 
 def _run_candidate(ctx: _Context, cand: CandidateConfig, prepared: PreparedSuite, base: ModelResult,
