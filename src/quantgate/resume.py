@@ -12,6 +12,7 @@ The key of a model's items is (model weights sha256, settings digest, data diges
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from sqlalchemy.engine import Engine as Store
@@ -51,14 +52,18 @@ class StoreCache:
     label: str
     resume: bool
 
+    @cached_property
+    def _rows(self) -> dict[tuple[str, str], ItemResult]:
+        """What the store held for this key when first asked: one query per model. Later writes are
+        this run's own, so the snapshot stays right for the reads that follow (known, windows, meta)."""
+        return scored_items(self.store, self.key) if self.resume else {}
+
     def _id(self, i: int) -> tuple[str, str]:
         item = self.prepared.suite.items[i]
         return item.task, f"{i}:{item.id}"  # the index keeps ids unique even with duplicate items
 
     def known(self) -> dict[int, ItemOutput]:
-        if not self.resume:
-            return {}
-        rows = scored_items(self.store, self.key)
+        rows = self._rows
         out = {}
         for i in range(len(self.prepared.suite.items)):
             r = rows.get(self._id(i))
@@ -72,9 +77,7 @@ class StoreCache:
         record_items(self.store, self.key, rows, candidate=self.label)
 
     def windows(self) -> WindowOutput | None:
-        if not self.resume:
-            return None
-        row = scored_items(self.store, self.key).get((WINDOWS_TASK, "all"))
+        row = self._rows.get((WINDOWS_TASK, "all"))
         if row is None:
             return None
         x = row.extra
@@ -94,9 +97,7 @@ class StoreCache:
 
     def meta(self) -> dict | None:
         """What the model's making reported (sizes, counts), recorded once it was evaluated."""
-        if not self.resume:
-            return None
-        row = scored_items(self.store, self.key).get((WINDOWS_TASK, "model"))
+        row = self._rows.get((WINDOWS_TASK, "model"))
         return None if row is None else dict(row.extra)
 
     def record_meta(self, meta: dict) -> None:
