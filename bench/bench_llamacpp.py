@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,10 +38,13 @@ TYPES = ("F32", "Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
 
 
 def bare_decode(path: str, prompt: list[int], new_tokens: int) -> float:
-    """llama-cpp-python alone (run in its own process): tokens/s after the first new token."""
+    """llama-cpp-python alone (run in its own process): tokens/s after the first new token. Same
+    thread count as the harness (every core this process may use); llama-cpp-python's own default
+    is half the cores, which on this 2-core machine made the bare loop 1-thread and F32 29% slower."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_ctx=len(prompt) + new_tokens + 1, verbose=False, seed=0)
+    llm = Llama(model_path=path, n_ctx=len(prompt) + new_tokens + 1, n_threads=len(os.sched_getaffinity(0)),
+                verbose=False, seed=0)
     for _ in zip(range(8), llm.generate(prompt, top_k=1, temp=0.0, reset=True)):
         pass  # warm-up: weights paged in, as they are for the harness
     gen = llm.generate(prompt, top_k=1, temp=0.0, reset=True)
@@ -61,7 +65,7 @@ def harness_decode(path: Path, prompts: list[list[int]], new_tokens: int, log: P
     """quantgate's path: EngineProcess (serving configuration) + economics.measure."""
     n_ctx = max(map(len, prompts)) + new_tokens + 1
     with EngineProcess("llamacpp", label=path.stem, log=log, path=str(path), n_ctx=n_ctx, logits_all=False) as e:
-        result = e.measure(prompts, new_tokens)
+        result, _ = e.measure(prompts, new_tokens)  # batch 1 only: no load levels
         result["peak_rss_bytes"] = e.close()["peak_rss_bytes"]
     return result
 
