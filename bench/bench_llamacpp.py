@@ -114,7 +114,7 @@ def render(rows: dict, paths: dict, bandwidth: float, args: argparse.Namespace) 
     _, floor_kld, floor_top1, _, _ = rows["F32"]
     console.print(f"engine noise floor (torch float32 vs llama.cpp F32, {len(floor_kld)} tokens): "
                   f"KLD mean {floor_kld.mean():.2e}, p99 {np.quantile(floor_kld, 0.99):.2e}, "
-                  f"top-1 agreement {floor_top1:.4f}; memory bandwidth (copy) {bandwidth / 1e9:.1f} GB/s")
+                  f"top-1 agreement {floor_top1:.4f}; memory read bandwidth (all cores) {bandwidth / 1e9:.1f} GB/s")
     table = Table(title=f"llama.cpp on the default model: quality vs torch float32; batch-1 decode after 64-token "
                         f"prompts, {args.new_tokens} new tokens, median of {args.rounds} fresh processes each")
     for col in ("type", "MB", "KLD mean", "KLD p99", "top-1", "prefill tok/s", "decode tok/s", "decode / F32",
