@@ -13,9 +13,11 @@ import multiprocessing
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -273,6 +275,24 @@ def test_two_processes_writing_at_once_lose_nothing(store_url):
     assert count(engine, "candidates") == 2 * n * n_candidates
     assert {h.run_id for h in history(engine)} == {f"w{w}-{k:03d}" for w in range(2) for k in range(n)}
     engine.dispose()
+
+
+def test_opening_a_new_sqlite_store_waits_for_a_writer_in_another_connection(tmp_path):
+    # The new file is still in rollback-journal mode. Switching it to WAL escalates a shared lock,
+    # and SQLite answers "database is locked" at once there, whatever the busy timeout (a raw
+    # PRAGMA journal_mode=WAL fails in this very setup): open_store must wait, not fail.
+    path = tmp_path / "new.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE scratch (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO scratch VALUES (1)")
+    threading.Timer(0.3, other.execute, ("COMMIT",)).start()
+    engine = open_store(path)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    assert count(engine, "runs") == 0
+    engine.dispose()
+    other.close()
 
 
 # ---------------------------------------------------------------------------------------------
