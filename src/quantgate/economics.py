@@ -116,7 +116,7 @@ class Cost:
     per_million_tokens: float
     monthly: float
     monthly_saving: float  # versus the baseline; negative when the candidate costs more
-    worth_it: bool
+    worth_it: bool | None  # None for the baseline itself
     note: str
 
 

@@ -411,7 +411,9 @@ def with_costs(cfg: RunConfig, base: ModelResult, candidates: list[ModelResult])
         tps = ref.tokens_per_s_under_load if simulated else e.tokens_per_s_under_load
         cost = cost_at_volume(tps, ref.tokens_per_s_under_load, cost_per_hour=econ.hardware_cost_per_hour,
                               tokens_per_month=econ.tokens_per_month, min_saving=econ.min_monthly_saving)
-        if simulated:
+        if m is base:
+            cost = dataclasses.replace(cost, worth_it=None, note="")  # the reference: nothing to save
+        elif simulated:
             cost = dataclasses.replace(cost, worth_it=False, note="simulated: fake quantization runs at the "
                                        "baseline's speed, so no saving is measured; serve it on an engine with "
                                        "integer kernels (serving.engine: llamacpp) to price it")

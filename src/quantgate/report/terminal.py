@@ -100,7 +100,8 @@ def economics_table(result: RunResult) -> Table:
     base = result.baseline.economics
     for m in [result.baseline, *result.candidates]:
         c = m.economics and m.economics.cost
-        costs = [f"{c.per_million_tokens:.4f}", f"{c.monthly:,.2f}", f"{c.monthly_saving:,.2f}"] if c else ["—"] * 3
+        measured = c and not m.economics.simulated  # a simulated model's cost would be the baseline's speed
+        costs = [f"{c.per_million_tokens:.4f}", f"{c.monthly:,.2f}", f"{c.monthly_saving:,.2f}"] if measured else ["—"] * 3
         t.add_row(m.name, *_economics_cells(m, base), *(costs if priced else []))
     return t
 
@@ -109,7 +110,7 @@ def _economics_cells(m: ModelResult, base) -> list[str]:
     e = m.economics
     if e is None or e.simulated or e.throughput is None:
         what = "simulated: quality only" if e is not None and e.simulated else "speed not measured"
-        return [e.engine if e else "—", what, "", "", "", "", "", "", ""]
+        return [e.engine if e else "—", "—", "—", "—", what, "—", "—", "—", "—"]
     tp, mb = e.throughput, lambda b: f"{b / 1e6:.1f}" if b else "—"
     ratio = f"{tp.decode_tokens_per_s / base.throughput.decode_tokens_per_s:.2f}x" if base and base.throughput else "—"
     lat = tp.latency_s
