@@ -45,6 +45,7 @@ def _economics(bits: int, *, simulated: bool, engine: str) -> tuple[dict[str, An
     load = [{"batch_size": b, "latency_s": lat, "tokens_per_s": decode * b / (1 + 0.05 * b)} for b in (1, 4, 16)]
     econ = {"engine": engine, "simulated": simulated, "artifact_bytes": artifact, "peak_rss_bytes": artifact + 90_000_000,
             "prefill_tokens_per_s": 12 * decode, "decode_tokens_per_s": decode, "latency_s": lat,
+            "decode_tokens_per_s_range": [0.9 * decode, 1.08 * decode],
             "roofline_fraction": decode * artifact / 50e9, "load": load}
     per_million = 2.0 / (decode * 3600) * 1e6  # $2/hour
     base_per_million = 2.0 / ((1.0 / (BASE_BYTES / 40e9 + 0.004)) * 3600) * 1e6

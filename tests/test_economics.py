@@ -19,6 +19,9 @@ def test_measure_counts_tokens_and_orders_percentiles(tiny_llama, torch_single_t
     assert t.prefill_tokens_per_s > 0 and (t.decode_tokens_per_s > 0 or math.isnan(t.decode_tokens_per_s))
     assert 2 <= t.new_tokens <= 12
     assert t.latency_s["p50"] <= t.latency_s["p95"] <= t.latency_s["p99"]
+    if t.decode_range is not None:  # the pooled rate (total tokens / total time) lies within the requests'
+        lo, hi = t.decode_range
+        assert lo <= t.decode_tokens_per_s * (1 + 1e-9) and t.decode_tokens_per_s <= hi * (1 + 1e-9)
 
 
 def test_memory_bandwidth_is_plausible():

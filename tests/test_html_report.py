@@ -154,6 +154,10 @@ def test_economics_rows_price_measured_models_wherever_cost_sits():
         assert price  # inside economics or beside it
         shown = rows[m["name"]]["$ / 1M tokens"]
         assert shown == (view.DASH if view.simulated(m) else view.money(price["per_million_tokens"]))
+        lo, hi = m["economics"]["decode_tokens_per_s_range"]
+        decode = rows[m["name"]]["decode tok/s (request range)"]
+        assert decode == (view.SIMULATED if view.simulated(m) else
+                          f"{view.rate(m['economics']['decode_tokens_per_s'])} ({lo:,.0f}–{hi:,.0f})")
 
 
 def test_page_is_self_contained_and_escapes_item_text():

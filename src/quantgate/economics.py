@@ -22,6 +22,13 @@ class Throughput:
     decode_tokens_per_s: float  # new tokens per second after the first, batch 1
     latency_s: dict[str, float]  # p50 / p95 / p99 of whole-request latency over the prompts
     new_tokens: int  # tokens generated in total (generation may end early at end-of-sequence)
+    # slowest and fastest single request's decode tokens/s: how far one short request is from the
+    # pooled number above (on a shared machine, often 10% either way); None where not measured
+    decode_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.decode_range is not None:  # from JSON (a list) or a child process
+            object.__setattr__(self, "decode_range", tuple(self.decode_range))
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ def measure(engine: Engine, prompts: Sequence[Sequence[int]], new_tokens: int) -
     — at batch 1. Decode speed = extra tokens / extra time, summed over the prompts."""
     prefill_time = decode_time = 0.0
     prompt_tokens = decoded = 0
-    latencies = []
+    latencies, rates = [], []
     for prompt in prompts:
         t0 = time.perf_counter()
         engine.generate([prompt], 1)
@@ -62,12 +69,15 @@ def measure(engine: Engine, prompts: Sequence[Sequence[int]], new_tokens: int) -
         decode_time += max(whole - first, 1e-9)
         decoded += len(out) - 1
         latencies.append(whole)
+        if len(out) > 1:
+            rates.append((len(out) - 1) / max(whole - first, 1e-9))
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
     return Throughput(
         prefill_tokens_per_s=prompt_tokens / prefill_time,
         decode_tokens_per_s=decoded / decode_time if decoded else float("nan"),
         latency_s={"p50": float(p50), "p95": float(p95), "p99": float(p99)},
         new_tokens=decoded + len(prompts),
+        decode_range=(min(rates), max(rates)) if rates else None,
     )
 
 

@@ -114,6 +114,7 @@ def economics(e: Economics | None) -> dict[str, Any] | None:
         "peak_rss_bytes": e.peak_rss_bytes,
         "prefill_tokens_per_s": t and t.prefill_tokens_per_s,
         "decode_tokens_per_s": t and t.decode_tokens_per_s,
+        "decode_tokens_per_s_range": t and t.decode_range and list(t.decode_range),
         "latency_s": t and t.latency_s,
         "roofline_fraction": e.roofline_fraction,
         "load": [asdict(level) for level in e.load],

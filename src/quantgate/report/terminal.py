@@ -94,7 +94,7 @@ def economics_table(result: RunResult) -> Table:
     priced = econ.hardware_cost_per_hour is not None and econ.tokens_per_month is not None
     load = f"tok/s at batch {result.config.serving.max_batch_size}"
     cost_cols = ("$ / 1M tok", f"$ / month at {econ.tokens_per_month:,.0f} tok", "saving / month") if priced else ()
-    for col in ("model", "engine", "artifact MB", "peak RSS MB", "prefill tok/s", "decode tok/s", "decode vs baseline",
+    for col in ("model", "engine", "artifact MB", "peak RSS MB", "prefill tok/s", "decode tok/s (request range)", "decode vs baseline",
                 "latency p50 / p95 / p99 s", "roofline", load, *cost_cols):
         t.add_column(col, justify="left" if col in ("model", "engine") else "right", no_wrap=col == "model")
     base = result.baseline.economics
@@ -115,7 +115,8 @@ def _economics_cells(m: ModelResult, base) -> list[str]:
     ratio = f"{tp.decode_tokens_per_s / base.throughput.decode_tokens_per_s:.2f}x" if base and base.throughput else "—"
     lat = tp.latency_s
     return [e.engine, mb(e.artifact_bytes), mb(e.peak_rss_bytes), f"{tp.prefill_tokens_per_s:.0f}",
-            f"{tp.decode_tokens_per_s:.1f}", ratio, f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['p99']:.2f}",
+            f"{tp.decode_tokens_per_s:.1f}" + (f" ({tp.decode_range[0]:.0f}-{tp.decode_range[1]:.0f})"
+                                               if tp.decode_range else ""), ratio, f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['p99']:.2f}",
             f"{e.roofline_fraction:.0%}" if e.roofline_fraction is not None else "—",
             f"{e.tokens_per_s_under_load:.1f}" + ("" if e.load[-1].batched else " (queued)") if e.load else "—"]
 

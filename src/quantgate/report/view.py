@@ -53,6 +53,13 @@ def rate(v: float | None) -> str:
     return DASH if v is None else f"{v:,.1f}" if v < 1000 else f"{v:,.0f}"
 
 
+def decode_rate(e: dict[str, Any]) -> str:
+    """Pooled decode tokens/s, with the slowest and fastest single request when recorded."""
+    spread = e.get("decode_tokens_per_s_range")
+    pooled = rate(e.get("decode_tokens_per_s"))
+    return f"{pooled} ({spread[0]:,.0f}–{spread[1]:,.0f})" if spread and pooled != DASH else pooled
+
+
 def money(v: float | None, cents: bool = True) -> str:
     if v is None:
         return DASH
@@ -158,7 +165,7 @@ def _candidate_cells(c: Model, metric: str, is_rec: bool) -> tuple[str, ...]:
     )
 
 
-ECONOMICS_HEADERS = ("model", "engine", "artifact MB", "peak RSS MB", "prefill tok/s", "decode tok/s",
+ECONOMICS_HEADERS = ("model", "engine", "artifact MB", "peak RSS MB", "prefill tok/s", "decode tok/s (request range)",
                      "latency p50 / p95 / p99", "roofline", "$ / 1M tokens", "monthly", "saving / month", "worth it")
 
 
@@ -190,7 +197,7 @@ def _economics_row(results: Results, m: Model) -> Row:
     e, price = economics(m), cost(m)
     sim = bool(e.get("simulated"))
     speed = ((DASH, SIMULATED, DASH, DASH) if sim else
-             (rate(e.get("prefill_tokens_per_s")), rate(e.get("decode_tokens_per_s")), latencies(e.get("latency_s")),
+             (rate(e.get("prefill_tokens_per_s")), decode_rate(e), latencies(e.get("latency_s")),
               pct(e.get("roofline_fraction"), 0)))
     money_cells = ((DASH, DASH, DASH, DASH) if sim or not price else
                    (money(price.get("per_million_tokens")), money(price.get("monthly"), cents=False),
