@@ -350,8 +350,10 @@ def _measured(ctx: _Context, label: str, path: Path, size: int) -> Economics:
     econ, kind = ctx.cfg.economics, ctx.engine
     if not econ.measure:
         return Economics(kind, False, path.stat().st_size if path.is_file() else None, None, None, None)
+    # torch serves as plain PyTorch: the oneDNN-packed weights that speed up scoring are a second
+    # copy of every linear (+540 MB peak RSS on the default model for 8-17% more throughput)
     options = ({"n_ctx": econ.prompt_tokens + econ.new_tokens + 1, "logits_all": False} if kind == "llamacpp"
-               else {"max_batch_size": ctx.cfg.serving.max_batch_size})
+               else {"max_batch_size": ctx.cfg.serving.max_batch_size, "onednn": False})
     with _engine_process(ctx, f"{label}-serving", path, **options) as engine:
         single, load = engine.measure(ctx.bench_prompts, econ.new_tokens, ctx.cfg.serving.max_batch_size)
         stats = engine.close()

@@ -267,13 +267,14 @@ class TorchEngine:
 
 
 def open_engine(path: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                batch_tokens: int = DEFAULT_BATCH_TOKENS) -> TorchEngine:
+                batch_tokens: int = DEFAULT_BATCH_TOKENS, onednn: bool = True) -> TorchEngine:
     """A TorchEngine over a local Hugging Face directory of safetensors weights (float32): how
-    an engine process (engines/process.py) opens the torch engine."""
+    an engine process (engines/process.py) opens the torch engine. onednn=False serves with
+    plain PyTorch linears: no packed second copy of the weights."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    return TorchEngine(model, max_batch_size=max_batch_size, batch_tokens=batch_tokens)
+    return TorchEngine(model, max_batch_size=max_batch_size, batch_tokens=batch_tokens, onednn=onednn)
 
 
 def loglikelihood_reference(model: torch.nn.Module, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
