@@ -28,6 +28,7 @@ def test_prune_candidates_parse_with_defaults_and_labels(tmp_path):
     assert all(c.method == "prune" for c in cands)
     assert cands[2].sparsity == 0.5  # implied by 2:4
     assert [c.needs_calibration for c in cands] == [False, True, True, True]
+    assert [c.quantized_bits for c in cands] == [None] * 4  # weights keep the baseline's precision
 
 
 def test_steps_mirror_the_quantize_step_and_round_trip(tmp_path):
@@ -36,11 +37,13 @@ def test_steps_mirror_the_quantize_step_and_round_trip(tmp_path):
     (cand,) = cfg.resolved_candidates  # the quantization block is dumped and validated again
     assert cand.label == "wanda-s50+gptq-w4-g64"
     assert (cand.method, cand.bits, cand.group_size, cand.symmetric) == ("gptq", 4, 64, False)
+    assert cand.quantized_bits == 4
     assert cand.needs_calibration and [s.method for s in cand.steps] == ["prune", "gptq"]
     assert CandidateConfig.model_validate(cand.model_dump()) == cand
     only_pruning = CandidateConfig(steps=[{"prune": "magnitude", "sparsity": 0.25, "structure": "mlp"},
                                           {"prune": "magnitude", "sparsity": 0.5}])
     assert only_pruning.method == "prune" and not only_pruning.needs_calibration
+    assert only_pruning.quantized_bits is None
     assert CandidateConfig.model_validate(only_pruning.model_dump()) == only_pruning
 
 

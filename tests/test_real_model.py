@@ -71,12 +71,14 @@ def test_int8_is_close_and_int2_is_not(baseline, small_suite):
     assert kld[2] > 100 * kld[8]
 
 
-def run_cli(tmp_path, name):
-    config = tmp_path / "small.yaml"
+RTN_8_AND_2 = "candidates:\n  - {method: rtn, bits: 8}\n  - {method: rtn, bits: 2, group_size: 64}\n"
+
+
+def run_cli(tmp_path, name, candidates=RTN_8_AND_2, extra=""):
+    config = tmp_path / f"{name}.yaml"
     config.write_text(
-        "candidates:\n  - {method: rtn, bits: 8}\n  - {method: rtn, bits: 2, group_size: 64}\n"
-        "evaluation: {limit: 24, cloze_items: 12, ppl_windows: 2, window_tokens: 64}\n"
-        "quality_gate: {min_items: 30}\n"  # 36 labeled items: under the default 100 nothing is recommended
+        candidates + "evaluation: {limit: 24, cloze_items: 12, ppl_windows: 2, window_tokens: 64}\n"
+        "quality_gate: {min_items: 30}\n" + extra  # 36 labeled items: under the default 100 nothing is recommended
     )
     out = tmp_path / name
     proc = subprocess.run([sys.executable, "-m", "quantgate.cli", "run", str(config), "--results-dir", str(out)],
@@ -108,6 +110,22 @@ def test_cli_end_to_end_and_deterministic(tmp_path):
     again = json.loads(results2.read_text())
     assert untimed(again["baseline"]) == untimed(data["baseline"])
     assert untimed(again["candidates"]) == untimed(data["candidates"])
+
+
+def test_cli_prune_only_and_prune_then_quantize(tmp_path):
+    proc, out = run_cli(tmp_path, "prune", "candidates:\n  - {prune: magnitude, sparsity: 0.25}\n"
+                        "  - {steps: [{prune: magnitude, sparsity: 0.25}, {quantize: rtn, bits: 8}]}\n",
+                        "economics: {measure: false}\n")
+    assert proc.returncode in (0, 1), proc.stderr  # 1: no candidate holds the gate (a verdict, not an error)
+    assert "Traceback" not in proc.stderr
+    (results,) = out.glob("*/results.json")
+    pruned, composed = json.loads(results.read_text())["candidates"]
+    assert (pruned["name"], pruned["bits"]) == ("magnitude-s25", None)  # nothing quantized: no bit width
+    assert (composed["name"], composed["bits"]) == ("magnitude-s25+rtn-w8", 8)
+    assert pruned["vs_baseline"]["kld_mean"] > 0 and pruned["modules_changed"] > 0
+    with sqlite3.connect(out / "quantgate.db") as db:
+        rows = dict(db.execute("select name, bits from candidates").fetchall())
+    assert rows == {"magnitude-s25": 32, "magnitude-s25+rtn-w8": 8}  # the store keeps float32 as 32
 
 
 def untimed(value):

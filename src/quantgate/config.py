@@ -173,6 +173,12 @@ class CandidateConfig(Frozen):
         return self.method in CALIBRATED_METHODS
 
     @property
+    def quantized_bits(self) -> int | None:
+        """Bits per quantized weight; None when nothing is quantized (pruning alone keeps the
+        baseline's precision, whatever `bits` defaults to)."""
+        return None if self.method == "prune" else self.bits
+
+    @property
     def label(self) -> str:
         if self.name:
             return self.name

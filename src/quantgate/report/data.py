@@ -55,7 +55,7 @@ def to_dict(result: RunResult) -> dict[str, Any]:
             {
                 **_model(c),
                 "method": c.candidate.method,
-                "bits": c.candidate.bits,
+                "bits": c.candidate.quantized_bits,
                 "group_size": c.candidate.group_size,
                 "symmetric": c.candidate.symmetric,
                 "settings": c.candidate.model_dump(mode="json"),

@@ -79,7 +79,7 @@ def _row(m: ModelResult, metric: str, verdict: CandidateVerdict, recommended: bo
     flip = f"{c.flips.rate:.1%} {_ci(*overall.flip_rate_ci, pct=True)}" if overall else "—"
     mark = STATUS_STYLE["pass" if verdict.passed else "fail"] + (" ★" if recommended else "")
     return [
-        m.name, str(m.candidate.bits), f"{m.weight_bytes / 1e6:.1f}", f"{m.metrics.metric(metric):.4f}",
+        m.name, str(m.candidate.quantized_bits or "—"), f"{m.weight_bytes / 1e6:.1f}", f"{m.metrics.metric(metric):.4f}",
         recovery, f"{c.flips.correct_to_wrong} / {c.flips.wrong_to_correct}", flip,
         f"{c.kld.mean:.4f}", f"{c.kld.quantile:.3f}", f"{c.top1_agreement:.1%}",
         f"{m.metrics.perplexity:.2f}", mark,

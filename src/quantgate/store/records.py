@@ -128,7 +128,8 @@ def _candidate_row(conn: Connection, c: Mapping[str, Any]) -> dict[str, Any]:
     settings_digest = None if settings is None else _put_config(conn, digest(settings), "candidate", settings)
     vs = c["vs_baseline"]
     return {
-        "name": c["name"], "settings_digest": settings_digest, "method": c["method"], "bits": c["bits"],
+        # bits None: nothing quantized (pruning alone), the weights stay float32 like every baseline
+        "name": c["name"], "settings_digest": settings_digest, "method": c["method"], "bits": c["bits"] or 32,
         "group_size": c["group_size"], "weight_bytes": c["weight_bytes"], "accuracy": c["accuracy"],
         "recovery": vs["recovery"], "flip_rate": vs["flips"]["rate"], "kld_mean": vs["kld_mean"],
         "kld_p99": vs["kld_p99"], "top1_agreement": vs["top1_agreement"], "passed": c["gate"]["passed"],
