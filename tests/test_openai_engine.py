@@ -279,7 +279,7 @@ def test_a_hanging_server_times_out_in_bounded_time(char_tokenizer):
         start = time.monotonic()
         with pytest.raises(UserError, match=f"{url}/models: gave up after 2 tries.*no answer within 0.3 s"):
             _probe(url, char_tokenizer, policy=policy)
-        assert time.monotonic() - start < 2.0  # 2 tries x 0.3 s + 0.05 s
+        assert time.monotonic() - start < 5.0  # 2 tries x 0.3 s + 0.05 s, with room for a loaded CI machine
 
 
 def test_a_server_that_dies_mid_run_is_a_clear_error(tiny_llama, char_tokenizer, torch_single_thread):
@@ -291,7 +291,7 @@ def test_a_server_that_dies_mid_run_is_a_clear_error(tiny_llama, char_tokenizer,
         start = time.monotonic()
         with pytest.raises(UserError, match=f"{url}/completions: gave up after 4 tries.*connection failed"):
             engine.loglikelihood(_requests(char_tokenizer))
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 5.0  # refused connections retried with short backoffs, not hung
 
 
 def test_a_refusal_is_not_retried(char_tokenizer):
