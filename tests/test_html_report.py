@@ -127,6 +127,12 @@ def test_bit_groups_split_curves_only_where_widths_collide():
     assert {k: [c["name"] for c in g] for k, g in groups.items()} == {
         "rtn": ["rtn-w8"], "gptq g128": ["gptq-w4-g128"], "rtn g64": ["rtn-w4-g64", "rtn-w2-g64"],
         "rtn g128": ["rtn-w4-g128"]}
+    gguf = [{"name": f"gguf-{t}", "method": "gguf", "bits": b, "group_size": None, "settings": {"imatrix": False}}
+            for t, b in (("Q8_0", 8), ("Q4_K_M", 4), ("Q2_K", 2))]
+    imatrix = {**gguf[1], "name": "gguf-Q4_K_M-imatrix", "settings": {"imatrix": True}}
+    groups = plots.bit_groups([*gguf, imatrix])  # llama.cpp types: one curve, the imatrix file beside it
+    assert {k: [c["name"] for c in g] for k, g in groups.items()} == {
+        "gguf": ["gguf-Q8_0", "gguf-Q4_K_M", "gguf-Q2_K"], "gguf imatrix": ["gguf-Q4_K_M-imatrix"]}
 
 
 def test_simulated_speed_is_labeled_and_left_off_the_speed_plot():

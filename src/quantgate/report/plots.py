@@ -33,19 +33,25 @@ def _gate(results: Results) -> dict:
 # ---- quality vs bit width ------------------------------------------------------------------
 
 def bit_groups(candidates: list[Model]) -> dict[str, list[Model]]:
-    """Candidates with a bit width, grouped into curves: by method; by method and group size when
-    one method has two candidates at the same width; by name when that still collides. Each
-    group sorted by bits, descending."""
+    """Candidates with a bit width, grouped into curves: by method; by method and the settings
+    that make a family (group size, importance matrix, act-order) when one method has two
+    candidates at the same width; by name when that still collides. Each group sorted by bits,
+    descending."""
     cands = [c for c in candidates if c.get("bits")]
-    for key in (lambda c: c.get("method", "?"),
-                lambda c: f"{c.get('method', '?')} g{c['group_size']}" if c.get("group_size") else c.get("method", "?"),
-                lambda c: c["name"]):
+    for key in (lambda c: c.get("method", "?"), _family, lambda c: c["name"]):
         groups: dict[str, list[Model]] = defaultdict(list)
         for c in cands:
             groups[key(c)].append(c)
         if all(len({c["bits"] for c in g}) == len(g) for g in groups.values()):
             break
     return {k: sorted(g, key=lambda c: -c["bits"]) for k, g in groups.items()}
+
+
+def _family(c: Model) -> str:
+    """"rtn g64", "gguf imatrix", "gptq g128 act-order": the method and what is not the width."""
+    settings = c.get("settings") or {}
+    flags = [word for word, key in (("imatrix", "imatrix"), ("act-order", "act_order")) if settings.get(key)]
+    return " ".join([c.get("method", "?"), *([f"g{c['group_size']}"] if c.get("group_size") else []), *flags])
 
 
 @dataclass(frozen=True)
