@@ -166,6 +166,12 @@ def test_economics_rows_price_measured_models_wherever_cost_sits():
                           f"{view.rate(m['economics']['decode_tokens_per_s'])} ({lo:,.0f}–{hi:,.0f})")
 
 
+def test_identical_notes_are_listed_once_with_every_name():
+    assert view.grouped_notes([("a", "simulated"), ("b", "cheap"), ("c", "simulated")]) == [
+        "a, c: simulated", "b: cheap"]
+    assert view.grouped_notes([]) == []
+
+
 def test_page_is_self_contained_and_escapes_item_text():
     page = render_html(synthetic_results())
     assert "<script" not in page.lower()  # no scripts at all, and the hostile prompt is escaped

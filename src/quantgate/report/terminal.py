@@ -9,6 +9,7 @@ from rich.table import Table
 
 from quantgate.evals.metrics import OVERALL, TaskComparison
 from quantgate.gate import CandidateVerdict, RuleResult
+from quantgate.report.view import grouped_notes
 from quantgate.run import ModelResult, RunResult
 
 STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[red]fail[/]", "inconclusive": "[yellow]inconclusive[/]"}
@@ -30,10 +31,9 @@ def render(result: RunResult, console: Console) -> None:
         console.print(f"[yellow]![/] {note}")
     for f in result.failed:
         console.print(f"[red]✗[/] {f.name}: {f.error}")
-    for m in [result.baseline, *result.candidates]:
-        cost = m.economics and m.economics.cost
-        if cost and m.candidate is not None and not cost.worth_it:
-            console.print(f"[yellow]![/] {m.name}: {cost.note}")
+    costs = [(m.name, m.economics.cost) for m in result.candidates if m.economics and m.economics.cost]
+    for line in grouped_notes((name, c.note) for name, c in costs if not c.worth_it):
+        console.print(f"[yellow]![/] {line}")
     if len(suite.tasks) > 0 and result.candidates and result.candidates[0].comparison.tasks:
         console.print(task_table(result))
     verdicts = {v.name: v for v in result.decision.verdicts}

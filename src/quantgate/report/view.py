@@ -7,6 +7,7 @@ kld_hist, an overall task (unlabeled eval sets), NaN metrics (stored as null).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,8 +181,16 @@ def economics_table(results: Results) -> Table | None:
 
 
 def economics_notes(results: Results) -> list[str]:
-    """The cost notes ("name: note"), for under the economics table."""
-    return [f"{m['name']}: {cost(m)['note']}" for m in models(results) if cost(m).get("note")]
+    """The cost notes ("name, name: note"), for under the economics table."""
+    return grouped_notes((m["name"], cost(m)["note"]) for m in models(results) if cost(m).get("note"))
+
+
+def grouped_notes(named: Iterable[tuple[str, str]]) -> list[str]:
+    """(name, note) pairs -> "a, b: note", one line per distinct note, in first-seen order."""
+    names: dict[str, list[str]] = {}
+    for name, note in named:
+        names.setdefault(note, []).append(name)
+    return [f"{', '.join(n)}: {note}" for note, n in names.items()]
 
 
 def latencies(lat: dict[str, float] | None) -> str:
