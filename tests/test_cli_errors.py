@@ -95,12 +95,24 @@ def test_features_not_built_yet(tmp_path, text, fragment):
     "text, fragment",
     [
         ("candidates:\n  - {method: gguf, type: Q4_K_M}\n", "runs on serving.engine llamacpp, not 'torch'"),
-        ("candidates:\n  - {method: gguf, bits: 4}\n", "candidates.0: Value error, method gguf needs 'type'"),
+        ("candidates:\n  - {method: gguf, bits: 4}\n", "candidates.0: method gguf needs 'type'"),
         ("serving: {engine: llamacpp}\ncandidates:\n  - {method: rtn, bits: 4}\n", "runs on serving.engine torch"),
     ],
 )
 def test_methods_must_match_the_engine(tmp_path, text, fragment):
     assert_one_line_error(quantgate("run", str(write(tmp_path, text))), fragment)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("economics: {hardware_cost_per_hour: 0.5}\n", "economics: hardware_cost_per_hour and tokens_per_month go together"),
+        ("economics:\n  tokens_per_month: 1000000\n", "economics: hardware_cost_per_hour and tokens_per_month go together"),
+        ("economics: {measure: false, hardware_cost_per_hour: 1, tokens_per_month: 5}\n", "economics: a price needs measured speed"),
+    ],
+)
+def test_half_a_price_is_an_error_not_a_run_without_costs(tmp_path, text, fragment):
+    assert_one_line_error(quantgate("run", str(write(tmp_path, text))), "config.yaml:1: " + fragment)
 
 
 def test_both_candidate_forms_is_an_error(tmp_path):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
@@ -369,6 +370,15 @@ class EconomicsConfig(Frozen):
     # A monthly saving under this is "already cheap enough at your volume".
     min_monthly_saving: float = Field(100.0, ge=0)
 
+    @model_validator(mode="after")
+    def _price_needs_volume_and_speed(self) -> EconomicsConfig:
+        priced = (self.hardware_cost_per_hour is not None, self.tokens_per_month is not None)
+        if any(priced) and not all(priced):
+            raise ValueError("hardware_cost_per_hour and tokens_per_month go together: cost at volume needs both")
+        if all(priced) and not self.measure:
+            raise ValueError("a price needs measured speed: drop measure: false, or drop the price")
+        return self
+
 
 class CalibrationConfig(Frozen):
     """Text that calibrated methods (gptq, awq, smoothquant) see; never the eval text."""
@@ -499,7 +509,12 @@ def _describe(path: Path, text: str, err: ValidationError) -> str:
     where = f"{path}:{line}" if line else str(path)
     if first["type"] == "extra_forbidden":
         return f"{where}: unknown key '{key}'"
-    return f"{where}: {key}: {first['msg']}"
+    return f"{where}: {key}: {error_text(first)}"
+
+
+def error_text(error: Mapping[str, Any]) -> str:
+    """A pydantic error's message without the "Value error, " our own validators' messages get."""
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Engine as Store
 
-from quantgate.config import CandidateConfig, EconomicsConfig, EvalSetConfig, RunConfig
+from quantgate.config import CandidateConfig, EconomicsConfig, EvalSetConfig, RunConfig, error_text
 from quantgate.errors import UserError
 from quantgate.evals import stats
 from quantgate.evals.datasets import TEXT_SUFFIXES, EvalSuite, load_suite
@@ -158,7 +158,7 @@ def plan(run: str, inputs: Path, *, candidate: str | None, store: str | None,
     except ValidationError as e:
         first = e.errors()[0]
         raise UserError(f"run {payload['run_id']}: its stored settings no longer validate "
-                        f"({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+                        f"({'.'.join(map(str, first['loc']))}: {error_text(first)})") from None
     cfg = drift_config(original, settings, inputs, payload["eval"]["tasks"])
     suite = load_suite(cfg.quality_gate, limit=cfg.evaluation.limit, cloze_items=0, seed=cfg.seed)
     check_tasks(cfg.quality_gate, suite.tasks)

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from quantgate.config import CALIBRATED_METHODS, CandidateConfig, RunConfig
+from quantgate.config import CALIBRATED_METHODS, CandidateConfig, RunConfig, error_text
 from quantgate.errors import UserError
 from quantgate.evals.datasets import load_suite
 from quantgate.evals.digest import eval_digest
@@ -53,7 +53,7 @@ def read_run(config: dict[str, Any], config_digest: str, where: Path, results: d
         cfg = RunConfig.model_validate(config)
     except ValidationError as e:
         first = e.errors()[0]
-        raise UserError(f"{where}: config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise UserError(f"{where}: config.{'.'.join(map(str, first['loc']))}: {error_text(first)}") from None
     return StoredRun(where, results, cfg)
 
 
