@@ -155,6 +155,8 @@ def test_missing_run_is_bad_input(tmp_path):
     proc = quantgate("drift", "20240101T000000Z-deadbeef", "--inputs", str(tmp_path / "in.jsonl"),
                      "--store", str(tmp_path / "q.db"))
     assert_one_line_error(proc, "q.db")
+    proc = quantgate("drift", str(tmp_path), "--inputs", str(tmp_path / "in.jsonl"))  # a directory, no results
+    assert_one_line_error(proc, f"{tmp_path}: not a run directory (it holds no results.json)")
 
 
 def sample(path: Path, source: Path, start: int, n: int) -> Path:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -178,6 +179,8 @@ def _original(run: str, store: str | None, results_dir: Path | None) -> tuple[di
     if (path / RESULTS).is_file():
         root = results_dir or path.parent
         return load_results(path), root, open_store(store_location(store, None, root))
+    if path.is_dir() or os.sep in run:  # a path, not a run id (those hold no separator)
+        raise UserError(f"{run}: not a run directory (it holds no {RESULTS})")
     root = results_dir or Path(RunConfig().results_dir)
     db = open_store(store_location(store, None, root), create=False)
     payload = load_run(db, run)
