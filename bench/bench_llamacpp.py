@@ -84,13 +84,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--types", nargs="+", default=list(TYPES), help="GGUF types besides F32 (the reference)")
     args = ap.parse_args()
     baseline = load_baseline("smollm2-135m-instruct")
     text = default_suite(limit=1, cloze_items=0, seed=0).perplexity_text
     windows = make_windows(baseline.tokenizer, text, 256, 8)
     reference = list(TorchEngine(baseline.model).token_logprobs(windows))
     prompts = [w[:64] for w in windows[:4]]  # the fixed request mix: four 64-token prompts
-    paths = {t: float_gguf(baseline) if t == "F32" else quantized_gguf(baseline, t) for t in TYPES}
+    types = ["F32", *(t for t in args.types if t != "F32")]
+    paths = {t: float_gguf(baseline) if t == "F32" else quantized_gguf(baseline, t) for t in types}
     del baseline  # the speed runs below happen in their own processes; free this one's memory
     bandwidth = memory_bandwidth()
     rows = {}

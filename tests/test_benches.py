@@ -1,0 +1,37 @@
+"""Every benchmark runs end to end (tiny arguments: this checks they work, not their numbers).
+The benches are not run by `make test` otherwise, so an API change would break them silently."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+BENCHES = {
+    "bench_mc.py": (["--items", "6"], "multiple-choice scoring, 6 piqa items"),
+    "bench_methods.py": (["--only", "rtn-w4-g64", "--piqa", "8", "--samples", "2", "--seq-len", "32"],
+                         "calibrated PTQ vs RTN"),
+    "bench_prune.py": (["--only", "wanda-mlp25", "--piqa", "8", "--samples", "2", "--seq-len", "32",
+                        "--rounds", "1", "--prompts", "1", "--new-tokens", "4"], "decode / baseline"),
+    "bench_llamacpp.py": (["--types", "Q8_0", "--rounds", "1", "--new-tokens", "4"], "harness / bare"),
+}
+
+
+@pytest.mark.parametrize("script", BENCHES)
+def test_bench_runs_and_prints_its_table(script):
+    if not (DATA / "piqa.jsonl").is_file() and script != "bench_llamacpp.py":
+        pytest.skip(f"{DATA} is absent")
+    if script in ("bench_prune.py", "bench_llamacpp.py"):
+        pytest.importorskip("llama_cpp")
+    args, title = BENCHES[script]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert title in proc.stdout, proc.stdout[-3000:]
