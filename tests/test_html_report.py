@@ -166,6 +166,20 @@ def test_economics_rows_price_measured_models_wherever_cost_sits():
                           f"{view.rate(m['economics']['decode_tokens_per_s'])} ({lo:,.0f}–{hi:,.0f})")
 
 
+def test_load_table_lists_every_measured_level_with_latencies():
+    results = synthetic_results()
+    table = view.load_table(results)
+    measured = [m for m in view.models(results) if view.economics(m) and not view.simulated(m)]
+    assert len(table.rows) == sum(len(view.economics(m)["load"]) for m in measured)
+    first = dict(zip(view.LOAD_HEADERS, table.rows[0].cells))
+    level = view.economics(measured[0])["load"][0]
+    assert first["model"] == measured[0]["name"] and first["batch size"] == str(level["batch_size"])
+    assert first["latency p50 / p95 / p99"] == view.latencies(level["latency_s"])
+    assert not any(r.cells[0] in {m["name"] for m in view.models(results) if view.simulated(m)} for r in table.rows)
+    page = render_html(results)
+    assert "Under load" in page and page.count('<table class="compact">') >= 3  # candidates, economics, load
+
+
 def test_identical_notes_are_listed_once_with_every_name():
     assert view.grouped_notes([("a", "simulated"), ("b", "cheap"), ("c", "simulated")]) == [
         "a, c: simulated", "b: cheap"]

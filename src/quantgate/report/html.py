@@ -148,13 +148,13 @@ def table_html(t: Table, status_col: str | None = None, cls: str = "") -> str:
     head = "".join(f'<th{" class=num" if n else ""}>{escape(h)}</th>' for h, n in zip(t.headers, t.numeric))
     body = []
     for row in t.rows:
-        cls = " ".join(k for k, on in (("recommended", row.recommended), ("simulated", row.simulated)) if on)
+        row_cls = " ".join(k for k, on in (("recommended", row.recommended), ("simulated", row.simulated)) if on)
         cells = "".join(
             f"<td>{_chip(row.status, cell)}</td>" if h == status_col else
             f'<td class="sim">{escape(cell)}</td>' if cell == view.SIMULATED else
             f'<td{" class=num" if n else ""}>{escape(cell)}</td>'
             for h, n, cell in zip(t.headers, t.numeric, row.cells))
-        body.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
+        body.append(f'<tr class="{row_cls}">{cells}</tr>' if row_cls else f"<tr>{cells}</tr>")
     table_cls = f' class="{cls}"' if cls else ""
     return (f'<div class="scroll"><table{table_cls}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
             "</table></div>")
@@ -208,8 +208,10 @@ def _economics(results: Results) -> str:
          "real kernel, so it is not shown as speed." if sim else "")
     notes = "".join(f"<li>{escape(n)}</li>" for n in view.economics_notes(results))
     notes_html = f'<ul class="notes">{notes}</ul>' if notes else ""
-    load = plots.load_plot(results)
-    return _section("economics", "Economics", table_html(table, None, "compact") + notes_html + (load or ""), lead)
+    load, levels = plots.load_plot(results), view.load_table(results)
+    levels_html = (f"<h3>Under load</h3>{table_html(levels, None, 'compact')}" if levels else "")
+    return _section("economics", "Economics", table_html(table, None, "compact") + notes_html + (load or "")
+                    + levels_html, lead)
 
 
 def _kld(results: Results) -> str:

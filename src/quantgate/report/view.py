@@ -180,6 +180,19 @@ def economics_table(results: Results) -> Table | None:
     return Table(ECONOMICS_HEADERS, tuple(rows), numeric)
 
 
+LOAD_HEADERS = ("model", "batch size", "served", "latency p50 / p95 / p99", "tokens/s")
+
+
+def load_table(results: Results) -> Table | None:
+    """The request mix at each batch size, per model with a measured (not simulated) sweep:
+    latency percentiles and throughput under that load; None when no model has one."""
+    rows = tuple(Row((m["name"], str(level["batch_size"]), "batched" if level.get("batched", True) else "queued",
+                      latencies(level.get("latency_s")), rate(level.get("tokens_per_s"))), gate_status(results, m))
+                 for m in models(results) if not simulated(m)
+                 for level in sorted((economics(m) or {}).get("load") or [], key=lambda r: r["batch_size"]))
+    return Table(LOAD_HEADERS, rows, (False, True, False, True, True)) if rows else None
+
+
 def economics_notes(results: Results) -> list[str]:
     """The cost notes ("name, name: note"), for under the economics table."""
     return grouped_notes((m["name"], cost(m)["note"]) for m in models(results) if cost(m).get("note"))
