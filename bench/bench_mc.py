@@ -29,12 +29,6 @@ def accuracy(option_ll: np.ndarray, offsets: np.ndarray, gold: np.ndarray) -> fl
     return float(np.mean(np.array(chosen) == gold))
 
 
-def accuracy(ll: np.ndarray, offsets: np.ndarray, items: tuple) -> float:
-    """Share of items whose highest-log-likelihood option is the gold one (raw log-likelihood)."""
-    picks = [int(np.argmax(ll[offsets[i]:offsets[i + 1]])) for i in range(len(items))]
-    return float(np.mean([p == item.gold for p, item in zip(picks, items)]))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--task", default="piqa")
@@ -64,18 +58,18 @@ def main() -> int:
         rows.append((name, time.perf_counter() - t0, ll))
     (_, t_ref, ll_ref), _, (_, t_eng, ll_eng) = rows
 
+    gold = np.array([item.gold for item in prepared.suite.items])
     table = Table(title=f"multiple-choice scoring, {len(items)} {args.task} items, {len(reqs)} options, "
                         f"{n_tokens} tokens, {torch.get_num_threads()} threads")
     for col in ("scorer", "seconds", "items/s", "tokens/s", "accuracy", "speed-up"):
         table.add_column(col, justify="left" if col == "scorer" else "right")
     for name, dt, ll in rows:
-        acc = accuracy(ll, prepared.offsets, prepared.suite.items)
+        acc = accuracy(ll, prepared.offsets, gold)
         table.add_row(name, f"{dt:.1f}", f"{len(items) / dt:.1f}", f"{n_tokens / dt:.0f}", f"{acc:.4f}",
                       f"{t_ref / dt:.2f}x")
     console = Console(width=130)
     console.print(table)
-    same = (accuracy(ll_ref, prepared.offsets, prepared.suite.items)
-            == accuracy(ll_eng, prepared.offsets, prepared.suite.items))
+    same = accuracy(ll_ref, prepared.offsets, gold) == accuracy(ll_eng, prepared.offsets, gold)
     console.print(f"max |log-likelihood difference| = {np.max(np.abs(ll_ref - ll_eng)):.2e}; "
                   f"identical accuracy: {same}")
     return 0
