@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml

@@ -67,13 +67,14 @@ def measure(engine: Engine, prompts: Sequence[Sequence[int]], new_tokens: int) -
         t0 = time.perf_counter()
         out = engine.generate([prompt], new_tokens)[0]
         whole = time.perf_counter() - t0
+        decoding = max(whole - first, 1e-9)
         prefill_time += first
         prompt_tokens += len(prompt)
-        decode_time += max(whole - first, 1e-9)
+        decode_time += decoding
         decoded += len(out) - 1
         latencies.append(whole)
         if len(out) > 1:
-            rates.append((len(out) - 1) / max(whole - first, 1e-9))
+            rates.append((len(out) - 1) / decoding)
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
     return Throughput(
         prefill_tokens_per_s=prompt_tokens / prefill_time,

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from quantgate.evals.metrics import OVERALL, TaskComparison
 from quantgate.gate import CandidateVerdict, RuleResult
-from quantgate.report.view import grouped_notes
+from quantgate.report.view import decode_cell, grouped_notes
 from quantgate.run import ModelResult, RunResult
 
 STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[red]fail[/]", "inconclusive": "[yellow]inconclusive[/]"}
@@ -115,8 +115,7 @@ def _economics_cells(m: ModelResult, base) -> list[str]:
     ratio = f"{tp.decode_tokens_per_s / base.throughput.decode_tokens_per_s:.2f}x" if base and base.throughput else "—"
     lat = tp.latency_s
     return [e.engine, mb(e.artifact_bytes), mb(e.peak_rss_bytes), f"{tp.prefill_tokens_per_s:.0f}",
-            f"{tp.decode_tokens_per_s:.1f}" + (f" ({tp.decode_range[0]:.0f}-{tp.decode_range[1]:.0f})"
-                                               if tp.decode_range else ""), ratio, f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['p99']:.2f}",
+            decode_cell(tp.decode_tokens_per_s, tp.decode_range), ratio, f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['p99']:.2f}",
             f"{e.roofline_fraction:.0%}" if e.roofline_fraction is not None else "—",
             f"{e.tokens_per_s_under_load:.1f}" + ("" if e.load[-1].batched else " (queued)") if e.load else "—"]
 

@@ -7,7 +7,7 @@ kld_hist, an overall task (unlabeled eval sets), NaN metrics (stored as null).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,10 +55,13 @@ def rate(v: float | None) -> str:
 
 
 def decode_rate(e: dict[str, Any]) -> str:
+    """An economics dict's decode cell (see decode_cell)."""
+    return decode_cell(e.get("decode_tokens_per_s"), e.get("decode_tokens_per_s_range"))
+
+
+def decode_cell(pooled: float | None, spread: Sequence[float] | None) -> str:
     """Pooled decode tokens/s, with the slowest and fastest single request when recorded."""
-    spread = e.get("decode_tokens_per_s_range")
-    pooled = rate(e.get("decode_tokens_per_s"))
-    return f"{pooled} ({spread[0]:,.0f}–{spread[1]:,.0f})" if spread and pooled != DASH else pooled
+    return f"{rate(pooled)} ({spread[0]:,.0f}–{spread[1]:,.0f})" if spread and pooled is not None else rate(pooled)
 
 
 def money(v: float | None, cents: bool = True) -> str:
