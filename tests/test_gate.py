@@ -18,7 +18,7 @@ from quantgate.evals.datasets import ChoiceItem, ClozeItem, EvalSuite, Generatio
 from quantgate.evals.metrics import OVERALL, Comparison, Flips, TaskComparison, compare, flips, model_metrics
 from quantgate.evals.scoring import normalize
 from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, prepare, with_response_windows
-from quantgate.gate import CandidateVerdict, RuleResult, at_least, at_most, check_tasks, decide, judge
+from quantgate.gate import CandidateVerdict, RuleKind, RuleResult, at_least, at_most, check_tasks, decide, judge
 
 from conftest import CharTokenizer
 
@@ -43,7 +43,7 @@ NAN = float("nan")
 )
 def test_at_least(value, interval, status):
     floor = 0.94 if value != 0.946 else 0.95
-    r = at_least("x >= floor", value, interval, floor)
+    r = at_least(RuleKind.RECOVERY, "x >= floor", value, interval, floor)
     assert r.status == status
     assert r.passed == (status == "pass")
     assert (r.rule, r.interval, r.threshold) == ("x >= floor", interval, floor)
@@ -62,7 +62,7 @@ def test_at_least(value, interval, status):
     ],
 )
 def test_at_most(value, interval, status):
-    r = at_most("y <= ceiling", value, interval, 0.02)
+    r = at_most(RuleKind.FLIP_RATE, "y <= ceiling", value, interval, 0.02)
     assert r.status == status and r.passed == (status == "pass") and r.threshold == 0.02
 
 

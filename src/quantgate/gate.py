@@ -8,6 +8,7 @@ as measured, never rounded first (0.946 does not pass a 0.95 floor).
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +21,31 @@ from quantgate.evals.metrics import OVERALL, Comparison, TaskComparison
 Status = Literal["pass", "fail", "inconclusive"]
 
 
+class RuleKind(str, enum.Enum):
+    """What a rule measures: views format values by kind (percentages, significant digits), never
+    by parsing the rule's text."""
+
+    RECOVERY = "recovery"  # overall recovery: candidate / baseline metric
+    TASK_RECOVERY = "task_recovery"  # one task's recovery
+    AGREEMENT = "agreement"  # an unlabeled task's agreement with the baseline
+    ABSOLUTE = "absolute"  # the candidate's own metric
+    FLIP_RATE = "flip_rate"
+    KLD_MEAN = "kld_mean"
+    KLD_P99 = "kld_p99"
+    NO_RULE = "no_rule"  # no rule applies to the eval set: fails
+    ENGINE = "engine"  # the engine did not run to completion: fails
+
+    @property
+    def is_rate(self) -> bool:
+        """Shown as a percentage."""
+        return self in (RuleKind.FLIP_RATE,)
+
+    @property
+    def is_divergence(self) -> bool:
+        """Shown with significant digits (values span orders of magnitude)."""
+        return self in (RuleKind.KLD_MEAN, RuleKind.KLD_P99)
+
+
 @dataclass(frozen=True)
 class RuleResult:
     rule: str  # e.g. "overall recovery >= 0.94"
@@ -27,6 +53,7 @@ class RuleResult:
     value: float
     interval: tuple[float, float]
     threshold: float
+    kind: RuleKind = RuleKind.RECOVERY
 
     @property
     def passed(self) -> bool:
@@ -58,47 +85,53 @@ class Decision:
     reason: str
 
 
-def at_least(rule: str, value: float, interval: tuple[float, float], floor: float) -> RuleResult:
+def at_least(kind: RuleKind, rule: str, value: float, interval: tuple[float, float], floor: float) -> RuleResult:
     lo, hi = interval
     if math.isnan(value):
-        return RuleResult(rule, "fail", value, interval, floor)
+        return RuleResult(rule, "fail", value, interval, floor, kind)
     status: Status = "pass" if lo >= floor else "fail" if hi < floor else "inconclusive"
-    return RuleResult(rule, status, value, interval, floor)
+    return RuleResult(rule, status, value, interval, floor, kind)
 
 
-def at_most(rule: str, value: float, interval: tuple[float, float], ceiling: float) -> RuleResult:
+def at_most(kind: RuleKind, rule: str, value: float, interval: tuple[float, float], ceiling: float) -> RuleResult:
     lo, hi = interval
     if math.isnan(value):
-        return RuleResult(rule, "fail", value, interval, ceiling)
+        return RuleResult(rule, "fail", value, interval, ceiling, kind)
     status: Status = "pass" if hi <= ceiling else "fail" if lo > ceiling else "inconclusive"
-    return RuleResult(rule, status, value, interval, ceiling)
+    return RuleResult(rule, status, value, interval, ceiling, kind)
+
+
+def failing(kind: RuleKind, rule: str) -> RuleResult:
+    """A rule that fails with nothing measured (no rule applies; the engine crashed)."""
+    nan = float("nan")
+    return RuleResult(rule, "fail", nan, (nan, nan), nan, kind)
 
 
 def judge(name: str, weight_bytes: int, cmp: Comparison, gate: QualityGateConfig) -> CandidateVerdict:
     rules: list[RuleResult] = []
     overall = cmp.tasks.get(OVERALL)
     if overall is not None:
-        rules.append(at_least(f"{gate.metric} recovery >= {gate.min_acceptable}", overall.recovery,
+        rules.append(at_least(RuleKind.RECOVERY, f"{gate.metric} recovery >= {gate.min_acceptable}", overall.recovery,
                               overall.recovery_ci, gate.min_acceptable))
     for task, floor in gate.task_floors.items():
         t = _task(cmp, task)
         what = "recovery" if t.labeled else "agreement with baseline"
-        rules.append(at_least(f"{task} {what} >= {floor}", t.recovery, t.recovery_ci, floor))
+        kind = RuleKind.TASK_RECOVERY if t.labeled else RuleKind.AGREEMENT
+        rules.append(at_least(kind, f"{task} {what} >= {floor}", t.recovery, t.recovery_ci, floor))
     for task, floor in gate.absolute_floors.items():
         t = _task(cmp, task)
-        rules.append(at_least(f"{task} {gate.metric} >= {floor}", t.cand, _own_interval(t, gate.confidence), floor))
+        rules.append(at_least(RuleKind.ABSOLUTE, f"{task} {gate.metric} >= {floor}", t.cand, _own_interval(t, gate.confidence), floor))
     if gate.max_flip_rate is not None and overall is not None:
-        rules.append(at_most(f"flip rate <= {gate.max_flip_rate}", overall.flips.rate, overall.flip_rate_ci,
+        rules.append(at_most(RuleKind.FLIP_RATE, f"flip rate <= {gate.max_flip_rate}", overall.flips.rate, overall.flip_rate_ci,
                              gate.max_flip_rate))
     if gate.max_kld_mean is not None:
-        rules.append(at_most(f"KLD mean <= {gate.max_kld_mean}", cmp.kld.mean, cmp.kld.mean_ci, gate.max_kld_mean))
+        rules.append(at_most(RuleKind.KLD_MEAN, f"KLD mean <= {gate.max_kld_mean}", cmp.kld.mean, cmp.kld.mean_ci, gate.max_kld_mean))
     if gate.max_kld_p99 is not None:
-        rules.append(at_most(f"KLD p99 <= {gate.max_kld_p99}", cmp.kld.quantile, cmp.kld.quantile_ci,
+        rules.append(at_most(RuleKind.KLD_P99, f"KLD p99 <= {gate.max_kld_p99}", cmp.kld.quantile, cmp.kld.quantile_ci,
                              gate.max_kld_p99))
     if not rules:  # e.g. unlabeled prompts only, with no task floor and no KLD ceiling
-        nan = float("nan")
-        rules.append(RuleResult("some gate rule applies to this eval set (set task_floors or KLD ceilings)",
-                                "fail", nan, (nan, nan), nan))
+        rules.append(failing(RuleKind.NO_RULE, "some gate rule applies to this eval set (set task_floors or "
+                             "KLD ceilings)"))
     return CandidateVerdict(name, weight_bytes, tuple(rules), gate.inconclusive == "pass")
 
 

@@ -34,7 +34,7 @@ from quantgate.evals.tasks import (
     ModelScores, PreparedSuite, evaluate, generation_only, kl_divergence, prepare, with_response_windows,
 )
 from quantgate.errors import NothingHappened, UserError
-from quantgate.gate import CandidateVerdict, Decision, RuleResult, check_tasks, decide, judge
+from quantgate.gate import CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge
 from quantgate.methods.apply import make_candidate, weight_bytes
 from quantgate.methods.calibrate import CalibrationSet, calibration_set
 from quantgate.methods.gguf_quant import float_gguf, quantized_gguf, tensor_types
@@ -450,5 +450,4 @@ def _noise_floor(ctx: _Context, prepared: PreparedSuite, reference: list[torch.T
 
 
 def _crashed_verdict(name: str, error: str) -> CandidateVerdict:
-    nan = float("nan")
-    return CandidateVerdict(name, 0, (RuleResult(f"engine ran to completion ({error})", "fail", nan, (nan, nan), nan),))
+    return CandidateVerdict(name, 0, (failing(RuleKind.ENGINE, f"engine ran to completion ({error})"),))
