@@ -116,6 +116,25 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_output_error(seed, nm):
     assert sgpt < wanda < 0.85 * mag  # measured: sgpt ≈ 0.6 × magnitude, wanda ≈ 0.72 ×
 
 
+@pytest.mark.parametrize("cols", [576, 200])  # the default model's width; a width not a multiple of 128
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_on_real_widths(cols, nm):
+    """More than one block of columns, the last one partial (it used to raise a TypeError past
+    128 columns with 2:4: the block loop reused the name of the width for a slice)."""
+    w, x, H = correlated_problem(3, rows=32, cols=cols)
+    sparsity = None if nm else 0.5
+    out = prune.sparsegpt_prune(w, H, sparsity, nm)
+    if nm:
+        _assert_two_of_four(out != 0)
+    else:
+        assert int((out == 0).sum()) == sum(prune.count_of(0.5, 32 * min(128, cols - b)) for b in range(0, cols, 128))
+
+    def err(pruned: torch.Tensor) -> float:
+        return float((x @ w.T - x @ pruned.T).norm() / (x @ w.T).norm())
+
+    assert err(out) < 0.85 * err(w * prune.magnitude_mask(w, sparsity, nm))
+
+
 def test_unit_importance_is_the_output_error_of_removing_the_unit():
     w, x, _ = correlated_problem(5, rows=16, cols=96)
     H = x.double().T @ x.double()  # exact XᵀX (any common factor would do)

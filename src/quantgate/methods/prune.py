@@ -130,9 +130,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         if nm is None:  # saliency w² / Hinv_jj², ranked as |w| / Hinv_jj
             K1[:] = score_mask(W1.abs() / d1[None, :], sparsity, None, per_row=False)
         for t in range(b1 - b0):
-            if nm is not None and t % nm[1] == 0:
-                cols = slice(t, t + nm[1])
-                K1[:, cols] = nm_mask(W1[:, cols].abs() / d1[None, cols], nm)
+            if nm is not None and t % nm[1] == 0:  # (a name of its own: `cols` is the width above)
+                window = slice(t, t + nm[1])
+                K1[:, window] = nm_mask(W1[:, window].abs() / d1[None, window], nm)
             e = W1[:, t] * ~K1[:, t] / Hinv1[t, t]  # [out]: nonzero where pruned
             W1[:, t:] -= e[:, None] * Hinv1[None, t, t:]
             err[:, t] = e
