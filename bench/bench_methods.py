@@ -18,20 +18,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from quantgate.config import CandidateConfig
+from quantgate.methods.registry import candidate
 from quantgate.methods.apply import make_candidate
 
 CANDIDATES = (
-    CandidateConfig(method="rtn", bits=4, group_size=64),
-    CandidateConfig(method="gptq", bits=4, group_size=64),
-    CandidateConfig(method="gptq", bits=4, group_size=64, act_order=True),
-    CandidateConfig(method="awq", bits=4, group_size=64),
-    CandidateConfig(method="rtn", bits=3, group_size=64),
-    CandidateConfig(method="gptq", bits=3, group_size=64),
-    CandidateConfig(method="gptq", bits=3, group_size=64, act_order=True),
-    CandidateConfig(method="awq", bits=3, group_size=64),
-    CandidateConfig(method="w8a8"),
-    CandidateConfig(method="smoothquant", alpha=0.5),
+    candidate(method="rtn", bits=4, group_size=64),
+    candidate(method="gptq", bits=4, group_size=64),
+    candidate(method="gptq", bits=4, group_size=64, act_order=True),
+    candidate(method="awq", bits=4, group_size=64),
+    candidate(method="rtn", bits=3, group_size=64),
+    candidate(method="gptq", bits=3, group_size=64),
+    candidate(method="gptq", bits=3, group_size=64, act_order=True),
+    candidate(method="awq", bits=3, group_size=64),
+    candidate(method="w8a8"),
+    candidate(method="smoothquant", alpha=0.5),
 )
 
 

@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from quantgate.config import CandidateConfig
+from quantgate.methods.registry import candidate
 from quantgate.economics import measure
 from quantgate.engines.llamacpp import LlamaCppEngine
 from quantgate.engines.torch import TorchEngine
@@ -41,16 +41,16 @@ from quantgate.models.load import locate_packaged
 OUT = Path(__file__).resolve().parent / "out"
 
 CANDIDATES = (
-    CandidateConfig(prune="magnitude", sparsity=0.5),
-    CandidateConfig(prune="wanda", sparsity=0.5),
-    CandidateConfig(prune="sparsegpt", sparsity=0.5),
-    CandidateConfig(prune="magnitude", pattern="2:4"),
-    CandidateConfig(prune="wanda", pattern="2:4"),
-    CandidateConfig(prune="sparsegpt", pattern="2:4"),
-    CandidateConfig(prune="magnitude", sparsity=0.25, structure="mlp"),
-    CandidateConfig(prune="wanda", sparsity=0.25, structure="mlp"),
-    CandidateConfig(prune="wanda", sparsity=0.34, structure="heads"),  # 1 of 3 KV groups
-    CandidateConfig(steps=[{"prune": "wanda", "sparsity": 0.5}, {"quantize": "gptq", "bits": 4, "group_size": 64}]),
+    candidate(prune="magnitude", sparsity=0.5),
+    candidate(prune="wanda", sparsity=0.5),
+    candidate(prune="sparsegpt", sparsity=0.5),
+    candidate(prune="magnitude", pattern="2:4"),
+    candidate(prune="wanda", pattern="2:4"),
+    candidate(prune="sparsegpt", pattern="2:4"),
+    candidate(prune="magnitude", sparsity=0.25, structure="mlp"),
+    candidate(prune="wanda", sparsity=0.25, structure="mlp"),
+    candidate(prune="wanda", sparsity=0.34, structure="heads"),  # 1 of 3 KV groups
+    candidate(steps=[{"prune": "wanda", "sparsity": 0.5}, {"quantize": "gptq", "bits": 4, "group_size": 64}]),
 )
 SPEED = ("wanda-mlp25", "wanda-heads34")  # structured: measured on llama.cpp against the baseline
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantgate.config import CalibrationConfig, CandidateConfig
+from quantgate.methods.registry import candidate
+from quantgate.config import CalibrationConfig
 from quantgate.errors import UserError
 from quantgate.evals import prose
 from quantgate.evals.datasets import default_suite
@@ -52,7 +53,7 @@ def _calib(vocab: int = 128, samples: int = 8, seq_len: int = 24) -> Calibration
 def test_driver_quantizes_every_block_linear_and_leaves_the_baseline(tiny_llama, method, torch_single_thread):
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     kwargs = {} if method == "smoothquant" else {"bits": 4, "group_size": 32}
-    cand = CandidateConfig(method=method, **kwargs)
+    cand = candidate(method=method, **kwargs)
     blocks_seen = []
     made = make_candidate(tiny_llama, arch_of("llama"), cand, _calib(), on_block=blocks_seen.append)
     n_layers = tiny_llama.config.num_hidden_layers
@@ -66,7 +67,7 @@ def test_driver_quantizes_every_block_linear_and_leaves_the_baseline(tiny_llama,
 
 def test_calibrated_method_without_data_is_an_error(tiny_llama):
     with pytest.raises(ValueError, match="calibration"):
-        make_candidate(tiny_llama, arch_of("llama"), CandidateConfig(method="gptq", bits=4), None)
+        make_candidate(tiny_llama, arch_of("llama"), candidate(method="gptq", bits=4), None)
 
 
 def smoothing_only_max_diff(model: torch.nn.Module, calib: CalibrationSet, ids: torch.Tensor) -> float:
@@ -75,8 +76,8 @@ def smoothing_only_max_diff(model: torch.nn.Module, calib: CalibrationSet, ids: 
 
     smoothed = copy.deepcopy(model)
     arch = arch_of(model.config.model_type)
-    cand = CandidateConfig(method="smoothquant", alpha=0.5)
-    method = apply._smoothquant_block(cand, apply.spec_of(cand), arch, quantize=False)
+    cand = candidate(method="smoothquant", alpha=0.5)
+    method = apply._smoothquant_block(cand, arch, quantize=False)
     changed = run_blocks(smoothed, arch, calib, {"absmax"}, method, seed=0)
     assert changed > 0
     with torch.no_grad():
@@ -89,7 +90,7 @@ def test_smoothing_alone_leaves_the_tiny_model_unchanged(tiny_llama, torch_singl
 
 def test_w8a8_with_quantized_embeddings_runs(tiny_llama):
     # the activation hook must not touch the embedding, whose input is token ids
-    made = make_candidate(tiny_llama, arch_of("llama"), CandidateConfig(method="w8a8", quantize_embeddings=True))
+    made = make_candidate(tiny_llama, arch_of("llama"), candidate(method="w8a8", quantize_embeddings=True))
     assert not made.model.model.embed_tokens._forward_pre_hooks  # ids would be silently rounded
     assert made.model.model.layers[0].self_attn.q_proj._forward_pre_hooks
     with torch.no_grad():

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from quantgate.methods.registry import MethodConfig, candidate
 from quantgate.config import (
     DEFAULT_CANDIDATES,
-    CandidateConfig,
+    MethodConfig,
     RunConfig,
     check_supported,
     default_config_path,
@@ -59,7 +60,7 @@ def test_not_supported_reference():
 
 
 def test_explicit_symmetric_kept():
-    assert CandidateConfig(method="rtn", bits=4, group_size=64, symmetric=True).symmetric is True
+    assert candidate(method="rtn", bits=4, group_size=64, symmetric=True).symmetric is True
 
 
 def test_yaml_list_at_top_level_is_an_error(tmp_path):

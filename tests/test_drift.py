@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from quantgate.methods.registry import candidate
 from quantgate.config import RunConfig
 from quantgate.drift import PERIODS, Plan, due_at, not_due
 from quantgate.evals.stats import fisher_exact, interval_difference_p, kolmogorov_sf, ks_2samp, normal_quantile
@@ -251,7 +252,6 @@ def test_bad_input_against_a_real_run(gate_run):
 
 
 def test_drift_config_keeps_rules_and_text_and_maps_the_task(tmp_path):
-    from quantgate.config import CandidateConfig
     from quantgate.drift import QUICK_ECONOMICS, drift_config
 
     original = RunConfig.model_validate({
@@ -261,7 +261,7 @@ def test_drift_config_keeps_rules_and_text_and_maps_the_task(tmp_path):
                          "task_floors": {"tickets": 0.97}, "max_flip_rate": 0.05},
         "evaluation": {"limit": 200},
     })
-    shipped = CandidateConfig(method="rtn", bits=4, group_size=64)
+    shipped = candidate(method="rtn", bits=4, group_size=64)
     cfg = drift_config(original, shipped, tmp_path / "prod.jsonl", {"tickets": 300})
     assert cfg.resolved_candidates == (shipped,)
     new, text = cfg.quality_gate.eval_sets
@@ -276,9 +276,8 @@ def test_drift_config_keeps_rules_and_text_and_maps_the_task(tmp_path):
 
 
 def test_text_sample_needs_a_run_on_eval_files(tmp_path):
-    from quantgate.config import CandidateConfig
     from quantgate.drift import drift_config
     from quantgate.errors import UserError
 
     with pytest.raises(UserError, match="prod.txt: a text sample needs"):
-        drift_config(RunConfig(), CandidateConfig(), tmp_path / "prod.txt", {"default-mc": 50})
+        drift_config(RunConfig(), candidate(), tmp_path / "prod.txt", {"default-mc": 50})

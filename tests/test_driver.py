@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantgate.config import CandidateConfig
+from quantgate.methods.registry import candidate
 from quantgate.errors import NothingHappened
 from quantgate.methods.apply import make_candidate, spec_of, targets, weight_bytes
 from quantgate.methods.rtn import QuantSpec, fake_quantize, packed_bytes
@@ -44,19 +44,19 @@ def _expected_bytes(model: torch.nn.Module, quantized: dict[str, QuantSpec]) -> 
 
 
 def test_targets_are_the_block_linears(tiny_llama):
-    cand = CandidateConfig(bits=4, group_size=32)
+    cand = candidate(bits=4, group_size=32)
     assert sorted(targets(tiny_llama, LLAMA, cand)) == sorted(_expected_block_names(tiny_llama))
-    with_emb = targets(tiny_llama, LLAMA, CandidateConfig(bits=4, group_size=32, quantize_embeddings=True))
+    with_emb = targets(tiny_llama, LLAMA, candidate(bits=4, group_size=32, quantize_embeddings=True))
     assert sorted(with_emb) == sorted(_expected_block_names(tiny_llama) + ["model.embed_tokens", "lm_head"])
 
 
 @pytest.mark.parametrize(
     "cand",
     [
-        CandidateConfig(bits=4, group_size=32),
-        CandidateConfig(bits=8),
-        CandidateConfig(bits=2, group_size=64),
-        CandidateConfig(bits=3, group_size=40),  # 64 and 96 columns: non-divisible groups
+        candidate(bits=4, group_size=32),
+        candidate(bits=8),
+        candidate(bits=2, group_size=64),
+        candidate(bits=3, group_size=40),  # 64 and 96 columns: non-divisible groups
     ],
     ids=lambda c: c.label,
 )
@@ -93,7 +93,7 @@ def test_candidate_quantizes_block_linears_only(tiny_llama, cand):
 
 
 def test_embeddings_quantized_only_when_asked(tiny_llama):
-    cand = CandidateConfig(bits=4, group_size=32, quantize_embeddings=True)
+    cand = candidate(bits=4, group_size=32, quantize_embeddings=True)
     before = _state(tiny_llama)
     result = make_candidate(tiny_llama, LLAMA, cand)
     assert result.modules_changed == 14 + 2
@@ -120,7 +120,7 @@ def test_tied_embeddings_counted_once(tiny_llama_tied, quantize_embeddings):
     # parameters() skips the tied duplicate; counting it twice would add 128*64*4 bytes
     assert weight_bytes(model)[0] == 4 * (sum(p.numel() for n, p in model.named_parameters()))
 
-    cand = CandidateConfig(bits=4, group_size=32, quantize_embeddings=quantize_embeddings)
+    cand = candidate(bits=4, group_size=32, quantize_embeddings=quantize_embeddings)
     before = _state(model)
     result = make_candidate(model, LLAMA, cand)
     out = result.model
@@ -147,27 +147,27 @@ def test_tied_embeddings_counted_once(tiny_llama_tied, quantize_embeddings):
 
 def test_regex_matching_nothing_raises(tiny_llama):
     arch = ArchInfo(block_linears=r"transformer\.h\.\d+\.attn\.c_attn", embeddings=("wte",))
-    assert targets(tiny_llama, arch, CandidateConfig(bits=4, group_size=32)) == []
+    assert targets(tiny_llama, arch, candidate(bits=4, group_size=32)) == []
     with pytest.raises(NothingHappened):
-        make_candidate(tiny_llama, arch, CandidateConfig(bits=4, group_size=32))
+        make_candidate(tiny_llama, arch, candidate(bits=4, group_size=32))
     # embeddings named in the table that the model lacks are skipped, so this is nothing too
     with pytest.raises(NothingHappened):
-        make_candidate(tiny_llama, arch, CandidateConfig(bits=4, group_size=32, quantize_embeddings=True))
+        make_candidate(tiny_llama, arch, candidate(bits=4, group_size=32, quantize_embeddings=True))
 
 
 def test_partial_regex_matches_full_names_only(tiny_llama):
     # fullmatch semantics: a pattern for q_proj alone picks 2 modules, not every name containing it
     arch = ArchInfo(block_linears=r"model\.layers\.\d+\.self_attn\.q_proj", embeddings=())
-    result = make_candidate(tiny_llama, arch, CandidateConfig(bits=4, group_size=32))
+    result = make_candidate(tiny_llama, arch, candidate(bits=4, group_size=32))
     assert result.modules_changed == 2
     arch_prefix = ArchInfo(block_linears=r"model\.layers\.\d+", embeddings=())  # matches no Linear
     with pytest.raises(NothingHappened):
-        make_candidate(tiny_llama, arch_prefix, CandidateConfig(bits=4, group_size=32))
+        make_candidate(tiny_llama, arch_prefix, candidate(bits=4, group_size=32))
 
 
 def test_candidate_changes_outputs(tiny_llama):
     ids = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
-    result = make_candidate(tiny_llama, LLAMA, CandidateConfig(bits=2, group_size=32))
+    result = make_candidate(tiny_llama, LLAMA, candidate(bits=2, group_size=32))
     with torch.no_grad():
         base = tiny_llama(ids).logits
         cand = result.model(ids).logits

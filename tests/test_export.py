@@ -39,7 +39,7 @@ ROUND_TRIP_KLD = 1e-4  # the acceptance bound: export -> load -> logits vs the e
 CANDIDATES = {  # name -> settings: every method the torch engine exports
     "rtn-w4-g32": {"method": "rtn", "bits": 4, "group_size": 32},  # asymmetric (groups)
     "rtn-w8": {"method": "rtn", "bits": 8},  # per-channel symmetric
-    "gptq-w4-g32": {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True},
+    "gptq-w4-g32-sym": {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True},
     "awq-w4-g32": {"method": "awq", "bits": 4, "group_size": 32},
     "smoothquant-w8a8-a0.5": {"method": "smoothquant"},
 }
@@ -189,9 +189,9 @@ def test_plain_transformers_loads_a_symmetric_packed_checkpoint(tiny_run, remade
 
     made, _, ids = remade
     with single_thread():
-        exported = export_candidate(tiny_run, "gptq-w4-g32", "compressed-tensors", tmp_path / "ct")
+        exported = export_candidate(tiny_run, "gptq-w4-g32-sym", "compressed-tensors", tmp_path / "ct")
     plain = AutoModelForCausalLM.from_pretrained(exported.directory, dtype=torch.float32)
-    assert mean_kld(made["gptq-w4-g32"].model, plain, ids) < ROUND_TRIP_KLD
+    assert mean_kld(made["gptq-w4-g32-sym"].model, plain, ids) < ROUND_TRIP_KLD
 
 
 def test_w8a8_is_int_quantized_with_dynamic_per_token_inputs(tiny_run, tmp_path):
@@ -221,7 +221,7 @@ def test_float16_storage_that_changes_the_candidate_is_refused(tiny_run, tmp_pat
 def test_manifest_says_what_the_artifact_is(tiny_run, tmp_path):
     results = json.loads((tiny_run / "results.json").read_text())
     with single_thread():
-        exported = export_candidate(tiny_run, "gptq-w4-g32", "compressed-tensors", tmp_path / "ct")
+        exported = export_candidate(tiny_run, "gptq-w4-g32-sym", "compressed-tensors", tmp_path / "ct")
     doc = json.loads(exported.manifest.read_text())
     assert set(doc["files"]) == {p.name for p in exported.directory.iterdir() if p.name != MANIFEST}
     for name, entry in doc["files"].items():
@@ -234,7 +234,7 @@ def test_manifest_says_what_the_artifact_is(tiny_run, tmp_path):
     assert doc["calibration"]["sha256"] == results["calibration"]["sha256"]
     assert doc["eval"]["sha256"] == results["eval"]["sha256"] and len(doc["eval"]["sha256"]) == 64
     assert {"quantgate", "torch", "transformers", "compressed-tensors", "llama_cpp"} <= set(doc["versions"])
-    record = next(c for c in results["candidates"] if c["name"] == "gptq-w4-g32")
+    record = next(c for c in results["candidates"] if c["name"] == "gptq-w4-g32-sym")
     assert doc["gate"] == record["gate"] and doc["measured"]["vs_baseline"] == record["vs_baseline"]
     assert len(doc["measured"]["vs_baseline"]["kld_mean_ci"]) == 2  # results with their intervals
     assert doc["machine"]["run"] == results["environment"]["machine"]
@@ -312,7 +312,7 @@ def test_export_refuses_what_it_cannot_reproduce(tiny_run, tmp_path):
         results[key]["sha256"] = "0" * 64
         (edited / "results.json").write_text(json.dumps(results))
         with pytest.raises(UserError, match="sha256|no longer match"), single_thread():
-            export_candidate(edited, "gptq-w4-g32", "hf", tmp_path / f"c-{path}")
+            export_candidate(edited, "gptq-w4-g32-sym", "hf", tmp_path / f"c-{path}")
 
 
 # -- the real default model --------------------------------------------------------------------------

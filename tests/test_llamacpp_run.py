@@ -69,4 +69,4 @@ def test_gguf_candidates_need_the_llamacpp_engine_and_a_known_type():
         with pytest.raises(ValueError, match="gguf"):
             RunConfig.model_validate({"candidates": [bad]})
     cand = RunConfig.model_validate({"candidates": [{"method": "gguf", "type": "Q4_K_M", "imatrix": True}]}).candidates[0]
-    assert (cand.label, cand.bits) == ("gguf-Q4_K_M-imatrix", 4)
+    assert (cand.label, cand.quantized_bits) == ("gguf-Q4_K_M-imatrix", 4)

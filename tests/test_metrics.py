@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantgate.config import CandidateConfig
+from quantgate.methods.registry import candidate
 from quantgate.engines.base import Timing
 from quantgate.engines.torch import TorchEngine, loglikelihood_reference
 from quantgate.errors import NothingHappened
@@ -142,7 +142,7 @@ def test_evaluate_against_own_reference(tiny_llama, prepared):
     np.testing.assert_array_equal(again.token_nll, base.token_nll)
 
     # a 2-bit candidate drifts: KL > 0 somewhere, never negative, and some metrics computed
-    cand = make_candidate(tiny_llama, arch_of("llama"), CandidateConfig(bits=2, group_size=32))
+    cand = make_candidate(tiny_llama, arch_of("llama"), candidate(bits=2, group_size=32))
     cand_scores, _ = evaluate(TorchEngine(cand.model), prepared, reference=kept)
     assert np.all(cand_scores.kld >= 0) and cand_scores.kld.max() > 1e-3
     assert not np.all(cand_scores.top1_agree)

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from quantgate.engines.http import RetryPolicy, retry_after_seconds
-from quantgate.engines.openai import OpenAIEngine, concurrency_levels, measure_load
+from quantgate.economics import batch_sizes
+from quantgate.engines.openai import OpenAIEngine, measure_load
 from quantgate.engines.topk import coarsen, fill_row, kld_topk, tail_mask
 from quantgate.engines.torch import TorchEngine
 from quantgate.errors import UserError
@@ -312,7 +313,7 @@ def test_from_config_reads_the_key_from_the_environment(char_tokenizer, monkeypa
     from quantgate.config import ServingConfig
 
     serving = ServingConfig(engine="openai", base_url="http://127.0.0.1:9/v1", api_key_env="QG_TEST_KEY",
-                            timeout_s=5, max_retries=2, top_logprobs=7, max_batch_size=3)
+                            timeout_s=5, max_retries=2, top_logprobs=7, max_concurrency=3)
     monkeypatch.delenv("QG_TEST_KEY", raising=False)
     with pytest.raises(UserError, match="QG_TEST_KEY is not set"):
         OpenAIEngine.from_config(serving, char_tokenizer)
@@ -323,9 +324,9 @@ def test_from_config_reads_the_key_from_the_environment(char_tokenizer, monkeypa
 
 
 def test_concurrency_levels():
-    assert concurrency_levels(1) == [1]
-    assert concurrency_levels(16) == [1, 2, 4, 8, 16]
-    assert concurrency_levels(12) == [1, 2, 4, 8, 12]
+    assert batch_sizes(1) == [1]
+    assert batch_sizes(16) == [1, 2, 4, 8, 16]
+    assert batch_sizes(12) == [1, 2, 4, 8, 12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,9 +510,9 @@ def test_load_levels_from_a_real_server(llama_server, smollm):
     engine = OpenAIEngine(llama_server, tokenizer=tok, policy=PATIENT)
     chat = _chat(tok, "Count to ten.")
     levels = measure_load(engine, [chat], new_tokens=8, max_batch_size=2)
-    assert [lv.concurrency for lv in levels] == [1, 2]
+    assert [lv.batch_size for lv in levels] == [1, 2]
     for lv in levels:
-        assert lv.new_tokens > 0 and lv.tokens_per_s > 0 and lv.requests == max(1, 2 * lv.concurrency)
+        assert lv.new_tokens > 0 and lv.tokens_per_s > 0 and lv.requests == max(1, 2 * lv.batch_size)
         assert lv.latency_s["p50"] <= lv.latency_s["p95"] <= lv.latency_s["p99"]
         assert 0 < lv.ttft_s["p50"] <= lv.latency_s["p50"]
 
@@ -529,10 +530,11 @@ def test_a_run_against_servers_without_prompt_logprobs_runs_generation_only(llam
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     mc = tmp_path / "colours.jsonl"
     mc.write_text(json.dumps({"query": "The sky is", "choices": [" blue", " green"], "gold": 0}) + "\n")
-    server = {"engine": "openai", "base_url": llama_server, "max_batch_size": 2, "timeout_s": 120}
+    server = {"engine": "openai", "base_url": llama_server, "max_batch_size": 2, "max_concurrency": 2,
+              "timeout_s": 120}
     cfg = RunConfig.model_validate({
         "serving": server,
-        "candidates": [{"method": "rtn", "bits": 4, "name": "served-q4", "serving": server}],
+        "candidates": [{"method": "served", "bits": 4, "name": "served-q4", "serving": server}],
         "quality_gate": {"eval_sets": [{"path": str(data), "max_new_tokens": 6}, {"path": str(mc)}],
                          "min_items": 5},
         "evaluation": {"limit": 20, "cloze_items": 2, "ppl_windows": 1, "window_tokens": 32},

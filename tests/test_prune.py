@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import gen, outlier_activations
-from quantgate.config import CandidateConfig
+from quantgate.methods.registry import candidate
 from quantgate.errors import NothingHappened, UserError
 from quantgate.methods import prune
 from quantgate.methods.apply import make_candidate, shrink_config, shrink_units, weight_bytes
@@ -191,7 +191,7 @@ def test_gptq_with_a_mask_stores_exact_zeros_and_compensates(symmetric):
 @pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
 def test_driver_prunes_every_block_linear_to_the_sparsity(tiny_llama, score, torch_single_thread):
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    made = make_candidate(tiny_llama, LLAMA, CandidateConfig(prune=score, sparsity=0.5), _calib())
+    made = make_candidate(tiny_llama, LLAMA, candidate(prune=score, sparsity=0.5), _calib())
     n_layers = tiny_llama.config.num_hidden_layers
     assert made.modules_changed == 7 * n_layers
     for i in range(n_layers):
@@ -211,17 +211,17 @@ def test_driver_prunes_every_block_linear_to_the_sparsity(tiny_llama, score, tor
 
 
 def test_driver_two_four_on_every_block_linear(tiny_llama, torch_single_thread):
-    made = make_candidate(tiny_llama, LLAMA, CandidateConfig(prune="sparsegpt", pattern="2:4"), _calib())
+    made = make_candidate(tiny_llama, LLAMA, candidate(prune="sparsegpt", pattern="2:4"), _calib())
     for i in range(tiny_llama.config.num_hidden_layers):
         for name in BLOCK_LINEARS:
             _assert_two_of_four(made.model.get_submodule(f"model.layers.{i}.{name}").weight != 0)
 
 
 def test_calibration_is_needed_except_for_magnitude(tiny_llama):
-    make_candidate(tiny_llama, LLAMA, CandidateConfig(prune="magnitude", sparsity=0.5))
-    make_candidate(tiny_llama, LLAMA, CandidateConfig(prune="magnitude", sparsity=0.5, structure="mlp"))
+    make_candidate(tiny_llama, LLAMA, candidate(prune="magnitude", sparsity=0.5))
+    make_candidate(tiny_llama, LLAMA, candidate(prune="magnitude", sparsity=0.5, structure="mlp"))
     with pytest.raises(ValueError, match="calibration"):
-        make_candidate(tiny_llama, LLAMA, CandidateConfig(prune="wanda", sparsity=0.5))
+        make_candidate(tiny_llama, LLAMA, candidate(prune="wanda", sparsity=0.5))
 
 
 def test_shrinking_with_no_unit_removed_changes_nothing(tiny_llama):
@@ -263,7 +263,7 @@ def test_shrunk_model_matches_the_masked_original(tiny_llama, kind, n_units, rem
 
 @pytest.mark.parametrize("kind,sparsity", [("mlp", 0.25), ("heads", 0.5)])
 def test_driver_structured_pruning_shrinks_shapes_and_config(tiny_llama, kind, sparsity, torch_single_thread):
-    cand = CandidateConfig(prune="wanda", sparsity=sparsity, structure=kind)
+    cand = candidate(prune="wanda", sparsity=sparsity, structure=kind)
     made = make_candidate(tiny_llama, LLAMA, cand, _calib())
     cfg, base = made.model.config, tiny_llama.config
     layers = made.model.model.layers
@@ -291,20 +291,20 @@ def test_driver_structured_pruning_shrinks_shapes_and_config(tiny_llama, kind, s
 
 def test_structured_counts_that_remove_nothing_or_everything_are_errors(tiny_llama):
     with pytest.raises(NothingHappened, match="pruned 0"):  # 0.2 × 2 KV groups rounds to 0
-        make_candidate(tiny_llama, LLAMA, CandidateConfig(prune="magnitude", sparsity=0.2, structure="heads"))
+        make_candidate(tiny_llama, LLAMA, candidate(prune="magnitude", sparsity=0.2, structure="heads"))
     with pytest.raises(UserError, match="all 2"):
-        make_candidate(tiny_llama, LLAMA, CandidateConfig(prune="magnitude", sparsity=0.9, structure="heads"))
+        make_candidate(tiny_llama, LLAMA, candidate(prune="magnitude", sparsity=0.9, structure="heads"))
 
 
 @pytest.mark.parametrize("quantizer", [{"quantize": "rtn"}, {"quantize": "gptq"}, {"quantize": "awq"}])
 def test_prune_then_quantize_keeps_the_pruned_zeros(tiny_llama, quantizer, torch_single_thread):
-    wanda = CandidateConfig(prune="wanda", sparsity=0.5)
+    wanda = candidate(prune="wanda", sparsity=0.5)
     pruned = make_candidate(tiny_llama, LLAMA, wanda, _calib()).model
     steps = [{"prune": "wanda", "sparsity": 0.5}, {**quantizer, "bits": 4, "group_size": 32}]  # asymmetric grid
-    cand = CandidateConfig(steps=steps)
+    cand = candidate(steps=steps)
     made = make_candidate(tiny_llama, LLAMA, cand, _calib())
     assert made.modules_changed == 14 + 14
-    alone_cand = CandidateConfig(method=quantizer["quantize"], bits=4, group_size=32)
+    alone_cand = candidate(method=quantizer["quantize"], bits=4, group_size=32)
     alone = make_candidate(tiny_llama, LLAMA, alone_cand, _calib())
     assert (made.weight_bytes, made.quantized_params) == (alone.weight_bytes, alone.quantized_params)
     for i in range(2):
@@ -316,7 +316,7 @@ def test_prune_then_quantize_keeps_the_pruned_zeros(tiny_llama, quantizer, torch
 
 
 def test_structured_then_unstructured_then_quantize(tiny_llama, torch_single_thread):
-    cand = CandidateConfig(steps=[{"prune": "wanda", "sparsity": 0.25, "structure": "mlp"},
+    cand = candidate(steps=[{"prune": "wanda", "sparsity": 0.25, "structure": "mlp"},
                                   {"prune": "sparsegpt", "pattern": "2:4"}, {"quantize": "rtn", "bits": 8}])
     made = make_candidate(tiny_llama, LLAMA, cand, _calib())
     assert made.model.config.intermediate_size == 72
@@ -333,7 +333,7 @@ def test_structurally_pruned_model_round_trips_through_gguf(tiny_llama, tmp_path
     from quantgate.models.gguf_export import write_gguf
     from test_gguf_export import reference_metadata
 
-    cand = CandidateConfig(steps=[{"prune": "magnitude", "sparsity": 0.25, "structure": "mlp"},
+    cand = candidate(steps=[{"prune": "magnitude", "sparsity": 0.25, "structure": "mlp"},
                                   {"prune": "magnitude", "sparsity": 0.5, "structure": "heads"}])
     made = make_candidate(tiny_llama, LLAMA, cand).model
     meta = reference_metadata(tiny_llama, tmp_path / "meta.gguf")  # describes the unpruned model
@@ -386,7 +386,7 @@ def test_real_model_wanda_beats_magnitude_at_half_sparsity(real, real_windows):
     reference = list(TorchEngine(real.model).token_logprobs(real_windows))
     kld = {}
     for score in ("magnitude", "wanda"):
-        made = make_candidate(real.model, real.arch, CandidateConfig(prune=score, sparsity=0.5), calib)
+        made = make_candidate(real.model, real.arch, candidate(prune=score, sparsity=0.5), calib)
         assert made.modules_changed == 30 * 7
         down = made.model.model.layers[7].mlp.down_proj.weight
         assert int((down == 0).sum()) == down.numel() // 2
@@ -403,7 +403,7 @@ def test_real_model_structured_pruning_runs_on_llama_cpp(real, real_windows, tmp
     from quantgate.models.gguf_export import write_gguf
     from quantgate.models.load import locate_packaged
 
-    cand = CandidateConfig(steps=[{"prune": "magnitude", "sparsity": 0.25, "structure": "mlp"},
+    cand = candidate(steps=[{"prune": "magnitude", "sparsity": 0.25, "structure": "mlp"},
                                   {"prune": "magnitude", "sparsity": 0.34, "structure": "heads"}])
     made = make_candidate(real.model, real.arch, cand)
     cfg = made.model.config

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantgate.config import CandidateConfig
+from quantgate.methods.registry import candidate
 from quantgate.engines.torch import TorchEngine, loglikelihood_reference
 from quantgate.evals.datasets import default_suite
 from quantgate.evals.tasks import evaluate, prepare
@@ -62,7 +62,7 @@ def test_int8_is_close_and_int2_is_not(baseline, small_suite):
     engine = TorchEngine(baseline.model)
     _, reference = evaluate(engine, small_suite, keep=True)
     kld = {}
-    for cand in (CandidateConfig(method="rtn", bits=8), CandidateConfig(method="rtn", bits=2, group_size=64)):
+    for cand in (candidate(method="rtn", bits=8), candidate(method="rtn", bits=2, group_size=64)):
         made = make_candidate(baseline.model, baseline.arch, cand)
         assert made.modules_changed == 30 * 7
         scores, _ = evaluate(TorchEngine(made.model), small_suite, reference)

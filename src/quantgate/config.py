@@ -9,6 +9,9 @@ Shape (the seed's mental model, plus a list of candidates):
     quality_gate: {verified_against, eval_set, metric, min_acceptable, drift_check}
     evaluation:   {sizes of the default suite, batching}
 
+A candidate is validated by the config model of its method (methods/registry.py); which engine
+runs which method is the backend registry's (engines/registry.py).
+
 Values that parse but whose feature does not exist yet are rejected by `check_supported` with a
 "not supported yet: ..." message, so the seed's own block is understood rather than crashed on.
 """
@@ -17,48 +20,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from quantgate.engines import registry as backends
 from quantgate.errors import NotSupportedYet, UserError
+from quantgate.methods.registry import METHODS, STEP_TYPES, Candidate, MethodConfig, RtnConfig, upgrade_candidate
+from quantgate.settings import DEFAULT_MAX_BATCH_SIZE, Frozen, ServingConfig
+
+TAGS = set(METHODS) | set(STEP_TYPES)  # the candidate unions' tags (see _without_tags)
+__all__ = ["Candidate", "MethodConfig", "ServingConfig", "DEFAULT_MAX_BATCH_SIZE"]  # re-exported
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_BATCH_TOKENS = 1024  # ~1k tokens per forward keeps activations in this CPU's caches
-
-Method = Literal["rtn", "gptq", "awq", "smoothquant", "w8a8", "gguf", "prune"]
-IMPLEMENTED_METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8", "gguf", "prune")
-# Methods that may need calibration data (prune: all scores but magnitude; see needs_calibration).
-CALIBRATED_METHODS = ("gptq", "awq", "smoothquant", "prune")
-PruneScore = Literal["magnitude", "wanda", "sparsegpt"]
-# n:m patterns: keep n of every m consecutive input columns.
-PRUNE_PATTERNS = {"2:4": (2, 4)}
-PRUNE_FIELDS = ("prune", "sparsity", "pattern", "structure")
-# Quantizers a `steps` composition may end with (fake-quantized in torch; a pruned zero stays 0).
-STEP_QUANTIZERS = ("rtn", "gptq", "awq", "smoothquant", "w8a8")
-# Weights and activations in 8 bits: smoothquant (with smoothing) and w8a8 (naive, no smoothing).
-W8A8_METHODS = ("smoothquant", "w8a8")
-Engine = Literal["torch", "llamacpp", "vllm", "openai", "tgi", "sglang"]
-IMPLEMENTED_ENGINES = ("torch", "llamacpp", "openai")
-# llama.cpp file types a gguf candidate may ask for -> nominal bits (K-quant mixes keep some
-# tensors wider; the artifact's real size is measured).
-GGUF_TYPE_BITS = {"Q8_0": 8, "Q6_K": 6, "Q5_K_M": 5, "Q4_K_M": 4, "Q4_0": 4, "Q3_K_M": 3, "Q2_K": 2, "IQ4_XS": 4}
-# Methods that each engine runs: the torch engine evaluates fake-quantized PyTorch models; the
-# llama.cpp engine evaluates GGUF files quantized by llama.cpp itself.
-ENGINE_METHODS = {"torch": ("rtn", "gptq", "awq", "smoothquant", "w8a8", "prune"), "llamacpp": ("gguf",)}
 # The reference the candidates are compared with. "baseline" is model.base exactly as loaded
 # (float32); fp32/float32 are synonyms. bf16/fp16 references parse but are not implemented.
 Reference = Literal["baseline", "fp32", "float32", "bf16", "fp16"]
 IMPLEMENTED_REFERENCES = ("baseline", "fp32", "float32")
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelConfig(Frozen):
@@ -66,227 +48,11 @@ class ModelConfig(Frozen):
     base: str = DEFAULT_MODEL
 
 
-class ServingConfig(Frozen):
-    engine: Engine = "torch"
-    # Largest number of sequences in one forward pass (openai: concurrent requests).
-    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
-    # openai: the server's API root as the OpenAI SDK takes it (e.g. http://host:8000/v1), the
-    # served model's name (None: the only one the server lists) and the environment variable
-    # holding the API key (None: no key sent).
-    base_url: str | None = Field(None, pattern=r"^https?://")
-    model: str | None = None
-    api_key_env: str | None = None
-    # openai: seconds one try of a request may take; retries after a failed try (429, 5xx,
-    # timeout, dropped connection), with exponential backoff.
-    timeout_s: float = Field(60.0, gt=0.0, le=3600.0)
-    max_retries: int = Field(4, ge=0, le=20)
-    # openai: log-probabilities per position asked for (KL divergence is estimated from the top k;
-    # vLLM allows up to its --max-logprobs, 20 by default).
-    top_logprobs: int = Field(20, ge=1)
-
-    @model_validator(mode="after")
-    def _server_needs_url(self) -> ServingConfig:
-        if self.engine == "openai" and self.base_url is None:
-            raise ValueError("serving.engine openai needs base_url (e.g. http://host:8000/v1)")
-        return self
-
-
-class CandidateConfig(Frozen):
-    method: Method = "rtn"
-    bits: int = Field(4, ge=2, le=8)
-    # Columns per quantization group along the input dimension; None = one scale per output row.
-    group_size: int | None = Field(None, ge=1)
-    # None: symmetric when there is no group (per-channel), asymmetric with groups.
-    symmetric: bool | None = None
-    # Embeddings and lm_head stay at the baseline's precision unless asked for.
-    quantize_embeddings: bool = False
-    name: str | None = None
-    # gptq: process columns by descending Hessian diagonal; dampening as a fraction of its mean.
-    act_order: bool = False
-    damp: float = Field(0.01, gt=0.0, lt=1.0)
-    # awq: points of the scale-exponent grid searched per group of linears.
-    grid: int = Field(20, ge=1, le=100)
-    # smoothquant: migration strength (0: all difficulty stays on activations, 1: all on weights).
-    alpha: float = Field(0.5, ge=0.0, le=1.0)
-    # gguf: llama.cpp's file type, and whether an importance matrix from the calibration text
-    # guides its rounding.
-    type: str | None = None
-    imatrix: bool = False
-    # prune: the score that picks the weights removed (magnitude: smallest |W| per matrix; wanda:
-    # smallest |W_ij|·‖X_j‖ per output row; sparsegpt: OBS sweep on H = XᵀX that also updates the
-    # weights kept). Giving it implies method prune; method prune alone means wanda.
-    prune: PruneScore | None = None
-    # Fraction removed: of each weight matrix, or with `structure` of each block's units.
-    sparsity: float | None = Field(None, gt=0.0, lt=1.0)
-    # "2:4": in every 4 consecutive input columns keep 2 (implies sparsity 0.5).
-    pattern: Literal["unstructured", "2:4"] = "unstructured"
-    # Remove whole units so shapes shrink, the same count in every block: "mlp" intermediate
-    # neurons, "heads" KV groups (a key/value head with the query heads that share it).
-    structure: Literal["mlp", "heads"] | None = None
-    # A composition applied in order: prune steps, then at most one quantize step (in a step,
-    # `quantize: gptq` means method gptq). The candidate's method, bits and other quantization
-    # settings mirror its quantize step (method prune when there is none).
-    steps: tuple[CandidateConfig, ...] | None = None
-    # Where this candidate is served, when not where serving says (e.g. its own vLLM server).
-    serving: ServingConfig | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults_by_method(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = _step_aliases(data)
-        if data.get("steps") is not None:
-            return _mirror_quantize_step(data)
-        if data.get("method") == "prune":  # no quantization defaults; checked in _check_prune
-            pattern = PRUNE_PATTERNS.get(data.get("pattern"))
-            if pattern and data.get("sparsity") is None:
-                data = {**data, "sparsity": 1 - pattern[0] / pattern[1]}
-            return data
-        if data.get("method") in W8A8_METHODS:
-            if data.get("bits", 8) != 8 or data.get("group_size") is not None or data.get("symmetric") is False:
-                raise ValueError(f"method {data['method']} is W8A8: int8 per-channel symmetric weights "
-                                 "(leave bits, group_size and symmetric out)")
-            data = {**data, "bits": 8}
-        if data.get("method") == "gguf":
-            data = _gguf_defaults(data)
-        if data.get("symmetric") is None:
-            data = {**data, "symmetric": data.get("group_size") is None}
-        return data
-
-    @model_validator(mode="after")
-    def _check_prune(self) -> CandidateConfig:
-        if self.steps is not None:
-            _check_steps(self.steps)
-        elif self.method == "prune":
-            _check_prune_fields(self)
-        elif any(getattr(self, k) != CandidateConfig.model_fields[k].default for k in PRUNE_FIELDS):
-            raise ValueError(f"{', '.join(PRUNE_FIELDS)} belong to method prune (or a prune step in 'steps')")
-        return self
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether making this candidate needs calibration data."""
-        if self.steps:
-            return any(s.needs_calibration for s in self.steps)
-        if self.method == "prune":
-            return self.prune != "magnitude"
-        return self.method in CALIBRATED_METHODS
-
-    @property
-    def quantized_bits(self) -> int | None:
-        """Bits per quantized weight; None when nothing is quantized (pruning alone keeps the
-        baseline's precision, whatever `bits` defaults to)."""
-        return None if self.method == "prune" else self.bits
-
-    @property
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        if self.steps:
-            return "+".join(s.label for s in self.steps)
-        if self.method == "prune":
-            if self.pattern != "unstructured":
-                return f"{self.prune}-{self.pattern}"
-            return f"{self.prune}-{self.structure or 's'}{self.sparsity * 100:.4g}"
-        if self.method == "smoothquant":
-            return f"smoothquant-w8a8-a{self.alpha:g}"
-        if self.method == "w8a8":
-            return "w8a8-naive"
-        if self.method == "gguf":
-            return f"gguf-{self.type}" + ("-imatrix" if self.imatrix else "")
-        group = f"-g{self.group_size}" if self.group_size else ""
-        order = "-actorder" if self.act_order else ""
-        return f"{self.method}-w{self.bits}{group}{order}"
-
-
-def _gguf_defaults(data: dict[str, Any]) -> dict[str, Any]:
-    gguf_type = data.get("type")
-    if gguf_type not in GGUF_TYPE_BITS:
-        raise ValueError(f"method gguf needs 'type', one of {', '.join(GGUF_TYPE_BITS)} (got {gguf_type!r})")
-    # (the type's own bits and no group_size are what a dumped config holds: it validates again)
-    if data.get("bits", GGUF_TYPE_BITS[gguf_type]) != GGUF_TYPE_BITS[gguf_type] or data.get("group_size") is not None:
-        raise ValueError("method gguf: the type sets the bits and block layout (leave bits and group_size out)")
-    return {**data, "bits": GGUF_TYPE_BITS[gguf_type]}
-
-
-def _quantization_fields() -> list[str]:
-    """CandidateConfig fields that only a quantizer reads (a prune step leaves them at defaults)."""
-    own = {"method", "name", "steps", "damp", *PRUNE_FIELDS}  # damp: also sparsegpt's dampening
-    return [k for k in CandidateConfig.model_fields if k not in own]
-
-
-def _step_aliases(data: dict[str, Any]) -> dict[str, Any]:
-    """`quantize: X` means method X; `prune: S` implies method prune; method prune means wanda."""
-    if "quantize" in data:
-        if "method" in data:
-            raise ValueError("give 'quantize' or 'method', not both")
-        data = {**{k: v for k, v in data.items() if k != "quantize"}, "method": data["quantize"]}
-    if data.get("prune") is not None and "method" not in data:
-        data = {**data, "method": "prune"}
-    if data.get("method") == "prune" and data.get("prune") is None and data.get("steps") is None:
-        data = {**data, "prune": "wanda"}
-    return data
-
-
-def _mirror_quantize_step(data: dict[str, Any]) -> dict[str, Any]:
-    """A composition's own method and quantization settings: those of its quantize step. Settings
-    given beside `steps` must agree with it (so a dumped candidate validates again)."""
-    try:
-        steps = [CandidateConfig.model_validate(s) for s in data["steps"]]
-    except (ValidationError, TypeError):
-        return data  # the steps field's own validation reports where
-    quantizers = [s for s in steps if s.method != "prune"]
-    mirror = {"method": "prune"}
-    if quantizers:
-        mirror = {k: getattr(quantizers[-1], k) for k in ("method", "damp", *_quantization_fields())}
-    fields = CandidateConfig.model_fields
-    clash = [k for k, v in data.items() if k in fields and k not in ("name", "steps")
-             and v != mirror.get(k, fields[k].default)]
-    if clash:
-        raise ValueError(f"with 'steps', give {', '.join(clash)} inside a step")
-    return {**data, **mirror}
-
-
-def _check_steps(steps: tuple[CandidateConfig, ...]) -> None:
-    if not steps:
-        raise ValueError("'steps' is empty: list at least one")
-    if any(s.steps is not None or s.name is not None for s in steps):
-        raise ValueError("a step has neither 'steps' nor 'name' (name the whole candidate)")
-    quantize = [i for i, s in enumerate(steps) if s.method != "prune"]
-    if len(quantize) > 1 or (quantize and quantize[0] != len(steps) - 1):
-        raise ValueError("steps: prune steps first, then at most one quantize step")
-    if quantize and steps[-1].method not in STEP_QUANTIZERS:
-        raise ValueError(f"steps: quantize with one of {', '.join(STEP_QUANTIZERS)}, not {steps[-1].method}")
-
-
-def _check_prune_fields(c: CandidateConfig) -> None:
-    quant = [k for k in _quantization_fields() if getattr(c, k) != CandidateConfig.model_fields[k].default]
-    if quant:
-        raise ValueError(f"method prune does not quantize: drop {', '.join(quant)} (or compose with 'steps')")
-    if c.sparsity is None:
-        raise ValueError("method prune needs 'sparsity' (the fraction removed, e.g. 0.5)")
-    if c.pattern != "unstructured":
-        n, m = PRUNE_PATTERNS[c.pattern]
-        if c.structure is not None:
-            raise ValueError(f"pattern {c.pattern} is for single weights; leave it out with 'structure'")
-        if not math.isclose(c.sparsity, 1 - n / m):
-            raise ValueError(f"pattern {c.pattern} removes {1 - n / m:g} of the weights; leave 'sparsity' out")
-    if c.structure is not None and c.prune == "sparsegpt":
-        raise ValueError("structure: units are ranked by magnitude or wanda importance, not sparsegpt")
-
-
-class QuantizationConfig(CandidateConfig):
-    """The seed's single-candidate block; `verified_against` may sit here or in quality_gate."""
-
-    verified_against: Reference | None = None
-
-
 DEFAULT_CANDIDATES = (
-    CandidateConfig(method="rtn", bits=8),
-    CandidateConfig(method="rtn", bits=4, group_size=64),
-    CandidateConfig(method="rtn", bits=3, group_size=64),
-    CandidateConfig(method="rtn", bits=2, group_size=64),
+    RtnConfig(bits=8),
+    RtnConfig(bits=4, group_size=64),
+    RtnConfig(bits=3, group_size=64),
+    RtnConfig(bits=2, group_size=64),
 )
 
 
@@ -348,7 +114,9 @@ class EvaluationConfig(Frozen):
     cloze_items: int = Field(200, ge=0)
     ppl_windows: int = Field(8, ge=1)
     window_tokens: int = Field(256, ge=16, le=8192)
-    # Upper bound on tokens in one forward pass (with max_batch_size it bounds memory).
+    # Sequences in one forward pass while scoring, and an upper bound on its tokens (together
+    # they bound memory).
+    batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
     batch_tokens: int = Field(DEFAULT_BATCH_TOKENS, ge=64)
     # Scored items are recorded in the store every this many items (what a killed run keeps).
     record_every: int = Field(128, ge=1)
@@ -393,8 +161,9 @@ class CalibrationConfig(Frozen):
 
 class RunConfig(Frozen):
     model: ModelConfig = ModelConfig()
-    quantization: QuantizationConfig | None = None
-    candidates: tuple[CandidateConfig, ...] | None = None
+    # The seed's single candidate (its verified_against, if any, is the quality gate's).
+    quantization: Candidate | None = None
+    candidates: tuple[Candidate, ...] | None = None
     serving: ServingConfig = ServingConfig()
     quality_gate: QualityGateConfig = QualityGateConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -411,6 +180,23 @@ class RunConfig(Frozen):
     # the run's settings: left out of model_dump and digest (a URL may carry a password).
     store: str | None = Field(None, exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_reference(cls, data: Any) -> Any:
+        """The seed writes verified_against inside quantization: it is the gate's reference."""
+        q = data.get("quantization") if isinstance(data, dict) else None
+        if not isinstance(q, dict) or "verified_against" not in q:
+            return data
+        gate = data.get("quality_gate") or {}
+        if not isinstance(gate, dict):
+            return data
+        ref = q["verified_against"]
+        if "verified_against" in gate and gate["verified_against"] != ref:
+            raise ValueError(f"quantization.verified_against ({ref}) and quality_gate.verified_against "
+                             f"({gate['verified_against']}) disagree: give one")
+        rest = {k: v for k, v in q.items() if k != "verified_against"}
+        return {**data, "quantization": rest, "quality_gate": {**gate, "verified_against": ref}}
+
     @model_validator(mode="after")
     def _one_candidate_form(self) -> RunConfig:
         if self.quantization is not None and self.candidates is not None:
@@ -424,16 +210,19 @@ class RunConfig(Frozen):
         return self
 
     @property
-    def resolved_candidates(self) -> tuple[CandidateConfig, ...]:
+    def resolved_candidates(self) -> tuple[MethodConfig, ...]:
         if self.quantization is not None:
-            fields = self.quantization.model_dump(exclude={"verified_against"})
-            return (CandidateConfig(**fields),)
+            return (self.quantization,)
         return self.candidates if self.candidates is not None else DEFAULT_CANDIDATES
 
     @property
     def reference(self) -> str:
-        q = self.quantization
-        return q.verified_against if q and q.verified_against else self.quality_gate.verified_against
+        return self.quality_gate.verified_against
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether making any candidate needs the calibration text."""
+        return any(c.needs_calibration for c in self.resolved_candidates)
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the config (the identity of a run's settings)."""
@@ -442,36 +231,44 @@ class RunConfig(Frozen):
 
 
 def check_supported(cfg: RunConfig) -> None:
-    """Raise NotSupportedYet for values that parse but whose feature is not built yet."""
-    engine = cfg.serving.engine
-    if engine not in IMPLEMENTED_ENGINES:
-        raise NotSupportedYet(f"serving.engine '{engine}'; available: {', '.join(IMPLEMENTED_ENGINES)}")
+    """Raise for what the config asks that cannot run: an engine that is not built (yet) or not
+    installed, a method on an engine that does not run its artifacts, a reference not built yet."""
+    entry = backends.entry(cfg.serving.engine)
     for c in cfg.resolved_candidates:
-        if c.serving is not None and c.serving.engine not in IMPLEMENTED_ENGINES:
-            raise NotSupportedYet(f"candidate {c.label}: serving.engine '{c.serving.engine}'")
-        if c.method not in IMPLEMENTED_METHODS:
-            raise NotSupportedYet(
-                f"method '{c.method}' (candidate {c.label}); available: {', '.join(IMPLEMENTED_METHODS)}"
-            )
-        if engine in ENGINE_METHODS and c.method not in ENGINE_METHODS[engine]:
-            runs_on = [e for e, methods in ENGINE_METHODS.items() if c.method in methods]
+        if c.artifact not in entry.accepts:
+            runs_on = backends.engines_for(c.artifact)
+            theirs = [m for m, spec in METHODS.items() if spec.artifact in entry.accepts]
             raise UserError(f"candidate {c.label}: method '{c.method}' runs on serving.engine "
-                            f"{' or '.join(runs_on)}, not '{engine}' (there: {', '.join(ENGINE_METHODS[engine])})")
-    if engine == "openai":
-        missing = [c.label for c in cfg.resolved_candidates if c.serving is None or c.serving.engine != "openai"]
-        if missing:
-            raise UserError(f"candidates {', '.join(missing)}: with serving.engine openai each candidate names its "
-                            "own server: serving: {engine: openai, base_url: ...}")
-    if engine == "llamacpp":
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            raise UserError("serving.engine llamacpp needs llama-cpp-python: pip install 'quantgate[llamacpp]'") from None
+                            f"{' or '.join(runs_on)}, not '{entry.name}' (there: {', '.join(theirs)})")
+    entry.check_config(cfg)
     if cfg.reference not in IMPLEMENTED_REFERENCES:
         raise NotSupportedYet(
             f"verified_against '{cfg.reference}': the reference is model.base as loaded (float32); "
             "use 'baseline'"
         )
+
+
+def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config as an older results.json stored it, in the current shape: candidates of schema 0
+    (one flat model for every method) become their method's own fields (see
+    methods.registry.upgrade_candidate); serving.max_batch_size, which also set the scoring batch,
+    sets evaluation.batch_size and serving.max_concurrency too when those are absent."""
+    data = dict(data)
+    if data.get("candidates"):
+        data["candidates"] = [upgrade_candidate(c) for c in data["candidates"]]
+    if data.get("quantization"):
+        q = dict(data["quantization"])
+        ref = q.pop("verified_against", None)
+        data["quantization"] = upgrade_candidate(q)
+        if ref is not None:
+            data["quality_gate"] = {**(data.get("quality_gate") or {}), "verified_against": ref}
+    serving = data.get("serving")
+    if isinstance(serving, dict) and "max_concurrency" not in serving and "max_batch_size" in serving:
+        data["serving"] = {**serving, "max_concurrency": serving["max_batch_size"]}
+        evaluation = data.get("evaluation") or {}
+        if "batch_size" not in evaluation:
+            data["evaluation"] = {**evaluation, "batch_size": serving["max_batch_size"]}
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +300,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 def _describe(path: Path, text: str, err: ValidationError) -> str:
     first = err.errors()[0]
+    first = {**first, "loc": _without_tags(first["loc"])}
     loc = tuple(str(x) for x in first["loc"])
     key = ".".join(loc) or "(top level)"
     line = _line_of(text, first["loc"])
@@ -510,6 +308,13 @@ def _describe(path: Path, text: str, err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"{where}: unknown key '{key}'"
     return f"{where}: {key}: {error_text(first)}"
+
+
+def _without_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A validation error's key path without the method tags the candidate union adds after a
+    candidate (candidates.0.rtn.bits -> candidates.0.bits): they are not keys of the YAML."""
+    return tuple(x for i, x in enumerate(loc)
+                 if not (i and x in TAGS and (isinstance(loc[i - 1], int) or loc[i - 1] == "quantization")))
 
 
 def error_text(error: Mapping[str, Any]) -> str:

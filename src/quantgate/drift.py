@@ -35,12 +35,13 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Engine as Store
 
-from quantgate.config import CandidateConfig, EconomicsConfig, EvalSetConfig, RunConfig, error_text
+from quantgate.config import EconomicsConfig, EvalSetConfig, RunConfig, error_text
 from quantgate.errors import UserError
 from quantgate.evals import stats
 from quantgate.evals.datasets import TEXT_SUFFIXES, EvalSuite, load_suite
 from quantgate.evals.metrics import OVERALL, Comparison
 from quantgate.gate import check_tasks
+from quantgate.methods.registry import MethodConfig, parse_candidate
 
 if TYPE_CHECKING:
     from quantgate.run import Progress
@@ -190,7 +191,7 @@ def _original(run: str, store: str | None, results_dir: Path | None) -> tuple[di
     return payload, root, db
 
 
-def _settings(payload: dict[str, Any], name: str) -> CandidateConfig:
+def _settings(payload: dict[str, Any], name: str) -> MethodConfig:
     found = [c for c in payload["candidates"] if c["name"] == name]
     if not found:
         names = ", ".join(c["name"] for c in payload["candidates"]) or "none"
@@ -198,10 +199,10 @@ def _settings(payload: dict[str, Any], name: str) -> CandidateConfig:
     if "settings" not in found[0]:
         raise UserError(f"run {payload['run_id']}: candidate {name} has no recorded settings (results.json "
                         "from an older quantgate): rerun the gate")
-    return CandidateConfig.model_validate(found[0]["settings"])
+    return parse_candidate(found[0]["settings"])
 
 
-def drift_config(original: RunConfig, candidate: CandidateConfig, inputs: Path, tasks: dict[str, int]) -> RunConfig:
+def drift_config(original: RunConfig, candidate: MethodConfig, inputs: Path, tasks: dict[str, int]) -> RunConfig:
     """The original config with only `candidate` and the new inputs as its eval set; every gate
     rule and evaluation setting kept. JSONL inputs replace the original's item files (their items
     take the original's task name when it had exactly one, and its options); the original's text
@@ -326,7 +327,7 @@ def input_shift(p: Plan) -> list[Shift]:
     if not old:
         return []
     baseline = load_baseline(cfg.model.base)
-    engine = TorchEngine(baseline.model, max_batch_size=cfg.serving.max_batch_size, batch_tokens=ev.batch_tokens)
+    engine = TorchEngine(baseline.model, max_batch_size=ev.batch_size, batch_tokens=ev.batch_tokens)
     (old_nll, old_len), (new_nll, new_len) = (
         unit_nll(engine, baseline.tokenizer, units, max_tokens=ev.window_tokens) for units in (old, new))
     return [shift_test("baseline NLL per token", old_nll, new_nll), shift_test("length (tokens)", old_len, new_len)]

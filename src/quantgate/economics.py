@@ -75,24 +75,36 @@ def measure(engine: Engine, prompts: Sequence[Sequence[int]], new_tokens: int) -
         latencies.append(whole)
         if len(out) > 1:
             rates.append((len(out) - 1) / decoding)
-    p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
     return Throughput(
         prefill_tokens_per_s=prompt_tokens / prefill_time,
         decode_tokens_per_s=decoded / decode_time if decoded else float("nan"),
-        latency_s={"p50": float(p50), "p95": float(p95), "p99": float(p99)},
+        latency_s=percentiles(latencies),
         new_tokens=decoded + len(prompts),
         decode_range=(min(rates), max(rates)) if rates else None,
     )
 
 
+def percentiles(xs: Sequence[float]) -> dict[str, float]:
+    """p50 / p95 / p99 of `xs` (the percentiles every latency figure reports)."""
+    p50, p95, p99 = np.percentile(xs, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
 @dataclass(frozen=True)
 class LoadLevel:
-    """The fixed request mix served `batch_size` requests at a time."""
+    """The fixed request mix served `batch_size` requests at a time (for a server: with that many
+    requests in flight at once)."""
 
     batch_size: int
-    batched: bool  # True: one forward serves the whole batch; False: requests queue (batch 1)
+    batched: bool  # True: served together (one forward, or a server's own batching); False: requests queue
     latency_s: dict[str, float]  # p50 / p95 / p99 of request latency (queueing included)
     tokens_per_s: float  # generated tokens per second over the whole load
+    # Streamed from a server: time to the first text (p50 / p95 / p99), requests sent, their rate,
+    # and the tokens generated (the server's usage count, else streamed events). None elsewhere.
+    ttft_s: dict[str, float] | None = None
+    requests: int | None = None
+    requests_per_s: float | None = None
+    new_tokens: int | None = None
 
 
 def batch_sizes(max_batch_size: int) -> list[int]:
@@ -119,9 +131,7 @@ def load_levels(engine: Engine, prompts: Sequence[Sequence[int]], new_tokens: in
             for prompt in batch:  # no stop ids: generation may still end early at end-of-sequence
                 engine.generate([prompt], new_tokens)
                 latencies.append(time.perf_counter() - t0)
-        p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
-        levels.append(LoadLevel(b, batched, {"p50": float(p50), "p95": float(p95), "p99": float(p99)},
-                                b * new_tokens / max(latencies)))
+        levels.append(LoadLevel(b, batched, percentiles(latencies), b * new_tokens / max(latencies)))
     return levels
 
 

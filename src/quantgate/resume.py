@@ -17,7 +17,8 @@ from functools import cached_property
 import numpy as np
 from sqlalchemy.engine import Engine as Store
 
-from quantgate.config import CandidateConfig, RunConfig
+from quantgate.methods.registry import MethodConfig
+from quantgate.config import RunConfig
 from quantgate.evals.datasets import GenerationItem
 from quantgate.evals.tasks import ItemOutput, PreparedSuite, WindowOutput
 from quantgate.store import ItemKey, ItemResult, digest, record_items, scored_items
@@ -33,7 +34,7 @@ def data_digest(prepared: PreparedSuite) -> str:
                    "stop_ids": prepared.stop_ids, "windows": prepared.windows})
 
 
-def settings_digest(cfg: RunConfig, cand: CandidateConfig | None, calibration: str | None) -> str:
+def settings_digest(cfg: RunConfig, cand: MethodConfig | None, calibration: str | None) -> str:
     if cand is None:
         return digest({"baseline": cfg.reference, "engine": cfg.serving.engine})
     return digest({"candidate": cand.model_dump(mode="json"), "engine": cfg.serving.engine,

@@ -1,6 +1,10 @@
 """One run: config -> baseline -> candidates -> scores -> comparisons -> gate decision.
 
-Each stage returns plain data; the CLI only loads the config, calls `execute` and renders.
+Two stages, each returning plain data: `prepare_inputs` (every input read and checked, the eval
+suite tokenized once, before any model work) and `measure` (the baseline and each candidate on
+the serving engine's backend, compared and judged). `execute` is both. The CLI, the drift check,
+export and verify call these rather than re-implementing them. Nothing here names an engine or a
+method: each is a registry entry (engines/registry.py, methods/registry.py).
 """
 
 from __future__ import annotations
@@ -9,7 +13,6 @@ import dataclasses
 import gc
 import platform
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,29 +24,21 @@ import torch
 from sqlalchemy.engine import Engine as Store
 
 import quantgate
-from quantgate.config import CALIBRATED_METHODS, CandidateConfig, RunConfig, ServingConfig, check_supported
-from quantgate.economics import (
-    Economics, LoadLevel, Throughput, cost_at_volume, memory_bandwidth, roofline_fraction,
-)
-from quantgate.engines.process import EngineCrashed, EngineProcess
-from quantgate.engines.openai import OpenAIEngine, measure_load
-from quantgate.engines.torch import TorchEngine
-from quantgate.evals.datasets import load_suite
+from quantgate.config import MethodConfig, RunConfig, check_supported
+from quantgate.economics import Economics, cost_at_volume, memory_bandwidth
+from quantgate.engines import registry as backends
+from quantgate.engines.process import EngineCrashed
+from quantgate.engines.registry import Backend, Progress, RunContext, Served
+from quantgate.evals.datasets import EvalSuite, load_suite
 from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
-from quantgate.evals.tasks import (
-    ModelScores, PreparedSuite, evaluate, generation_only, kl_divergence, prepare, with_response_windows,
-)
-from quantgate.errors import NothingHappened, UserError
+from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_divergence, prepare, with_response_windows
 from quantgate.gate import CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge
-from quantgate.methods.apply import make_candidate, weight_bytes
 from quantgate.methods.calibrate import CalibrationSet, calibration_set
-from quantgate.methods.gguf_quant import float_gguf, quantized_gguf, tensor_types
 from quantgate.models.load import Baseline, load_baseline
 from quantgate.resume import StoreCache, data_digest, settings_digest
 from quantgate.store import ItemKey
 
-# A progress sink: (description, total steps) -> a function that advances by n steps.
-Progress = Callable[[str, int], Callable[[int], None]]
+__all__ = ["Progress"]  # (re-exported: drift.py and the CLI type their progress sinks with it)
 
 
 def _no_progress(description: str, total: int) -> Callable[[int], None]:
@@ -53,7 +48,7 @@ def _no_progress(description: str, total: int) -> Callable[[int], None]:
 @dataclass
 class ModelResult:
     name: str
-    candidate: CandidateConfig | None  # None for the baseline
+    candidate: MethodConfig | None  # None for the baseline
     weight_bytes: int
     modules_changed: int
     metrics: ModelMetrics
@@ -62,6 +57,8 @@ class ModelResult:
     quantize_seconds: float = 0.0
     economics: Economics | None = None
     artifact: Path | None = None  # the file the engine evaluated (GGUF), when there is one
+    scheme: str = ""  # what the weights are, in words (MethodConfig.scheme; the baseline's precision)
+    bytes_counted: str = ""  # which bytes weight_bytes counts (see engines.registry.Served)
 
 
 @dataclass(frozen=True)
@@ -78,7 +75,7 @@ class NoiseFloor:
 @dataclass(frozen=True)
 class FailedCandidate:
     name: str
-    candidate: CandidateConfig
+    candidate: MethodConfig
     error: str
 
 
@@ -118,36 +115,74 @@ def environment() -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """Everything a run reads before any model work, validated: the config, the baseline, the
+    eval suite tokenized once by the baseline's tokenizer, and the calibration windows (None
+    when no candidate needs them)."""
+
+    cfg: RunConfig
+    baseline: Baseline
+    suite: EvalSuite
+    prepared: PreparedSuite
+    calib: CalibrationSet | None
+
+
+def read_suite(cfg: RunConfig) -> EvalSuite:
+    """The config's eval suite, read and checked against the gate's task names."""
+    ev = cfg.evaluation
+    suite = load_suite(cfg.quality_gate, limit=ev.limit, cloze_items=ev.cloze_items, seed=cfg.seed)
+    check_tasks(cfg.quality_gate, suite.tasks)
+    return suite
+
+
+def tokenized_suite(cfg: RunConfig, tokenizer, suite: EvalSuite | None = None) -> PreparedSuite:
+    """The config's eval suite tokenized (the same way for a run, its drift check, its export
+    and its verification)."""
+    ev = cfg.evaluation
+    return prepare(suite or read_suite(cfg), tokenizer, window_tokens=ev.window_tokens, n_windows=ev.ppl_windows)
+
+
+def prepare_inputs(cfg: RunConfig, baseline: Baseline | None = None) -> Inputs:
+    """Stage 1: read and check every input (config, eval set, calibration text) and load the
+    baseline; nothing is quantized or scored yet."""
+    check_supported(cfg)
+    torch.manual_seed(cfg.seed)
+    suite = read_suite(cfg)  # (before the model loads: a bad eval set answers at once)
+    baseline = baseline or load_baseline(cfg.model.base)
+    prepared = tokenized_suite(cfg, baseline.tokenizer, suite)
+    calib = calibration_set(baseline.tokenizer, cfg.calibration, suite.texts()) if cfg.needs_calibration else None
+    return Inputs(cfg, baseline, suite, prepared, calib)
+
+
 def execute(cfg: RunConfig, progress: Progress = _no_progress, workdir: Path | None = None,
             store: Store | None = None, resume: bool = False) -> RunResult:
-    """Run the whole job. Inputs (config, eval set, calibration data) are validated before any
-    model work starts. Engine processes write their logs under `workdir` (a temporary folder
-    when None). With a `store`, every model's items are recorded as they are scored; with
-    resume=True, items (and whole candidates) already recorded there are reused."""
-    check_supported(cfg)
+    """Run the whole job: prepare_inputs, then measure. Engine processes write their logs under
+    `workdir` (a temporary folder when None). With a `store`, every model's items are recorded
+    as they are scored; with resume=True, items (and whole candidates) already recorded there
+    are reused."""
     started = datetime.now(timezone.utc)
-    ev, gate = cfg.evaluation, cfg.quality_gate
-    torch.manual_seed(cfg.seed)
-    suite = load_suite(gate, limit=ev.limit, cloze_items=ev.cloze_items, seed=cfg.seed)
-    check_tasks(gate, suite.tasks)
-    baseline = load_baseline(cfg.model.base)
-    prepared = prepare(suite, baseline.tokenizer, window_tokens=ev.window_tokens, n_windows=ev.ppl_windows)
-    calib = None
-    if any(c.needs_calibration or c.imatrix for c in cfg.resolved_candidates):
-        calib = calibration_set(baseline.tokenizer, cfg.calibration, suite.texts())
+    return measure(prepare_inputs(cfg), progress, workdir, store, resume, started=started)
 
-    notes, bench = [], _bench_prompts(cfg, prepared)  # the request mix comes from the held-out text
-    if cfg.serving.engine == "openai":
-        prepared, notes = _servable(cfg, baseline, prepared)
+
+def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | None = None,
+            store: Store | None = None, resume: bool = False, *, started: datetime | None = None) -> RunResult:
+    """Stage 2: the baseline and every candidate on the serving engine's backend, over the same
+    tokens, each compared with the baseline and judged by the gate."""
+    started = started or datetime.now(timezone.utc)
+    cfg, gate = inputs.cfg, inputs.cfg.quality_gate
+    backend = backends.entry(cfg.serving.engine).load()
     with _workdir(workdir) as work:
-        ctx = _Context(cfg, baseline, calib, work, progress, bench, memory_bandwidth(),
-                       store, resume, data_digest(prepared))
-        base, prepared, reference = _run_baseline(ctx, prepared)
-        floor = _noise_floor(ctx, prepared, reference)
+        ctx = RunContext(cfg, inputs.baseline, inputs.calib, work, progress,
+                         bench_prompts(cfg, inputs.prepared), memory_bandwidth())
+        prepared, notes = backend.prepare(ctx, inputs.prepared)
+        runner = _Runner(ctx, backend, store, resume, data_digest(prepared))
+        base, prepared, reference = runner.baseline(prepared)
+        floor = noise_floor(backend, ctx, prepared, reference)
         results, failed, verdicts = [], [], []
         for cand in cfg.resolved_candidates:
             try:
-                result = _run_candidate(ctx, cand, prepared, base, reference)
+                result = runner.candidate(cand, prepared, base, reference)
             except EngineCrashed as e:
                 failed.append(FailedCandidate(cand.label, cand, str(e)))
                 verdicts.append(_crashed_verdict(cand.label, str(e)))
@@ -160,49 +195,17 @@ def execute(cfg: RunConfig, progress: Progress = _no_progress, workdir: Path | N
             if cfg.strategy == "ladder" and not verdicts[-1].passed:
                 break  # the rung where quality broke: the more aggressive ones are not measured
         with_costs(cfg, base, results)
+    calib = inputs.calib
     return RunResult(
         config=cfg, started=started, finished=datetime.now(timezone.utc),
-        model_source=baseline.source, model_digest=baseline.digest, model_description=baseline.description,
-        prepared=prepared, baseline=base, candidates=results,
+        model_source=inputs.baseline.source, model_digest=inputs.baseline.digest,
+        model_description=inputs.baseline.description, prepared=prepared, baseline=base, candidates=results,
         calibration=calib and {"source": calib.source, "sha256": calib.digest,
                                "samples": int(calib.windows.shape[0]), "seq_len": int(calib.windows.shape[1])},
-        decision=decide(verdicts, eval_items=len(suite.items), min_items=gate.min_items, ladder=cfg.strategy == "ladder"),
+        decision=decide(verdicts, eval_items=len(inputs.suite.items), min_items=gate.min_items,
+                        ladder=cfg.strategy == "ladder"),
         environment=environment(), noise_floor=floor, failed=failed, memory_bandwidth=ctx.bandwidth, notes=notes,
     )
-
-
-@dataclass
-class _Context:
-    """What every model's run needs besides its own candidate settings."""
-
-    cfg: RunConfig
-    baseline: Baseline
-    calib: CalibrationSet | None
-    work: Path
-    progress: Progress
-    bench_prompts: list[list[int]]  # the fixed request mix the engine's speed is measured on
-    bandwidth: float  # measured memory bandwidth, bytes/s
-    store: Store | None = None
-    resume: bool = False
-    data_digest: str = ""
-
-    @property
-    def engine(self) -> str:
-        return self.cfg.serving.engine
-
-    def cache(self, cand: CandidateConfig | None, prepared: PreparedSuite) -> StoreCache | None:
-        if self.store is None:
-            return None
-        calibration = self.calib.digest if self.calib is not None and cand is not None else None
-        key = ItemKey(self.baseline.digest, settings_digest(self.cfg, cand, calibration), self.data_digest)
-        return StoreCache(self.store, key, prepared, self.cfg.evaluation.record_every, cand.label if cand else "baseline", self.resume)
-
-    def server(self, serving: ServingConfig) -> OpenAIEngine:
-        return server_engine(serving, self.baseline)
-
-    def torch_engine(self, model: torch.nn.Module) -> TorchEngine:
-        return TorchEngine(model, max_batch_size=self.cfg.serving.max_batch_size,
-                           batch_tokens=self.cfg.evaluation.batch_tokens)
 
 
 @contextmanager
@@ -215,7 +218,7 @@ def _workdir(workdir: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _bench_prompts(cfg: RunConfig, prepared: PreparedSuite) -> list[list[int]]:
+def bench_prompts(cfg: RunConfig, prepared: PreparedSuite) -> list[list[int]]:
     """`requests` prompts of `prompt_tokens` tokens, cut from the held-out text windows in turn."""
     econ = cfg.economics
     text = [t for w in prepared.windows[: prepared.n_text_windows] for t in w]
@@ -223,182 +226,66 @@ def _bench_prompts(cfg: RunConfig, prepared: PreparedSuite) -> list[list[int]]:
     return [text[i * econ.prompt_tokens : (i + 1) * econ.prompt_tokens] for i in range(n)]
 
 
-def _run_baseline(ctx: _Context, prepared: PreparedSuite) -> tuple[ModelResult, PreparedSuite, list[torch.Tensor]]:
-    """The baseline's scores, the suite extended with its responses to prompt items, and its
-    per-window log-probs (the reference of every candidate), all on the serving engine."""
-    step = ctx.progress("baseline", 3)
-    if ctx.engine == "llamacpp":
-        path = float_gguf(ctx.baseline)
-        with _engine_process(ctx, "baseline", path) as engine:
-            scores, prepared, reference = _reference_pass(ctx, engine, prepared, step)
-        size = path.stat().st_size
-        economics = _measured(ctx, "baseline", path, size)
-    elif ctx.engine == "openai":
-        engine = ctx.server(ctx.cfg.serving)
-        scores, prepared, reference = _reference_pass(ctx, engine, prepared, step)
-        path, size = None, nominal_bytes(ctx.baseline.model, 16)
-        economics = _served(ctx, engine)
-    else:
-        engine = ctx.torch_engine(ctx.baseline.model)
-        scores, prepared, reference = _reference_pass(ctx, engine, prepared, step)
-        path, size = None, weight_bytes(ctx.baseline.model)[0]
-        economics = _measured(ctx, "baseline", ctx.baseline.weights_dir, size) if ctx.baseline.weights_dir else None
-    step(1)
-    result = ModelResult(
-        name="baseline", candidate=None, weight_bytes=size, modules_changed=0,
-        metrics=model_metrics(scores, prepared, ctx.cfg.quality_gate.metric, ctx.baseline.tokenizer),
-        scores=scores, economics=economics, artifact=path,
-    )
-    return result, prepared, reference
+@dataclass
+class _Runner:
+    """Scores served models through one backend, recording (and on resume reusing) their items."""
 
+    ctx: RunContext
+    backend: Backend
+    store: Store | None
+    resume: bool
+    data_digest: str
 
-def _reference_pass(ctx: _Context, engine, prepared: PreparedSuite,
-                    step: Callable[[int], None]) -> tuple[ModelScores, PreparedSuite, list[torch.Tensor]]:
-    """The baseline on its engine: its scores, the suite extended with its own responses to
-    prompt items, and its log-probs over every window (text and responses)."""
-    scores, reference = evaluate(engine, prepared, keep=True, on_step=step, cache=ctx.cache(None, prepared))
-    prepared = with_response_windows(prepared, scores.generations)
-    reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
-    return scores, prepared, reference
+    def cache(self, cand: MethodConfig | None, prepared: PreparedSuite) -> StoreCache | None:
+        if self.store is None:
+            return None
+        ctx = self.ctx
+        calibration = ctx.calib.digest if ctx.calib is not None and cand is not None else None
+        key = ItemKey(ctx.baseline.digest, settings_digest(ctx.cfg, cand, calibration), self.data_digest)
+        return StoreCache(self.store, key, prepared, ctx.cfg.evaluation.record_every,
+                          cand.label if cand else "baseline", self.resume)
 
-
-def _run_candidate(ctx: _Context, cand: CandidateConfig, prepared: PreparedSuite, base: ModelResult,
-                   reference: list[torch.Tensor]) -> ModelResult:
-    cache = ctx.cache(cand, prepared)
-    if cache is not None and cache.complete():  # a resumed run: nothing of this candidate is left to do
-        scores, _ = evaluate(None, prepared, reference, cache=cache, on_step=ctx.progress(cand.label, 2))
-        meta = cache.meta()
-        path = Path(meta["artifact"]) if meta.get("artifact") else None
-        economics = _measured(ctx, cand.label, path, meta["weight_bytes"]) if path and path.is_file() else (
-            Economics(ctx.engine, True, None, None, None, None) if ctx.engine == "torch" else None)
-        made = (meta["weight_bytes"], meta["modules_changed"], meta["quantize_seconds"], path)
-    elif ctx.engine == "llamacpp":
-        scores, made, economics = _llamacpp_candidate(ctx, cand, prepared, reference, cache)
-    elif ctx.engine == "openai":
-        engine = ctx.server(cand.serving)
-        scores, _ = evaluate(engine, prepared, reference, on_step=ctx.progress(cand.label, 2), cache=cache)
-        made = (nominal_bytes(ctx.baseline.model, cand.bits), 0, 0.0, None)
-        economics = _served(ctx, engine)
-    else:
-        scores, made = _torch_candidate(ctx, cand, prepared, reference, cache)
-        economics = Economics("torch", True, None, None, None, None)  # fake quantization: quality only
-    size, changed, quantize_seconds, path = made
-    if cache is not None:
-        cache.record_meta({"weight_bytes": size, "modules_changed": changed, "quantize_seconds": quantize_seconds,
-                           "artifact": str(path) if path else None})
-    gate = ctx.cfg.quality_gate
-    metrics = model_metrics(scores, prepared, gate.metric, ctx.baseline.tokenizer)
-    comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
-                         n_boot=gate.bootstrap_samples, seed=ctx.cfg.seed)
-    return ModelResult(cand.label, cand, size, changed, metrics, scores, comparison, quantize_seconds,
-                       economics, path)
-
-
-Made = tuple[int, int, float, Path | None]  # weight bytes, modules changed, seconds to make, artifact
-
-
-def _llamacpp_candidate(ctx: _Context, cand: CandidateConfig, prepared: PreparedSuite,
-                        reference: list[torch.Tensor], cache: StoreCache | None) -> tuple[ModelScores, Made, Economics]:
-    """llama.cpp quantizes the F32 GGUF; its own process evaluates and then serves the file."""
-    step = ctx.progress(cand.label, 3)
-    t0 = time.perf_counter()
-    path = quantized_gguf(ctx.baseline, cand.type, ctx.calib if cand.imatrix else None)
-    quantize_seconds = time.perf_counter() - t0
-    step(1)
-    with _engine_process(ctx, cand.label, path) as engine:
-        scores, _ = evaluate(engine, prepared, reference, on_step=step, cache=cache)
-    size, changed = path.stat().st_size, _quantized_tensors(path)
-    return scores, (size, changed, quantize_seconds, path), _measured(ctx, cand.label, path, size)
-
-
-def _torch_candidate(ctx: _Context, cand: CandidateConfig, prepared: PreparedSuite,
-                     reference: list[torch.Tensor], cache: StoreCache | None) -> tuple[ModelScores, Made]:
-    """A fake-quantized copy of the baseline, evaluated in this process on the torch engine."""
-    calibrated = cand.needs_calibration
-    model = ctx.baseline.model
-    n_blocks = len(model.get_submodule(ctx.baseline.arch.blocks)) if calibrated else 1
-    step = ctx.progress(cand.label, 2 + n_blocks)
-    t0 = time.perf_counter()
-    made = make_candidate(model, ctx.baseline.arch, cand, ctx.calib if calibrated else None,
-                          seed=ctx.cfg.seed, on_block=lambda i: step(1))
-    quantize_seconds = time.perf_counter() - t0
-    if not calibrated:
+    def baseline(self, prepared: PreparedSuite) -> tuple[ModelResult, PreparedSuite, list[torch.Tensor]]:
+        """The baseline's scores, the suite extended with its responses to prompt items, and
+        its log-probs over every window (text and responses): the reference of every candidate."""
+        ctx = self.ctx
+        step = ctx.progress("baseline", 3)
+        served = self.backend.baseline(ctx)
+        with served.open() as engine:
+            scores, reference = evaluate(engine, prepared, keep=True, on_step=step, cache=self.cache(None, prepared))
+            prepared = with_response_windows(prepared, scores.generations)
+            reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
         step(1)
-    scores, _ = evaluate(ctx.torch_engine(made.model), prepared, reference, on_step=step, cache=cache)
-    return scores, (made.weight_bytes, made.modules_changed, quantize_seconds, None)
+        metrics = model_metrics(scores, prepared, ctx.cfg.quality_gate.metric, ctx.baseline.tokenizer)
+        result = _result(served, None, metrics, scores, None, self.backend.economics(ctx, served))
+        return result, prepared, reference
+
+    def candidate(self, cand: MethodConfig, prepared: PreparedSuite, base: ModelResult,
+                  reference: list[torch.Tensor]) -> ModelResult:
+        ctx, cache = self.ctx, self.cache(cand, prepared)
+        if cache is not None and cache.complete():  # a resumed run: nothing of this candidate is left to do
+            served = self.backend.resumed(ctx, cand, cache.meta())
+            scores, _ = evaluate(None, prepared, reference, cache=cache, on_step=ctx.progress(cand.label, 2))
+        else:
+            served = self.backend.candidate(ctx, cand)
+            with served.open() as engine:
+                scores, _ = evaluate(engine, prepared, reference, cache=cache,
+                                     on_step=served.step or ctx.progress(cand.label, 2))
+        if cache is not None:
+            cache.record_meta({"weight_bytes": served.weight_bytes, "modules_changed": served.modules_changed,
+                               "quantize_seconds": served.make_seconds, "bytes_counted": served.bytes_counted,
+                               "artifact": str(served.artifact) if served.artifact else None})
+        gate = ctx.cfg.quality_gate
+        metrics = model_metrics(scores, prepared, gate.metric, ctx.baseline.tokenizer)
+        comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
+                             n_boot=gate.bootstrap_samples, seed=ctx.cfg.seed)
+        return _result(served, cand, metrics, scores, comparison, self.backend.economics(ctx, served))
 
 
-def _engine_process(ctx: _Context, label: str, path: Path, **options: object) -> EngineProcess:
-    """llama.cpp and torch both run in their own processes (defaults: the llama.cpp scoring
-    configuration)."""
-    defaults = {"n_ctx": _context_length(ctx)} if ctx.engine == "llamacpp" else {}
-    return EngineProcess(ctx.engine, label=label, log=ctx.work / "logs" / f"{label}.log", path=str(path),
-                         **(defaults | options))
-
-
-def _context_length(ctx: _Context) -> int:
-    """Enough positions for the longest window, prompt + generation, or benchmark request."""
-    ev, econ = ctx.cfg.evaluation, ctx.cfg.economics
-    return max(2048, ev.window_tokens + 1, econ.prompt_tokens + econ.new_tokens + 1)
-
-
-def _measured(ctx: _Context, label: str, path: Path, size: int) -> Economics:
-    """Speed and memory as served: a fresh engine process in its serving configuration (for
-    llama.cpp: only the last position's logits, a context of one request) runs the fixed request
-    mix at batch 1 and at each batch size up to serving.max_batch_size, and reports its own
-    peak resident memory. `size`: bytes of weights read per generated token."""
-    econ, kind = ctx.cfg.economics, ctx.engine
-    if not econ.measure:
-        return Economics(kind, False, path.stat().st_size if path.is_file() else None, None, None, None)
-    # torch serves as plain PyTorch: the oneDNN-packed weights that speed up scoring are a second
-    # copy of every linear (+540 MB peak RSS on the default model for 8-17% more throughput)
-    options = ({"n_ctx": econ.prompt_tokens + econ.new_tokens + 1, "logits_all": False} if kind == "llamacpp"
-               else {"max_batch_size": ctx.cfg.serving.max_batch_size, "onednn": False})
-    with _engine_process(ctx, f"{label}-serving", path, **options) as engine:
-        single, load = engine.measure(ctx.bench_prompts, econ.new_tokens, ctx.cfg.serving.max_batch_size)
-        stats = engine.close()
-    throughput = Throughput(**single)
-    return Economics(kind, False, path.stat().st_size if path.is_file() else None, stats["peak_rss_bytes"],
-                     throughput, roofline_fraction(throughput.decode_tokens_per_s, size, ctx.bandwidth),
-                     tuple(LoadLevel(**level) for level in load))
-
-
-def server_engine(serving: ServingConfig, baseline: Baseline) -> OpenAIEngine:
-    return OpenAIEngine.from_config(serving, baseline.tokenizer, vocab_size=baseline.model.config.vocab_size)
-
-
-def _servable(cfg: RunConfig, baseline: Baseline, prepared: PreparedSuite) -> tuple[PreparedSuite, list[str]]:
-    """Probe every server once: if any gives no usable prompt log-probabilities, the tasks that
-    need them are refused for the whole run (every model must see the same items) and only the
-    generation tasks run."""
-    servings = [cfg.serving] + [c.serving for c in cfg.resolved_candidates]
-    problems = [p for s in servings if (p := server_engine(s, baseline).prompt_logprobs_problem)]
-    if not problems or not (prepared.requests or prepared.windows):
-        return prepared, []
-    prepared, refused = generation_only(prepared)
-    return prepared, [f"refused: {', '.join(refused) or 'perplexity/KLD windows'} (they need prompt "
-                      f"log-probabilities): {problems[0]}; only the generation tasks ran"]
-
-
-def _served(ctx: _Context, engine: OpenAIEngine) -> Economics:
-    """Latency, time to first token and throughput of a server at each concurrency up to
-    serving.max_batch_size, streamed; batch 1 gives the single-request numbers."""
-    econ = ctx.cfg.economics
-    if not econ.measure:
-        return Economics("openai", False, None, None, None, None)
-    levels = measure_load(engine, ctx.bench_prompts, econ.new_tokens, ctx.cfg.serving.max_batch_size)
-    one = levels[0]
-    prompt_tokens = sum(map(len, ctx.bench_prompts)) / len(ctx.bench_prompts)
-    throughput = Throughput(prefill_tokens_per_s=prompt_tokens / one.ttft_s["p50"], decode_tokens_per_s=one.tokens_per_s,
-                            latency_s=one.latency_s, new_tokens=one.new_tokens)
-    load = tuple(LoadLevel(lv.concurrency, True, lv.latency_s, lv.tokens_per_s) for lv in levels)
-    return Economics("openai", False, None, None, throughput, None, load)
-
-
-def nominal_bytes(model: torch.nn.Module, bits: int) -> int:
-    """Weights of a served model whose files quantgate does not see: parameters x bits / 8
-    (nominal; it orders candidates by aggressiveness, it is not a measured size)."""
-    return sum(p.numel() for p in model.parameters()) * bits // 8
+def _result(served: Served, cand: MethodConfig | None, metrics: ModelMetrics, scores: ModelScores,
+            comparison: Comparison | None, economics: Economics | None) -> ModelResult:
+    return ModelResult(served.label, cand, served.weight_bytes, served.modules_changed, metrics, scores, comparison,
+                       served.make_seconds, economics, served.artifact, served.scheme, served.bytes_counted)
 
 
 def with_costs(cfg: RunConfig, base: ModelResult, candidates: list[ModelResult]) -> None:
@@ -418,35 +305,23 @@ def with_costs(cfg: RunConfig, base: ModelResult, candidates: list[ModelResult])
         elif simulated:
             cost = dataclasses.replace(cost, worth_it=False, note="simulated: fake quantization runs at the "
                                        "baseline's speed, so no saving is measured; serve it on an engine with "
-                                       "integer kernels (serving.engine: llamacpp) to price it")
+                                       "integer kernels to price it")
         m.economics = dataclasses.replace(e or Economics(cfg.serving.engine, True, None, None, None, None), cost=cost)
 
 
-def _quantized_tensors(path: Path) -> int:
-    """Tensors of a GGUF file stored in a quantized type; zero means llama.cpp changed nothing."""
-    counts = tensor_types(path)
-    changed = sum(n for t, n in counts.items() if t not in ("F32", "F16", "BF16"))
-    if not changed:
-        raise NothingHappened(f"{path.name}: llama.cpp stored every tensor unquantized")
-    return changed
-
-
-def _noise_floor(ctx: _Context, prepared: PreparedSuite, reference: list[torch.Tensor]) -> NoiseFloor | None:
-    """Serving engine vs a second path over the text windows. llama.cpp: against PyTorch float32
-    (conversion and kernels). torch: against itself run one window at a time with the default
-    GEMM (batching and kernel choice), the floor its own arithmetic sets."""
+def noise_floor(backend: Backend, ctx: RunContext, prepared: PreparedSuite,
+                reference: list[torch.Tensor]) -> NoiseFloor | None:
+    """The baseline on the serving engine against the backend's second path over the text
+    windows (see Backend.noise_reference)."""
     windows = prepared.windows[: prepared.n_text_windows]
     if not windows:  # e.g. a server without prompt log-probabilities
         return None
-    if ctx.engine in ("llamacpp", "openai"):
-        other, what = TorchEngine(ctx.baseline.model), "torch float32"
-    else:
-        other, what = TorchEngine(ctx.baseline.model, max_batch_size=1, onednn=False), "torch, one window per pass"
+    other, what = backend.noise_reference(ctx)
     kld, agree = [], []
     for ref, lp in zip(reference, other.token_logprobs(windows)):
         kld.append(kl_divergence(lp, ref))
         agree.append((ref.argmax(-1) == lp.argmax(-1)).numpy())
-    return NoiseFloor(ctx.engine, what, np.concatenate(kld), np.concatenate(agree))
+    return NoiseFloor(backend.name, what, np.concatenate(kld), np.concatenate(agree))
 
 
 def _crashed_verdict(name: str, error: str) -> CandidateVerdict:

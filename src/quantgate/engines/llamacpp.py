@@ -9,17 +9,22 @@ tokens (llama-cpp-python's `eval` drops cache entries past `n_tokens` before it 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from quantgate.engines.base import Request, Timing, group_by_context, stop_after
-from quantgate.errors import UserError
+from quantgate.engines.base import Engine, Request, Timing, group_by_context, stop_after
+from quantgate.engines.registry import Backend, RunContext, Served
+from quantgate.errors import NothingHappened, UserError
 
 if TYPE_CHECKING:
     import torch
+
+    from quantgate.economics import Economics
+    from quantgate.methods.registry import MethodConfig
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -105,3 +110,66 @@ class LlamaCppEngine:
             self.timing.add("generate", 0.0, len(out))
             results.append(out)
         return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The llama.cpp backend: baseline and candidates are GGUF files (the baseline written as F32 by
+# quantgate, each candidate made by llama.cpp's own quantizer), each evaluated and then timed in an
+# engine process of its own. Everything torch-side is imported on use: an engine process over a
+# GGUF file imports this module and must not import torch.
+
+
+class LlamaCppBackend(Backend):
+    def _served(self, ctx: RunContext, label: str, path: Path, scheme: str, **made: Any) -> Served:
+        from quantgate.engines.process import EngineProcess
+
+        return Served(label, path.stat().st_size, "the GGUF file's bytes", scheme, artifact=path, serves_from=path,
+                      opener=lambda: EngineProcess(self.name, label=label, log=ctx.log(label), path=str(path),
+                                                   n_ctx=_context_length(ctx)), **made)
+
+    def baseline(self, ctx: RunContext) -> Served:
+        from quantgate.methods.gguf_quant import float_gguf
+
+        return self._served(ctx, "baseline", float_gguf(ctx.baseline), "GGUF F32")
+
+    def candidate(self, ctx: RunContext, cand: MethodConfig) -> Served:
+        """llama.cpp's quantizer makes the file from the F32 GGUF (an importance matrix from the
+        calibration text when cand.imatrix)."""
+        from quantgate.methods.gguf_quant import quantized_gguf
+
+        step = ctx.progress(cand.label, 3)
+        t0 = time.perf_counter()
+        path = quantized_gguf(ctx.baseline, cand.type, ctx.calib if cand.imatrix else None)
+        seconds = time.perf_counter() - t0
+        step(1)
+        return self._served(ctx, cand.label, path, cand.scheme, modules_changed=quantized_tensors(path),
+                            make_seconds=seconds, step=step)
+
+    def economics(self, ctx: RunContext, served: Served) -> Economics:
+        """Serving configuration: only the last position's logits, a context of one request."""
+        econ = ctx.cfg.economics
+        return self.measured_in_process(ctx, served, n_ctx=econ.prompt_tokens + econ.new_tokens + 1,
+                                        logits_all=False)
+
+    def noise_reference(self, ctx: RunContext) -> tuple[Engine, str]:
+        """PyTorch float32 over the same weights: conversion and kernels."""
+        from quantgate.engines.torch import TorchEngine
+
+        return TorchEngine(ctx.baseline.model), "torch float32"
+
+
+def _context_length(ctx: RunContext) -> int:
+    """Enough positions for the longest window, prompt + generation, or benchmark request."""
+    ev, econ = ctx.cfg.evaluation, ctx.cfg.economics
+    return max(2048, ev.window_tokens + 1, econ.prompt_tokens + econ.new_tokens + 1)
+
+
+def quantized_tensors(path: Path) -> int:
+    """Tensors of a GGUF file stored in a quantized type; zero means llama.cpp changed nothing."""
+    from quantgate.methods.gguf_quant import tensor_types
+
+    counts = tensor_types(path)
+    changed = sum(n for t, n in counts.items() if t not in ("F32", "F16", "BF16"))
+    if not changed:
+        raise NothingHappened(f"{path.name}: llama.cpp stored every tensor unquantized")
+    return changed

@@ -32,18 +32,25 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 import torch
 
+from quantgate.economics import LoadLevel, batch_sizes, percentiles
 from quantgate.engines import http
-from quantgate.engines.base import Request, Timing, stop_after
+from quantgate.engines.base import Engine, Request, Timing, stop_after
+from quantgate.engines.registry import Backend, RunContext, Served, ready
 from quantgate.engines.topk import kld_topk, fill_row
 from quantgate.errors import UserError
+
+if TYPE_CHECKING:
+    from quantgate.economics import Economics
+    from quantgate.evals.tasks import PreparedSuite
+    from quantgate.methods.registry import MethodConfig
 
 PROBE_TEXT = "The capital of France is Paris. The capital of Italy is"
 # Parameters outside OpenAI's set, tried first and dropped if refused: vLLM keys tokens as
@@ -184,7 +191,7 @@ class OpenAIEngine:
                 raise UserError(f"serving.api_key_env: environment variable {serving.api_key_env} is not set")
         policy = http.RetryPolicy(timeout_s=serving.timeout_s, max_retries=serving.max_retries)
         return cls(serving.base_url, serving.model, api_key=key, tokenizer=tokenizer, vocab_size=vocab_size,
-                   top_k=serving.top_logprobs, max_concurrency=serving.max_batch_size, policy=policy)
+                   top_k=serving.top_logprobs, max_concurrency=serving.max_concurrency, policy=policy)
 
     # -----------------------------------------------------------------------------------------
     # Set-up: the model's name, the prompt form the server takes, the prompt-logprob probe.
@@ -432,28 +439,6 @@ class OpenAIEngine:
 # Serving under load: latency, time to first token and throughput per concurrency level.
 
 
-@dataclass(frozen=True)
-class LoadLevel:
-    concurrency: int  # requests in flight at once
-    requests: int  # requests sent at this level
-    latency_s: dict[str, float]  # p50 / p95 / p99 of whole-request latency (streamed to the end)
-    ttft_s: dict[str, float]  # p50 / p95 / p99 of time to the first streamed text
-    tokens_per_s: float  # generated tokens of all requests / the level's wall time
-    requests_per_s: float
-    new_tokens: int  # generated tokens in total (the server's usage count, else streamed events)
-
-
-def concurrency_levels(max_batch_size: int) -> list[int]:
-    """1, 2, 4, ... below max_batch_size, then max_batch_size itself."""
-    levels = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
-    return levels + [max_batch_size]
-
-
-def _percentiles(xs: Sequence[float]) -> dict[str, float]:
-    p50, p95, p99 = np.percentile(xs, [50, 95, 99])
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
-
-
 def _streamed_tokens(result: http.StreamResult) -> int:
     for event in reversed(result.events):
         usage = event.get("usage") or {}
@@ -479,13 +464,78 @@ def measure_load(engine: OpenAIEngine, prompts: Sequence[Sequence[int]], new_tok
 
     asyncio.run(send([engine.stream_payload(prompts[0], new_tokens)], 1))
     levels = []
-    for c in concurrency_levels(max_batch_size):
+    for c in batch_sizes(max_batch_size):
         batch = [prompts[i % len(prompts)] for i in range(max(len(prompts), rounds * c))]
         results, wall = asyncio.run(send([engine.stream_payload(p, new_tokens) for p in batch], c))
         tokens = sum(_streamed_tokens(r) for r in results)
         levels.append(LoadLevel(
-            concurrency=c, requests=len(results), latency_s=_percentiles([r.total_s for r in results]),
-            ttft_s=_percentiles([r.first_event_s for r in results]), tokens_per_s=tokens / wall,
+            batch_size=c, batched=True, requests=len(results), latency_s=percentiles([r.total_s for r in results]),
+            ttft_s=percentiles([r.first_event_s for r in results]), tokens_per_s=tokens / wall,
             requests_per_s=len(results) / wall, new_tokens=tokens,
         ))
     return levels
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAI-compatible backend: the baseline and each candidate are servers someone else runs
+# (vLLM, llama.cpp's server, ...). quantgate sees no weights: a candidate declares its scheme.
+
+
+class OpenAIBackend(Backend):
+    def _engine(self, ctx: RunContext, serving: Any) -> OpenAIEngine:
+        return OpenAIEngine.from_config(serving, ctx.baseline.tokenizer, vocab_size=ctx.baseline.model.config.vocab_size)
+
+    def prepare(self, ctx: RunContext, prepared: PreparedSuite) -> tuple[PreparedSuite, list[str]]:
+        """Probe every server once: if any gives no usable prompt log-probabilities, the tasks
+        that need them are refused for the whole run (every model must see the same items) and
+        only the generation tasks run."""
+        from quantgate.evals.tasks import generation_only
+
+        servings = [ctx.cfg.serving] + [c.serving for c in ctx.cfg.resolved_candidates]
+        problems = [p for s in servings if (p := self._engine(ctx, s).prompt_logprobs_problem)]
+        if not problems or not (prepared.requests or prepared.windows):
+            return prepared, []
+        prepared, refused = generation_only(prepared)
+        return prepared, [f"refused: {', '.join(refused) or 'perplexity/KLD windows'} (they need prompt "
+                          f"log-probabilities): {problems[0]}; only the generation tasks ran"]
+
+    def baseline(self, ctx: RunContext) -> Served:
+        bits = 16
+        return Served("baseline", _declared_bytes(ctx, bits), f"assumed: parameters × {bits} bits (the baseline "
+                      "server's weights are not seen)", f"served, assumed {bits}-bit",
+                      opener=lambda: ready(self._engine(ctx, ctx.cfg.serving)))
+
+    def candidate(self, ctx: RunContext, cand: MethodConfig) -> Served:
+        return Served(cand.label, _declared_bytes(ctx, cand.bits), f"declared: parameters × {cand.bits} bits",
+                      cand.scheme, opener=lambda: ready(self._engine(ctx, cand.serving)))
+
+    def resumed(self, ctx: RunContext, cand: MethodConfig, meta: Mapping[str, Any]) -> Served:
+        return dataclasses.replace(super().resumed(ctx, cand, meta), opener=lambda: ready(self._engine(ctx, cand.serving)))
+
+    def economics(self, ctx: RunContext, served: Served) -> Economics:
+        """Latency, time to first token and throughput at each concurrency up to
+        serving.max_batch_size, streamed; concurrency 1 gives the single-request numbers."""
+        from quantgate.economics import Economics, Throughput
+
+        econ = ctx.cfg.economics
+        if not econ.measure:
+            return self.unmeasured(served)
+        with served.open() as engine:
+            levels = measure_load(engine, ctx.bench_prompts, econ.new_tokens, ctx.cfg.serving.max_batch_size)
+        one = levels[0]
+        prompt_tokens = sum(map(len, ctx.bench_prompts)) / len(ctx.bench_prompts)
+        throughput = Throughput(prefill_tokens_per_s=prompt_tokens / one.ttft_s["p50"],
+                                decode_tokens_per_s=one.tokens_per_s, latency_s=one.latency_s,
+                                new_tokens=one.new_tokens)
+        return Economics(self.name, False, None, None, throughput, None, tuple(levels))
+
+    def noise_reference(self, ctx: RunContext) -> tuple[Engine, str]:
+        from quantgate.engines.torch import TorchEngine
+
+        return TorchEngine(ctx.baseline.model), "torch float32"
+
+
+def _declared_bytes(ctx: RunContext, bits: int) -> int:
+    """Weights of a served model whose files quantgate does not see: parameters × bits / 8
+    (nominal: it orders candidates by aggressiveness, it is not a measured size)."""
+    return sum(p.numel() for p in ctx.baseline.model.parameters()) * bits // 8

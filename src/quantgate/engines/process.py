@@ -10,8 +10,9 @@ dedicated pipes (never stdout, where native libraries may print) with frames of:
 No pickles cross the pipe. The child imports only the engine it runs (the llama.cpp engine needs
 numpy, not torch), so the measured memory is the engine's, not PyTorch's.
 
-Engines are named by kind (ENGINE_KINDS) or by "module:Class" for engines outside quantgate; the
-class is constructed with the spec's keyword options.
+Engines are named by kind (a backend registry entry's `process`, engines/registry.py) or by
+"module:Class" for engines outside quantgate; the class is constructed with the spec's keyword
+options.
 """
 
 from __future__ import annotations
@@ -32,15 +33,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from quantgate.engines.base import Request, Timing
+from quantgate.engines.registry import process_factory
 from quantgate.errors import NothingHappened, UserError
 
 if TYPE_CHECKING:
     import torch
 
-ENGINE_KINDS = {
-    "llamacpp": "quantgate.engines.llamacpp:LlamaCppEngine",
-    "torch": "quantgate.engines.torch:open_engine",
-}
 _ERRORS = {"UserError": UserError, "NothingHappened": NothingHappened}
 
 
@@ -193,10 +191,11 @@ class EngineProcess:
 
 
 def _construct(kind: str, options: dict[str, Any]) -> Any:
-    target = ENGINE_KINDS.get(kind, kind)
+    try:
+        target = process_factory(kind)
+    except ValueError as e:
+        raise UserError(f"{e}: name a registered engine or 'module:Class'") from None
     module, _, cls = target.partition(":")
-    if not cls:
-        raise UserError(f"engine '{kind}': expected one of {', '.join(ENGINE_KINDS)} or 'module:Class'")
     return getattr(importlib.import_module(module), cls)(**options)
 
 

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantgate.config import CandidateConfig
 from quantgate.errors import NotSupportedYet, UserError
 from quantgate.evals.tasks import PreparedSuite, kl_divergence
 from quantgate.export import formats, manifest
+from quantgate.methods.registry import MethodConfig
 from quantgate.export.codes import NotOnGrid, recover_codes
 from quantgate.export.stored import Recreated, StoredRun, load_stored_run, recreate
 from quantgate.methods.apply import spec_of, targets
@@ -51,7 +51,7 @@ def export_candidate(run_dir: Path, name: str, fmt: str, out: Path | None = None
     out = out or run.path.parent / "exports" / f"{name}-{fmt}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty (choose another --out)")
-    if (fmt == "gguf") != (cand.method == "gguf"):
+    if cand.artifact == "served" or (fmt == "gguf") != (cand.artifact == "gguf"):
         raise UserError(_wrong_format(name, cand, fmt))
     if dtype is not None and fmt == "gguf":
         raise UserError("--dtype applies to compressed-tensors and hf exports (a GGUF file is copied as evaluated)")
@@ -73,10 +73,12 @@ def export_candidate(run_dir: Path, name: str, fmt: str, out: Path | None = None
     return Exported(out, manifest.write(out, doc), files, round_trip)
 
 
-def _wrong_format(name: str, cand: CandidateConfig, fmt: str) -> str:
-    if cand.method == "gguf":
+def _wrong_format(name: str, cand: MethodConfig, fmt: str) -> str:
+    if cand.artifact == "gguf":
         return (f"candidate {name} is a llama.cpp GGUF ({cand.type}); it exports as --format gguf, the file "
                 "the llama.cpp engine evaluated")
+    if cand.artifact == "served":
+        return f"candidate {name} was served by someone else's server: quantgate has no weights of it to export"
     return (f"candidate {name} was evaluated as PyTorch weights on the torch engine; --format gguf exports "
             "only the GGUF file a llama.cpp candidate was evaluated as (use compressed-tensors or hf)")
 
@@ -84,7 +86,7 @@ def _wrong_format(name: str, cand: CandidateConfig, fmt: str) -> str:
 # -- GGUF ------------------------------------------------------------------------------------------
 
 
-def _export_gguf(run: StoredRun, name: str, cand: CandidateConfig, out: Path) -> tuple[dict, dict, dict, str]:
+def _export_gguf(run: StoredRun, name: str, cand: MethodConfig, out: Path) -> tuple[dict, dict, dict, str]:
     """Copy the evaluated GGUF file (its recorded path; when that is gone, llama.cpp's quantizer is
     run again the same way) after checking its sha256 against the run's record."""
     rec = recreate(run, name, make=False)
@@ -105,7 +107,7 @@ def _export_gguf(run: StoredRun, name: str, cand: CandidateConfig, out: Path) ->
     return formats.gguf_scheme(cand), {"bytes_identical": True, "sha256": digest}, source, rec.eval_sha256
 
 
-def _requantize(run: StoredRun, rec: Recreated, cand: CandidateConfig) -> Path:
+def _requantize(run: StoredRun, rec: Recreated, cand: MethodConfig) -> Path:
     from quantgate.methods.calibrate import calibration_set
     from quantgate.methods.gguf_quant import quantized_gguf
 
@@ -121,8 +123,7 @@ def _requantize(run: StoredRun, rec: Recreated, cand: CandidateConfig) -> Path:
 def _export_torch(rec: Recreated, fmt: str, dtype: str, out: Path) -> tuple[dict, dict]:
     """Write the re-made candidate as `fmt`, load it back and compare; (scheme, round-trip record)."""
     model, cand, arch = rec.made.model, rec.candidate, rec.baseline.arch
-    quantized = cand.method != "prune"
-    names = targets(model, arch, cand) if quantized else []
+    names = targets(model, arch, cand.quantizer) if cand.quantizer is not None else []
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     scheme = formats.torch_scheme(cand, fmt, dtype, names, [n for n in linears if n not in names])
     codes = _codes(model, cand, names) if fmt == "compressed-tensors" else None
@@ -147,13 +148,14 @@ def _export_torch(rec: Recreated, fmt: str, dtype: str, out: Path) -> tuple[dict
     return scheme, round_trip
 
 
-def _codes(model: torch.nn.Module, cand: CandidateConfig, names: list[str]) -> dict:
+def _codes(model: torch.nn.Module, cand: MethodConfig, names: list[str]) -> dict:
     if not names:
         raise UserError(f"candidate {cand.label} quantizes nothing (method {cand.method}): export it as hf")
-    if cand.quantize_embeddings:
+    q = cand.quantizer
+    if q.quantize_embeddings:
         raise NotSupportedYet(f"compressed-tensors export of quantized embeddings (candidate {cand.label}; "
                               "export hf)")
-    spec = spec_of(cand)
+    spec = spec_of(q)
     formats.check_ct_shapes(model, names, spec)
     try:
         return {n: recover_codes(model.get_submodule(n).weight.detach(), spec) for n in names}

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from quantgate.config import W8A8_METHODS, CandidateConfig
 from quantgate.errors import NotSupportedYet, UserError
+from quantgate.methods.registry import MethodConfig
 from quantgate.methods.rtn import QuantizedWeight, QuantSpec, dequantize
 from quantgate.methods.smoothquant import fake_quantize_activations
 
@@ -49,40 +49,42 @@ WEIGHTS_FILE = "model.safetensors"
 W8A8_INPUTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
 
 
-def default_dtype(fmt: str, cand: CandidateConfig) -> str:
+def default_dtype(fmt: str, cand: MethodConfig) -> str:
     """Storage dtype of the tensors that are not integer-coded, when --dtype is not given:
     float16 for weight-only compressed-tensors checkpoints (the serving size; the round trip
     stays below 1e-4 KLD), float32 otherwise. hf holds the dequantized weights, exact only in
     float32; W8A8 candidates re-round every activation to int8 per token, which turns any float16
     rounding of the other tensors into a different model (on the default model even float16
     layer-0 norms alone move the smoothquant candidate by a mean KLD of 0.016)."""
-    return "float16" if fmt == "compressed-tensors" and cand.method not in W8A8_METHODS else "float32"
+    w8a8 = cand.quantizer is not None and cand.quantizer.activation_bits
+    return "float16" if fmt == "compressed-tensors" and not w8a8 else "float32"
 
 
-def torch_scheme(cand: CandidateConfig, fmt: str, dtype: str, targets: list[str], ignore: list[str]) -> dict[str, Any]:
+def torch_scheme(cand: MethodConfig, fmt: str, dtype: str, targets: list[str], ignore: list[str]) -> dict[str, Any]:
     """The manifest's explicit scheme of a torch-evaluated candidate written as `fmt`: what was
     quantized how (weights as compressed-tensors QuantizationArgs; None for a pruned-only
     candidate), the input quantization applied at run time, and the storage dtype of the rest."""
-    quantized = cand.method != "prune"
-    w8a8 = cand.method in W8A8_METHODS
-    weights = {"num_bits": cand.bits, "type": "int", "symmetric": bool(cand.symmetric),
-               "strategy": "group" if cand.group_size else "channel", "group_size": cand.group_size}
+    q = cand.quantizer
+    w8a8 = q is not None and bool(q.activation_bits)
+    weights = q and {"num_bits": q.bits, "type": "int", "symmetric": bool(q.symmetric),
+                     "strategy": "group" if q.group_size else "channel", "group_size": q.group_size}
+    steps = getattr(cand, "steps", None)
     return {
-        "method": cand.method,
-        "bits": cand.bits if quantized else None,
-        "group_size": cand.group_size if quantized else None,
-        "symmetric": cand.symmetric if quantized else None,
-        "steps": [s.label for s in cand.steps] if cand.steps else None,
+        "method": q.method if q is not None else cand.method,
+        "bits": q and q.bits,
+        "group_size": q and q.group_size,
+        "symmetric": q and q.symmetric,
+        "steps": [s.label for s in steps] if steps else None,
         "format": ("int-quantized" if w8a8 else "pack-quantized") if fmt == "compressed-tensors" else "dense",
-        "weights": weights if quantized else None,
+        "weights": weights,
         "input_activations": dict(W8A8_INPUTS) if w8a8 else None,
         "dtype": dtype, "targets": targets, "ignore": ignore,
     }
 
 
-def gguf_scheme(cand: CandidateConfig) -> dict[str, Any]:
+def gguf_scheme(cand: MethodConfig) -> dict[str, Any]:
     """The manifest's scheme of a llama.cpp candidate: llama.cpp's file type, nominal bits."""
-    return {"method": cand.method, "bits": cand.bits, "group_size": None, "symmetric": None,
+    return {"method": cand.method, "bits": cand.quantized_bits, "group_size": None, "symmetric": None,
             "format": "gguf", "gguf_type": cand.type, "imatrix": cand.imatrix, "input_activations": None}
 
 

@@ -13,13 +13,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from quantgate.config import CALIBRATED_METHODS, CandidateConfig, RunConfig, error_text
+from quantgate.config import RunConfig, error_text
 from quantgate.errors import UserError
 from quantgate.evals.datasets import load_suite
 from quantgate.evals.digest import eval_digest
 from quantgate.evals.tasks import PreparedSuite, prepare
 from quantgate.methods.apply import CandidateModel, make_candidate
 from quantgate.methods.calibrate import calibration_set
+from quantgate.methods.registry import MethodConfig
 from quantgate.models.load import Baseline, load_baseline
 
 
@@ -29,7 +30,7 @@ class StoredRun:
     results: dict[str, Any]
     config: RunConfig
 
-    def candidate(self, name: str) -> tuple[CandidateConfig, dict[str, Any]]:
+    def candidate(self, name: str) -> tuple[MethodConfig, dict[str, Any]]:
         """The named candidate's settings and its entry in results.json."""
         records = {c["name"]: c for c in self.results["candidates"]}
         if name not in records:
@@ -98,7 +99,7 @@ class Recreated:
     baseline: Baseline
     prepared: PreparedSuite
     eval_sha256: str
-    candidate: CandidateConfig
+    candidate: MethodConfig
     record: dict[str, Any]
     made: CandidateModel | None  # None for llama.cpp candidates (their artifact is the GGUF file)
 
@@ -115,7 +116,7 @@ def recreate(run: StoredRun, name: str, *, make: bool = True) -> Recreated:
     made = None
     if make:
         calib = None
-        if cand.needs_calibration or cand.method in CALIBRATED_METHODS:
+        if cand.needs_calibration:  # the one answer the run gave too (MethodConfig.calibration_needs)
             calib = calibration_set(baseline.tokenizer, cfg.calibration, prepared.suite.texts())
             recorded = (run.results.get("calibration") or {}).get("sha256")
             if recorded != calib.digest:

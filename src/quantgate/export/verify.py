@@ -91,7 +91,7 @@ def _engine(cfg, doc: dict[str, Any], where: Path) -> str:
     cand = {c.label: c for c in cfg.resolved_candidates}.get(doc["candidate"])
     if cand is None:
         raise UserError(f"{where}: candidate '{doc['candidate']}' is not in the manifest's config")
-    measured_on = (cand.serving or cfg.serving).engine
+    measured_on = (getattr(cand, "serving", None) or cfg.serving).engine
     if measured_on != engine:
         raise UserError(f"{where}: the gate run measured {doc['candidate']} on the {measured_on} engine; a "
                         f"{doc['format']} artifact is re-measured on {engine}, so the records would not compare")
@@ -121,7 +121,7 @@ def _torch_opener(cfg, baseline: Baseline, directory: Path, doc: dict[str, Any])
     @contextmanager
     def open_engine(which: str) -> Iterator[Engine]:
         model = baseline.model if which == "baseline" else formats.load_torch_artifact(directory, doc["scheme"])
-        yield TorchEngine(model, max_batch_size=cfg.serving.max_batch_size, batch_tokens=cfg.evaluation.batch_tokens)
+        yield TorchEngine(model, max_batch_size=cfg.evaluation.batch_size, batch_tokens=cfg.evaluation.batch_tokens)
 
     return open_engine
 

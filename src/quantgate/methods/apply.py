@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from quantgate.config import PRUNE_PATTERNS, W8A8_METHODS, CandidateConfig
 from quantgate.errors import NothingHappened, UserError
 from quantgate.methods import awq, gptq, prune, smoothquant
+from quantgate.methods.registry import (
+    METHODS, PRUNE_PATTERNS, AwqConfig, ComposeConfig, GptqConfig, MethodConfig, PruneConfig, SmoothQuantConfig,
+)
 from quantgate.methods.calibrate import BlockMethod, CalibrationSet, GroupInputs, run_blocks
 from quantgate.methods.rtn import QuantSpec, dequantize, fake_quantize, packed_bytes
 from quantgate.models.arch import ArchInfo, Units
@@ -36,11 +38,11 @@ class CandidateModel:
     quantized_params: int  # number of weights stored as integers
 
 
-def spec_of(cand: CandidateConfig) -> QuantSpec:
+def spec_of(cand: MethodConfig) -> QuantSpec:
     return QuantSpec(bits=cand.bits, group_size=cand.group_size, symmetric=bool(cand.symmetric))
 
 
-def targets(model: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig) -> list[str]:
+def targets(model: torch.nn.Module, arch: ArchInfo, cand: MethodConfig) -> list[str]:
     """Names of modules whose `.weight` the candidate quantizes."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and arch.is_block_linear(n)]
     if cand.quantize_embeddings:
@@ -49,45 +51,82 @@ def targets(model: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig) -> li
 
 
 def make_candidate(
-    baseline: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig, calib: CalibrationSet | None = None,
+    baseline: torch.nn.Module, arch: ArchInfo, cand: MethodConfig, calib: CalibrationSet | None = None,
     *, seed: int = 0, on_block: Callable[[int], None] | None = None,
 ) -> CandidateModel:
-    """A quantized and/or pruned copy of `baseline` (which is left untouched); candidates that
-    need_calibration need `calib`. Raises NothingHappened when a step matched no module of the
-    architecture table or changed no weight."""
+    """A quantized and/or pruned copy of `baseline` (which is left untouched), made by the
+    driver the method's registry entry names; candidates that need_calibration need `calib`.
+    Raises NothingHappened when a step matched no module of the architecture table or changed
+    no weight."""
+    if cand.needs_calibration and calib is None:
+        raise ValueError(f"candidate {cand.label} needs calibration data")
     model = copy.deepcopy(baseline)
-    changed, specs, pruned = 0, {}, False
     with torch.no_grad():
-        for step in cand.steps or (cand,):
-            if step.needs_calibration and calib is None:
-                raise ValueError(f"candidate {cand.label}: {step.label} needs calibration data")
-            if step.method == "prune":
-                changed += _prune(model, arch, step, calib, seed, on_block)
-                pruned = True
-            else:
-                n, specs = _quantize(model, arch, step, calib, seed, on_block, keep_zeros=pruned)
-                changed += n
+        changed, specs = METHODS[cand.method].driver()(model, arch, cand, calib, seed, on_block, False)
     total, qparams = weight_bytes(model, specs)
     return CandidateModel(model=model, modules_changed=changed, weight_bytes=total, quantized_params=qparams)
 
 
-def _quantize(
-    model: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig, calib: CalibrationSet | None, seed: int,
-    on_block: Callable[[int], None] | None, *, keep_zeros: bool = False,
-) -> tuple[int, dict[int, QuantSpec]]:
-    """Quantize `model` in place: (linears changed, {id of each quantized weight: its spec}).
-    keep_zeros: exact zeros are pruned weights to keep at 0 (GPTQ is given the mask)."""
+# -- drivers: f(model, arch, cfg, calib, seed, on_block, keep_zeros) -> (linears changed, specs) --
+# (the contract of MethodSpec.apply; keep_zeros: exact zeros are pruned weights to keep at 0)
+
+Changed = tuple[int, dict[int, QuantSpec]]
+
+
+def apply_compose(model: torch.nn.Module, arch: ArchInfo, cand: ComposeConfig, calib: CalibrationSet | None,
+            seed: int, on_block: Callable[[int], None] | None, keep_zeros: bool) -> Changed:
+    """The steps in order on one model; changes summed (a linear pruned, then quantized, counts
+    twice); a quantize step after a prune step keeps the pruned zeros."""
+    changed, specs, pruned = 0, {}, keep_zeros
+    for step in cand.steps:
+        n, step_specs = METHODS[step.method].driver()(model, arch, step, calib, seed, on_block, pruned)
+        changed, specs = changed + n, {**specs, **step_specs}
+        pruned = pruned or step.quantized_bits is None
+    return changed, specs
+
+
+def apply_rtn(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001 (the driver contract)
+    """keep_zeros needs nothing here: RTN maps 0 to 0 (the asymmetric zero point is a code)."""
+    return _quantize(model, arch, cand, None)
+
+
+def apply_gptq(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
+    return _quantize(model, arch, cand, _calibrated(_gptq_block(cand, arch, keep_zeros), cand, calib, seed, on_block))
+
+
+def apply_awq(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
+    return _quantize(model, arch, cand, _calibrated(_awq_block(cand, arch), cand, calib, seed, on_block))
+
+
+def apply_smoothquant(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
+    return _quantize(model, arch, cand, _calibrated(_smoothquant_block(cand, arch), cand, calib, seed, on_block))
+
+
+def apply_w8a8(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
+    return _quantize(model, arch, cand, None)
+
+
+# A calibrated block pass: model -> linears changed (run_blocks with the method's statistics).
+BlockPass = Callable[[torch.nn.Module, ArchInfo], int]
+
+
+def _calibrated(method: BlockMethod, cand: MethodConfig, calib: CalibrationSet | None, seed: int,
+                on_block: Callable[[int], None] | None) -> BlockPass:
+    needs = set(cand.calibration_needs())
+    return lambda model, arch: run_blocks(model, arch, calib, needs, method, seed, on_block)
+
+
+def _quantize(model: torch.nn.Module, arch: ArchInfo, cand: MethodConfig, blocks: BlockPass | None) -> Changed:
+    """Quantize `model` in place: block linears by the calibrated pass `blocks` when given, every
+    other target (all of them without one) by RTN. Returns (linears changed, {id of each
+    quantized weight: its spec})."""
     spec = spec_of(cand)
     names = targets(model, arch, cand)
-    calibrated = cand.method in _BLOCK_METHODS
-    changed = 0
-    if calibrated:
-        method = _BLOCK_METHODS[cand.method](cand, spec, arch, keep_zeros=keep_zeros)
-        changed += run_blocks(model, arch, calib, _NEEDS[cand.method], method, seed, on_block)
+    changed = blocks(model, arch) if blocks is not None else 0
     seen: set[int] = set()
     for name in names:
         weight = model.get_submodule(name).weight
-        if (calibrated and arch.is_block_linear(name)) or id(weight) in seen:
+        if (blocks is not None and arch.is_block_linear(name)) or id(weight) in seen:
             continue  # done block by block above, or tied to a tensor already quantized
         seen.add(id(weight))
         changed += _write(weight, fake_quantize(weight, spec))
@@ -96,7 +135,7 @@ def _quantize(
             f"candidate {cand.label}: quantized 0 modules "
             f"({len(names)} matched the architecture table, none changed)"
         )
-    if cand.method in W8A8_METHODS:  # activations of linears only: an embedding's input is token ids
+    if cand.activation_bits:  # activations of linears only: an embedding's input is token ids
         for name in names:
             module = model.get_submodule(name)
             if isinstance(module, torch.nn.Linear):
@@ -141,7 +180,9 @@ def _inputs(stats: dict[str, GroupInputs], linears: list[str]) -> GroupInputs:
     return s
 
 
-def _gptq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, keep_zeros: bool = False) -> BlockMethod:
+def _gptq_block(cand: GptqConfig, arch: ArchInfo, keep_zeros: bool = False) -> BlockMethod:
+    spec = spec_of(cand)
+
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
         for _, linears in _groups(arch, block):
@@ -157,8 +198,9 @@ def _gptq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, keep_zer
     return apply
 
 
-def _awq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, keep_zeros: bool = False) -> BlockMethod:
-    """keep_zeros needs nothing here: scaling and RTN map 0 to 0."""
+def _awq_block(cand: AwqConfig, arch: ArchInfo) -> BlockMethod:
+    """(A pruned zero needs nothing here: scaling and RTN map 0 to 0.)"""
+    spec = spec_of(cand)
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         scales: dict[str, torch.Tensor] = {}  # linear name -> the scales its input now carries
@@ -184,11 +226,11 @@ def _awq_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, keep_zero
     return apply
 
 
-def _smoothquant_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, keep_zeros: bool = False,
-                       quantize: bool = True) -> BlockMethod:
+def _smoothquant_block(cand: SmoothQuantConfig, arch: ArchInfo, quantize: bool = True) -> BlockMethod:
     """Smoothing folded into norm-fed groups, then (when `quantize`) int8 weights. Returns the
     count of linears changed (smoothing alone changes the function by rounding only).
-    keep_zeros needs nothing here: scaling and RTN map 0 to 0."""
+    (A pruned zero needs nothing here: scaling and RTN map 0 to 0.)"""
+    spec = spec_of(cand)
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
@@ -206,20 +248,12 @@ def _smoothquant_block(cand: CandidateConfig, spec: QuantSpec, arch: ArchInfo, k
     return apply
 
 
-_BLOCK_METHODS: dict[str, Callable[..., BlockMethod]] = {
-    "gptq": _gptq_block,
-    "awq": _awq_block,
-    "smoothquant": _smoothquant_block,
-}
-_NEEDS = {"gptq": {"hessian"}, "awq": {"rows"}, "smoothquant": {"absmax"}}
-
-
 # -- pruning ------------------------------------------------------------------------------------
 
 
-def _prune(model: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig, calib: CalibrationSet | None,
-           seed: int, on_block: Callable[[int], None] | None) -> int:
-    """Prune `model` in place (block linears only); returns the linears changed. Wanda and
+def apply_prune(model: torch.nn.Module, arch: ArchInfo, cand: PruneConfig, calib: CalibrationSet | None,
+                seed: int, on_block: Callable[[int], None] | None, keep_zeros: bool = False) -> Changed:
+    """Prune `model` in place (block linears only); returns (linears changed, {}). Wanda and
     SparseGPT (and wanda-ranked units) read each group's input Hessian through run_blocks, so a
     block sees the inputs that the blocks pruned before it produce."""
     units = None
@@ -242,10 +276,10 @@ def _prune(model: torch.nn.Module, arch: ArchInfo, cand: CandidateConfig, calib:
         raise NothingHappened(f"candidate {cand.label}: pruned 0 modules")
     if units is not None:
         shrink_config(model.config, units, n_units, kept)
-    return changed
+    return changed, {}
 
 
-def _unstructured_block(cand: CandidateConfig, arch: ArchInfo) -> BlockMethod:
+def _unstructured_block(cand: PruneConfig, arch: ArchInfo) -> BlockMethod:
     nm = PRUNE_PATTERNS.get(cand.pattern)
     sparsity = None if nm else cand.sparsity
 

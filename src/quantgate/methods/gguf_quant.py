@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from gguf import GGUFReader
 
-from quantgate.config import GGUF_TYPE_BITS
+from quantgate.methods.registry import GGUF_TYPE_BITS
 from quantgate.errors import NothingHappened, NotSupportedYet, UserError
 from quantgate.methods.calibrate import CalibrationSet
 from quantgate.models.arch import ArchInfo

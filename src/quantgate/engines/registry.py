@@ -1,0 +1,220 @@
+"""The backend registry: one entry per serving engine, owning everything engine-specific.
+
+An entry (BackendEntry) is cheap data read at config time: which method artifacts it runs
+("model", "gguf", "served": see methods/registry.py), what must be installed, its config-time
+checks, and where its two halves live:
+  - `backend`: a Backend subclass ("module:Class") that turns the baseline and each candidate
+    into something it serves (a Served), opens it for scoring, measures its economics and names
+    its noise-floor reference. run.py drives every engine through it and never names one;
+  - `process`: the engine class (or factory) an engine process (engines/process.py) constructs
+    in its child, when the engine runs in a process of its own.
+
+Adding an engine: one file in engines/ (its Engine and its Backend) and one entry below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quantgate.errors import NotSupportedYet, UserError
+
+if TYPE_CHECKING:
+    from quantgate.config import RunConfig
+    from quantgate.economics import Economics
+    from quantgate.engines.base import Engine
+    from quantgate.evals.tasks import PreparedSuite
+    from quantgate.methods.calibrate import CalibrationSet
+    from quantgate.methods.registry import MethodConfig
+    from quantgate.models.load import Baseline
+
+# A progress sink: (description, total steps) -> a function that advances by n steps.
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a backend needs of the run besides the candidate it is handed."""
+
+    cfg: RunConfig
+    baseline: Baseline
+    calib: CalibrationSet | None
+    work: Path  # engine logs go under work/logs
+    progress: Progress
+    bench_prompts: list[list[int]]  # the fixed request mix speed is measured on
+    bandwidth: float | None  # measured memory read bandwidth, bytes/s (None: not measured)
+
+    def log(self, label: str) -> Path:
+        return self.work / "logs" / f"{label}.log"
+
+
+@dataclass
+class Served:
+    """A model as one backend serves it: what it costs in bytes, what it is, and how to open it.
+
+    weight_bytes orders candidates for "smallest passing"; bytes_counted says which bytes those
+    are (an artifact's file size when there is an artifact, else packed codes + the rest at the
+    baseline's precision, or a declared scheme × parameter count for a served model)."""
+
+    label: str
+    weight_bytes: int
+    bytes_counted: str
+    scheme: str
+    modules_changed: int = 0
+    make_seconds: float = 0.0
+    artifact: Path | None = None  # the file the engine evaluated, recorded with its sha256 (GGUF)
+    serves_from: Path | None = None  # what a serving engine process loads (a file or a directory)
+    opener: Callable[[], AbstractContextManager[Engine]] | None = field(default=None, repr=False)
+    # The model's progress bar, started by the backend while making it (None: run.py starts one).
+    step: Callable[[int], None] | None = field(default=None, repr=False)
+
+    def open(self) -> AbstractContextManager[Engine]:
+        """An engine over this model for scoring."""
+        if self.opener is None:
+            raise ValueError(f"{self.label}: nothing to open (a resumed model whose scores are all stored)")
+        return self.opener()
+
+
+@contextmanager
+def ready(engine: Engine) -> Iterator[Engine]:
+    """An engine that needs no closing, as a context manager."""
+    yield engine
+
+
+class Backend:
+    """One engine's part of a run. Subclasses implement baseline, candidate, economics and
+    noise_reference; the rest has defaults."""
+
+    def __init__(self, entry: BackendEntry):
+        self.entry = entry
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def prepare(self, ctx: RunContext, prepared: PreparedSuite) -> tuple[PreparedSuite, list[str]]:
+        """The suite this engine can score, and notes on what it had to leave out."""
+        return prepared, []
+
+    def baseline(self, ctx: RunContext) -> Served:
+        raise NotImplementedError
+
+    def candidate(self, ctx: RunContext, cand: MethodConfig) -> Served:
+        """Make the candidate (quantize, write its artifact) and return it ready to open."""
+        raise NotImplementedError
+
+    def resumed(self, ctx: RunContext, cand: MethodConfig, meta: Mapping[str, Any]) -> Served:
+        """A candidate whose scores a resumed run has all stored: nothing is made again."""
+        path = Path(meta["artifact"]) if meta.get("artifact") else None
+        path = path if path and path.exists() else None
+        return Served(cand.label, meta["weight_bytes"], meta.get("bytes_counted", ""), cand.scheme,
+                      meta["modules_changed"], meta["quantize_seconds"], path, serves_from=path)
+
+    def economics(self, ctx: RunContext, served: Served) -> Economics | None:
+        raise NotImplementedError
+
+    def noise_reference(self, ctx: RunContext) -> tuple[Engine, str]:
+        """A second path over the baseline (engine, its description): the floor under which
+        differences are the engines', not the compression's."""
+        raise NotImplementedError
+
+    def unmeasured(self, served: Served, simulated: bool = False) -> Economics:
+        """Economics with nothing timed (economics.measure is off, or the model is simulated)."""
+        from quantgate.economics import Economics
+
+        size = served.artifact.stat().st_size if served.artifact and served.artifact.is_file() else None
+        return Economics(self.name, simulated, size, None, None, None)
+
+    def measured_in_process(self, ctx: RunContext, served: Served, **options: Any) -> Economics:
+        """Speed and memory as served: a fresh engine process of this backend's kind over
+        served.serves_from, in its serving configuration (`options`), runs the fixed request mix
+        at batch 1 and at each batch size up to serving.max_batch_size and reports its own peak
+        resident memory. served.weight_bytes: the bytes read per generated token (roofline)."""
+        from quantgate.economics import Economics, LoadLevel, Throughput, roofline_fraction
+        from quantgate.engines.process import EngineProcess
+
+        econ = ctx.cfg.economics
+        if not econ.measure or served.serves_from is None:
+            return self.unmeasured(served)
+        label = f"{served.label}-serving"
+        with EngineProcess(self.name, label=label, log=ctx.log(label), path=str(served.serves_from),
+                           **options) as engine:
+            single, load = engine.measure(ctx.bench_prompts, econ.new_tokens, ctx.cfg.serving.max_batch_size)
+            stats = engine.close()
+        throughput = Throughput(**single)
+        roofline = ctx.bandwidth and roofline_fraction(throughput.decode_tokens_per_s, served.weight_bytes,
+                                                       ctx.bandwidth)
+        return Economics(self.name, False, self.unmeasured(served).artifact_bytes, stats["peak_rss_bytes"],
+                         throughput, roofline, tuple(LoadLevel(**level) for level in load))
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    accepts: frozenset[str]  # method artifact kinds it serves
+    backend: str  # "module:Class", a Backend subclass
+    process: str | None = None  # "module:callable" an engine process constructs, if it runs in one
+    requires: tuple[str, ...] = ()  # Python modules that must be importable
+    install: str = ""  # how to install them
+    check: Callable[[RunConfig], None] | None = None  # config-time checks of its own keys
+
+    def load(self) -> Backend:
+        module, cls = self.backend.split(":")
+        return getattr(importlib.import_module(module), cls)(self)
+
+    def check_config(self, cfg: RunConfig) -> None:
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(f"serving.engine {self.name} needs {', '.join(missing)}: {self.install}")
+        if self.check is not None:
+            self.check(cfg)
+
+
+def _servers_named(cfg: RunConfig) -> None:
+    """Every served model needs its server's URL (the baseline's in serving, each candidate's
+    in its own serving block)."""
+    if cfg.serving.base_url is None:
+        raise UserError(f"serving.engine {cfg.serving.engine} needs base_url (e.g. http://host:8000/v1)")
+    for c in cfg.resolved_candidates:
+        if c.artifact == "served" and c.serving.base_url is None:
+            raise UserError(f"candidate {c.label}: serving needs base_url (e.g. http://host:8000/v1)")
+
+
+BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
+    BackendEntry("torch", frozenset({"model"}), "quantgate.engines.torch:TorchBackend",
+                 process="quantgate.engines.torch:open_engine"),
+    BackendEntry("llamacpp", frozenset({"gguf"}), "quantgate.engines.llamacpp:LlamaCppBackend",
+                 process="quantgate.engines.llamacpp:LlamaCppEngine", requires=("llama_cpp",),
+                 install="pip install 'quantgate[llamacpp]'"),
+    BackendEntry("openai", frozenset({"served"}), "quantgate.engines.openai:OpenAIBackend",
+                 check=_servers_named),
+)}
+# Servers reached today through the OpenAI-compatible backend; their own backends are to come.
+PLANNED = {"vllm": "openai", "tgi": "openai", "sglang": "openai"}
+
+
+def entry(name: str) -> BackendEntry:
+    if name in BACKENDS:
+        return BACKENDS[name]
+    if name in PLANNED:
+        raise NotSupportedYet(f"serving.engine '{name}' (serve it and use engine {PLANNED[name]} with its base_url)")
+    raise UserError(f"serving.engine '{name}': one of {', '.join(BACKENDS)}")
+
+
+def engines_for(artifact: str) -> list[str]:
+    return [e.name for e in BACKENDS.values() if artifact in e.accepts]
+
+
+def process_factory(kind: str) -> str:
+    """The "module:callable" an engine process constructs for `kind`: a registered engine's,
+    or `kind` itself when it is already "module:Class" (an engine outside quantgate)."""
+    if kind in BACKENDS and BACKENDS[kind].process:
+        return BACKENDS[kind].process
+    if ":" in kind:
+        return kind
+    raise ValueError(f"engine '{kind}' does not run in an engine process")

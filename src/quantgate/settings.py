@@ -1,0 +1,38 @@
+"""Config models that several sections share (imported by config.py and the method registry,
+which must not import each other): the frozen base and where a model is served."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_MAX_BATCH_SIZE = 16
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServingConfig(Frozen):
+    """Where and how a model is served. Which keys an engine needs (a server's base_url, say) is
+    checked by that engine's backend (engines/registry.py)."""
+
+    # A serving backend's name (engines/registry.py lists them).
+    engine: str = "torch"
+    # The largest batch (or, for a server, the most concurrent requests) the model is served at:
+    # the top of the economics load sweep (1, 2, 4, ... up to it) and the load cost is priced at.
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
+    # A server: requests in flight at once while the eval set is scored.
+    max_concurrency: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
+    # A server: its API root as the OpenAI SDK takes it (e.g. http://host:8000/v1), the served
+    # model's name (None: the only one the server lists) and the environment variable holding
+    # the API key (None: no key sent).
+    base_url: str | None = Field(None, pattern=r"^https?://")
+    model: str | None = None
+    api_key_env: str | None = None
+    # A server: seconds one try of a request may take; retries after a failed try (429, 5xx,
+    # timeout, dropped connection), with exponential backoff.
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0)
+    max_retries: int = Field(4, ge=0, le=20)
+    # A server: log-probabilities per position asked for (KL divergence is estimated from the
+    # top k; vLLM allows up to its --max-logprobs, 20 by default).
+    top_logprobs: int = Field(20, ge=1)
