@@ -106,13 +106,9 @@ class RunResult:
 def environment() -> dict[str, str]:
     import transformers
 
-    return {
-        "quantgate": quantgate.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "machine": f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads",
-    }
+    return dict(quantgate=quantgate.__version__, python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__,
+                machine=f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads")
 
 
 @dataclass(frozen=True)
