@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +144,12 @@ class LlamaCppBackend(Backend):
         step(1)
         return self._served(ctx, cand.label, path, cand.scheme, modules_changed=quantized_tensors(path),
                             make_seconds=seconds, step=step)
+
+    def exported(self, ctx: RunContext, label: str, directory: Path, files: list[str],
+                 scheme: Mapping[str, Any]) -> Served:
+        """An exported GGUF: the one file in the export."""
+        (name,) = [f for f in files if f.endswith(".gguf")]
+        return self._served(ctx, label, directory / name, f"GGUF {scheme.get('gguf_type', '')}".strip())
 
     def economics(self, ctx: RunContext, served: Served) -> Economics:
         """Serving configuration: only the last position's logits, a context of one request."""

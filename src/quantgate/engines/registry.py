@@ -115,6 +115,12 @@ class Backend:
         return Served(cand.label, meta["weight_bytes"], meta.get("bytes_counted", ""), cand.scheme,
                       meta["modules_changed"], meta["quantize_seconds"], path, serves_from=path)
 
+    def exported(self, ctx: RunContext, label: str, directory: Path, files: list[str],
+                 scheme: Mapping[str, Any]) -> Served:
+        """An artifact quantgate exported (export/), opened the way a user will load it: what
+        `quantgate verify` re-measures. Only engines whose entry lists export formats have it."""
+        raise NotImplementedError
+
     def economics(self, ctx: RunContext, served: Served) -> Economics | None:
         raise NotImplementedError
 
@@ -162,6 +168,7 @@ class BackendEntry:
     requires: tuple[str, ...] = ()  # Python modules that must be importable
     install: str = ""  # how to install them
     check: Callable[[RunConfig], None] | None = None  # config-time checks of its own keys
+    exports: tuple[str, ...] = ()  # export formats (export/formats.py) that it loads back for verify
 
     def load(self) -> Backend:
         module, cls = self.backend.split(":")
@@ -187,10 +194,10 @@ def _servers_named(cfg: RunConfig) -> None:
 
 BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
     BackendEntry("torch", frozenset({"model"}), "quantgate.engines.torch:TorchBackend",
-                 process="quantgate.engines.torch:open_engine"),
+                 process="quantgate.engines.torch:open_engine", exports=("compressed-tensors", "hf")),
     BackendEntry("llamacpp", frozenset({"gguf"}), "quantgate.engines.llamacpp:LlamaCppBackend",
                  process="quantgate.engines.llamacpp:LlamaCppEngine", requires=("llama_cpp",),
-                 install="pip install 'quantgate[llamacpp]'"),
+                 install="pip install 'quantgate[llamacpp]'", exports=("gguf",)),
     BackendEntry("openai", frozenset({"served"}), "quantgate.engines.openai:OpenAIBackend",
                  check=_servers_named),
 )}
@@ -204,6 +211,14 @@ def entry(name: str) -> BackendEntry:
     if name in PLANNED:
         raise NotSupportedYet(f"serving.engine '{name}' (serve it and use engine {PLANNED[name]} with its base_url)")
     raise UserError(f"serving.engine '{name}': one of {', '.join(BACKENDS)}")
+
+
+def loader_of(export_format: str) -> BackendEntry:
+    """The engine that loads an exported artifact of this format back (quantgate verify)."""
+    found = [e for e in BACKENDS.values() if export_format in e.exports]
+    if not found:
+        raise UserError(f"no engine loads exported '{export_format}' artifacts")
+    return found[0]
 
 
 def engines_for(artifact: str) -> list[str]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -335,6 +336,16 @@ class TorchBackend(Backend):
                       "the other parameters at the baseline's precision (no artifact written)", cand.scheme,
                       made.modules_changed, seconds, opener=lambda: ready(self.scoring_engine(ctx, made.model)),
                       step=step)
+
+    def exported(self, ctx: RunContext, label: str, directory: Path, files: list[str],
+                 scheme: Mapping[str, Any]) -> Served:
+        """A compressed-tensors or hf export, loaded by plain transformers."""
+        from quantgate.export.formats import load_torch_artifact
+
+        model = load_torch_artifact(directory, dict(scheme))
+        size = sum((directory / f).stat().st_size for f in files)
+        return Served(label, size, "the exported files' bytes", str(scheme.get("format", "")),
+                      opener=lambda: ready(self.scoring_engine(ctx, model)))
 
     def economics(self, ctx: RunContext, served: Served) -> Economics | None:
         if served.label != "baseline":  # fake quantization: float32 weights, quality only
