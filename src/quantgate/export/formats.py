@@ -63,15 +63,17 @@ def torch_scheme(cand: CandidateConfig, fmt: str, dtype: str, targets: list[str]
     """The manifest's explicit scheme of a torch-evaluated candidate written as `fmt`: what was
     quantized how (weights as compressed-tensors QuantizationArgs; None for a pruned-only
     candidate), the input quantization applied at run time, and the storage dtype of the rest."""
-    quantized = cand.method != "prune"
+    bits = cand.quantized_bits
+    quantized = bits is not None
     w8a8 = cand.method in W8A8_METHODS
-    weights = {"num_bits": cand.bits, "type": "int", "symmetric": bool(cand.symmetric),
-               "strategy": "group" if cand.group_size else "channel", "group_size": cand.group_size}
+    group, symmetric = getattr(cand, "group_size", None), getattr(cand, "symmetric", None)  # not every method has them
+    weights = {"num_bits": bits, "type": "int", "symmetric": bool(symmetric),
+               "strategy": "group" if group else "channel", "group_size": group}
     return {
         "method": cand.method,
-        "bits": cand.bits if quantized else None,
-        "group_size": cand.group_size if quantized else None,
-        "symmetric": cand.symmetric if quantized else None,
+        "bits": bits,
+        "group_size": group if quantized else None,
+        "symmetric": symmetric if quantized else None,
         "steps": [s.label for s in cand.steps] if cand.steps else None,
         "format": ("int-quantized" if w8a8 else "pack-quantized") if fmt == "compressed-tensors" else "dense",
         "weights": weights if quantized else None,
