@@ -1,4 +1,5 @@
-"""A synthetic results dict (results.json's shape, see quantgate.report.data) for the report tests:
+"""A synthetic results.json (schema version 0, as quantgate wrote it before the typed record) and its
+RunRecord (quantgate.record) for the report tests:
 four candidates on a bit-width ladder, economics on some (one simulated), per-token KLD histograms on
 some, a measured engine noise floor, and flipped items whose text needs escaping. The numbers are
 derived from a few inputs per candidate so that the rules, rates and recommendation agree."""
@@ -9,6 +10,8 @@ import copy
 from typing import Any
 
 import numpy as np
+
+from quantgate.record import RunRecord, load_record
 
 N_ITEMS = 400
 BASE_ACC = 0.80
@@ -148,8 +151,12 @@ def _add_economics(results: dict[str, Any]) -> None:
     results["economics_config"] = {"hardware_cost_per_hour": 2.0, "tokens_per_month": 300e6, "min_monthly_saving": 50.0}
 
 
-def measured_speed_models(results: dict[str, Any]) -> list[str]:
+def synthetic_record(**parts: bool) -> RunRecord:
+    """synthetic_results(**parts) loaded as a RunRecord (through record.upgrade)."""
+    return load_record(synthetic_results(**parts))
+
+
+def measured_speed_models(results: RunRecord) -> list[str]:
     """Names of the models with a real (not simulated) decode speed."""
-    models = [results["baseline"], *results["candidates"]]
-    return [m["name"] for m in models if m.get("economics") and not m["economics"]["simulated"]
-            and m["economics"].get("decode_tokens_per_s") is not None]
+    return [m.name for m in results.models if m.economics and not m.economics.simulated
+            and m.economics.decode_tokens_per_s is not None]

@@ -16,11 +16,16 @@ import pytest
 
 from quantgate.methods.registry import candidate
 from quantgate.config import RunConfig
-from quantgate.drift import PERIODS, Plan, due_at, not_due
-from quantgate.evals.stats import fisher_exact, interval_difference_p, kolmogorov_sf, ks_2samp, normal_quantile
+from quantgate.drift import PERIODS, Plan, due_at, movements, not_due
+from quantgate.evals.metrics import Comparison, Flips, TaskComparison
+from quantgate.evals.stats import (
+    MeanQuantile, fisher_exact, interval_difference_p, kolmogorov_sf, ks_2samp, normal_quantile,
+)
+from quantgate.record import RunRecord, TaskStats, load_record
 from quantgate.store import DriftCheck, open_store, record_drift
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+V0 = Path(__file__).parent / "data" / "results_v0.json"  # a real results.json from before the typed record
 
 # ---------------------------------------------------------------- Kolmogorov-Smirnov
 
@@ -104,8 +109,10 @@ def test_interval_difference_p_by_hand():
 def schedule_plan(tmp_path: Path, period: str, started: datetime) -> Plan:
     """A plan with what --if-due reads: the run's config, id, start and model; the store."""
     cfg = RunConfig.model_validate({"quality_gate": {"drift_check": period}})
-    payload = {"run_id": "r1", "started": started.isoformat(), "model": {"base": "m", "sha256": "a" * 64}}
-    return Plan(payload=payload, candidate="rtn-w8", config=cfg, original=cfg, inputs=tmp_path / "in.jsonl",
+    old = load_record(V0)
+    record = old.model_copy(update={"run_id": "r1", "started": started,
+                                    "model": old.model.model_copy(update={"base": "m", "sha256": "a" * 64})})
+    return Plan(record=record, candidate="rtn-w8", config=cfg, original=cfg, inputs=tmp_path / "in.jsonl",
                 inputs_sha256="", suite=None, store=open_store(tmp_path / "q.db"), results_root=tmp_path)
 
 
@@ -128,6 +135,34 @@ def test_if_due_counts_from_the_run_then_from_the_last_check(tmp_path):
     # Another candidate's check does not count for this one.
     record_drift(p.store, DriftCheck("m", "a" * 64, "rtn-w4-g64", "pass", now))
     assert not_due(p, now + timedelta(days=5)) is None
+
+
+def _task(t: TaskStats) -> TaskComparison:
+    f = t.flips
+    return TaskComparison(t.task, t.n, t.labeled, t.base, t.cand, t.recovery, t.recovery_ci, t.diff, t.diff_ci,
+                          Flips(f.correct_to_wrong, f.wrong_to_correct, f.changed, f.n), t.flip_rate_ci, t.mcnemar_p,
+                          float("inf") if t.min_detectable_drop is None else t.min_detectable_drop)
+
+
+def comparison_as_recorded(record: RunRecord, name: str, kld_scale: float = 1.0) -> Comparison:
+    """The candidate's comparison as the run measured it (its KLD mean scaled by kld_scale)."""
+    vs = record.candidate(name).vs_baseline
+    lo, hi = vs.kld_mean_ci
+    kld = MeanQuantile(vs.kld_mean * kld_scale, (lo * kld_scale, hi * kld_scale), vs.kld_p99, vs.kld_p99_ci, 0.99, 510)
+    o = vs.flips
+    return Comparison(vs.recovery, {k: _task(t) for k, t in vs.tasks.items()},
+                      Flips(o.correct_to_wrong, o.wrong_to_correct, o.answers_changed, o.items), kld, vs.top1_agreement)
+
+
+def test_movements_read_the_original_run_record():
+    record = load_record(V0)
+    same = movements(record, "rtn-w4-g64", comparison_as_recorded(record, "rtn-w4-g64"), 0.95)
+    assert [m.metric for m in same] == ["recovery", "flip_rate", "kld_mean"]
+    before = record.candidate("rtn-w4-g64").vs_baseline
+    assert [m.before for m in same] == [before.recovery, before.flips.rate, before.kld_mean]
+    assert not any(m.moved for m in same) and all(m.alpha == pytest.approx(0.05 / 3) for m in same)
+    moved = movements(record, "rtn-w4-g64", comparison_as_recorded(record, "rtn-w4-g64", kld_scale=3.0), 0.95)
+    assert [m.metric for m in moved if m.moved] == ["kld_mean"]
 
 
 def test_if_due_with_checks_off(tmp_path):

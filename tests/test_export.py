@@ -31,7 +31,7 @@ from quantgate.methods.calibrate import calibration_set
 from quantgate.methods.gptq import gptq_quantize
 from quantgate.methods.rtn import QuantSpec, dequantize, quantize
 from quantgate.models.load import file_sha256, load_baseline
-from quantgate.report.data import to_dict
+from quantgate.record import build_record, dump_record, load_record
 from quantgate.run import execute
 
 ROUND_TRIP_KLD = 1e-4  # the acceptance bound: export -> load -> logits vs the evaluated candidate
@@ -79,7 +79,7 @@ def tiny_run(tmp_path_factory) -> Path:
         result = execute(cfg, workdir=root / "work")
     run_dir = root / "run"
     run_dir.mkdir()
-    (run_dir / "results.json").write_text(json.dumps(to_dict(result), indent=2))
+    (run_dir / "results.json").write_text(dump_record(build_record(result)))
     return run_dir
 
 
@@ -219,7 +219,7 @@ def test_float16_storage_that_changes_the_candidate_is_refused(tiny_run, tmp_pat
 
 
 def test_manifest_says_what_the_artifact_is(tiny_run, tmp_path):
-    results = json.loads((tiny_run / "results.json").read_text())
+    results = json.loads((tiny_run / "results.json").read_text())  # as written: the manifest copies its parts
     with single_thread():
         exported = export_candidate(tiny_run, "gptq-w4-g32-sym", "compressed-tensors", tmp_path / "ct")
     doc = json.loads(exported.manifest.read_text())
@@ -249,7 +249,7 @@ def test_eval_digest_follows_items_labels_and_tokens(tiny_run):
     tokenizer = load_baseline(run.config.model.base).tokenizer
     prepared = prepared_suite(run.config, tokenizer)
     digest = eval_digest(prepared)
-    assert digest == eval_digest(prepared_suite(run.config, tokenizer)) == run.results["eval"]["sha256"]
+    assert digest == eval_digest(prepared_suite(run.config, tokenizer)) == run.record.eval.sha256
     first = prepared.suite.items[0]
     relabeled = replace(prepared.suite, items=(replace(first, gold=(first.gold + 1) % len(first.continuations)),
                                                  *prepared.suite.items[1:]))
@@ -300,6 +300,27 @@ def test_verify_remeasures_and_reports_a_mismatch(tiny_run, tmp_path):
     assert [c.what for c in bad.checks if not c.ok] == ["KL divergence from baseline (mean)"]
 
 
+V0 = Path(__file__).parent / "data" / "results_v0.json"  # a real results.json from before the typed record
+
+
+def test_a_version_0_run_is_read_as_a_stored_run(tmp_path):
+    run_dir = tmp_path / "old-run"
+    run_dir.mkdir()
+    shutil.copy(V0, run_dir / "results.json")
+    run = load_stored_run(tmp_path)  # the results root: its newest run
+    assert run.path == run_dir / "results.json" and run.record == load_record(V0)
+    cand, record = run.candidate("rtn-w4-g64")
+    assert (cand.method, cand.quantized_bits, cand.group_size) == ("rtn", 4, 64)
+    assert record.weight_bytes == 170_687_232 and record.artifact is None
+    with pytest.raises(UserError, match="no evaluated candidate 'rtn-w2'"):
+        run.candidate("rtn-w2")
+    edited = json.loads(V0.read_text())
+    edited["config"]["seed"] = 1
+    (run_dir / "results.json").write_text(json.dumps(edited))
+    with pytest.raises(UserError, match="does not match its config_digest"):
+        load_stored_run(run_dir)
+
+
 def test_export_refuses_what_it_cannot_reproduce(tiny_run, tmp_path):
     with pytest.raises(UserError, match="only the GGUF file"):
         export_candidate(tiny_run, "rtn-w8", "gguf", tmp_path / "a")
@@ -335,8 +356,8 @@ def test_real_model_w4a16_checkpoint_is_a_quarter_of_float16(tmp_path):
     })
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "results.json").write_text(json.dumps(to_dict(execute(cfg, workdir=tmp_path / "work"))))
-    packed = export_candidate(run_dir, "gptq-w4-g64", "compressed-tensors", tmp_path / "ct")
+    (run_dir / "results.json").write_text(dump_record(build_record(execute(cfg, workdir=tmp_path / "work"))))
+    packed = export_candidate(run_dir, "gptq-w4-g64-sym", "compressed-tensors", tmp_path / "ct")
     assert packed.round_trip["kld_mean"] < ROUND_TRIP_KLD and packed.round_trip["quantized_weights_exact"]
     dense16 = tmp_path / "float16"  # the default model as a float16 checkpoint
     baseline = load_baseline(cfg.model.base)
@@ -366,16 +387,17 @@ def test_gguf_export_is_the_evaluated_file_and_verifies(tmp_path):
     })
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    results = to_dict(execute(cfg, workdir=tmp_path / "work"))
-    (run_dir / "results.json").write_text(json.dumps(results))
+    results = build_record(execute(cfg, workdir=tmp_path / "work"))
+    (run_dir / "results.json").write_text(dump_record(results))
     exported = export_candidate(run_dir, "gguf-Q8_0", "gguf", tmp_path / "gguf")
     (name,) = exported.files
-    assert exported.files[name]["sha256"] == results["candidates"][0]["artifact"]["sha256"]
-    assert (exported.directory / name).read_bytes() == Path(results["candidates"][0]["artifact"]["path"]).read_bytes()
+    artifact = results.candidates[0].artifact
+    assert exported.files[name]["sha256"] == artifact.sha256
+    assert (exported.directory / name).read_bytes() == Path(artifact.path).read_bytes()
     assert verify(exported.directory / name).ok
     data = bytearray((exported.directory / name).read_bytes())
     data[-1] ^= 0xFF
     (exported.directory / name).write_bytes(bytes(data))
     with pytest.raises(UserError, match=f"{name}: sha256 differs"):
         verify(exported.directory)
-    assert np.isfinite(results["noise_floor"]["kld_mean"])
+    assert np.isfinite(results.noise_floor.kld_mean)

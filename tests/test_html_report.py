@@ -10,7 +10,6 @@ under CI (env CI set), where they fail.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import os
 import re
@@ -23,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from report_data import HOSTILE, measured_speed_models, synthetic_results
+from report_data import HOSTILE, measured_speed_models, synthetic_record
+
+from quantgate.record import RunRecord, load_record
 
 from quantgate.report import plots, svg, view
 from quantgate.report.files import write_reports
@@ -78,29 +79,29 @@ def _marks(svg_text: str) -> list[ET.Element]:
     return [el for el in root.iter() if "mark" in (el.get("class") or "").split()]
 
 
-def expected_marks(results: dict) -> dict[str, int]:
-    """How many data marks each plot must hold, counted from the results themselves."""
-    cands, models = results["candidates"], view.models(results)
-    bits = sum(v is not None for c in cands if c.get("bits") for v in (
-        c["vs_baseline"]["recovery"], c["vs_baseline"]["top1_agreement"], c["vs_baseline"]["flips"]["rate"]))
-    kld = sum(c["vs_baseline"][k] is not None and c["vs_baseline"][k] > 0 for c in cands for k in ("kld_mean", "kld_p99"))
-    whiskers = sum(bool(c["vs_baseline"].get(k + "_ci")) and c["vs_baseline"][k + "_ci"][0] > 0
-                   for c in cands for k in ("kld_mean", "kld_p99"))
+def expected_marks(results: RunRecord) -> dict[str, int]:
+    """How many data marks each plot must hold, counted from the record itself."""
+    cands, models = results.candidates, results.models
+    bits = sum(v is not None for c in cands if c.bits for v in (
+        c.vs_baseline.recovery, c.vs_baseline.top1_agreement, c.vs_baseline.flips.rate))
+    klds = [(v, ci) for c in cands for v, ci in ((c.vs_baseline.kld_mean, c.vs_baseline.kld_mean_ci),
+                                                 (c.vs_baseline.kld_p99, c.vs_baseline.kld_p99_ci))]
+    kld = sum(v is not None and v > 0 for v, _ in klds)
+    whiskers = sum(bool(ci) and ci[0] is not None and ci[0] > 0 for v, ci in klds if v is not None and v > 0)
     out = {"plot-bits": bits, "plot-memory": len(models), "plot-kld": kld + whiskers}
     speed = measured_speed_models(results)
-    load = sum(r.get("tokens_per_s") is not None for m in models if m["name"] in speed
-               for r in m["economics"].get("load") or [])
+    load = sum(r.tokens_per_s is not None for m in models if m.name in speed for r in m.economics.load)
     out |= {"plot-speed": len(speed)} if len(speed) >= 2 else {}  # one point is nothing to compare
     out |= {"plot-load": load} if load else {}
     for i, c in enumerate(cands):
-        hist = c["vs_baseline"].get("kld_hist")
+        hist = c.vs_baseline.kld_hist
         if hist:
-            out[f"plot-kld-hist-{i}"] = sum(k > 0 for k in hist["counts"])
+            out[f"plot-kld-hist-{i}"] = sum(k > 0 for k in hist.counts)
     return out
 
 
 def test_every_plot_is_well_formed_svg_with_one_mark_per_datum():
-    results = synthetic_results()
+    results = synthetic_record()
     drawn = {"plot-bits": plots.bits_plot(results), "plot-memory": plots.memory_plot(results),
              "plot-speed": plots.speed_plot(results), "plot-load": plots.load_plot(results),
              "plot-kld": plots.kld_overview(results)}
@@ -109,7 +110,7 @@ def test_every_plot_is_well_formed_svg_with_one_mark_per_datum():
 
 
 def test_bits_plot_writes_out_what_accuracy_alone_would_hide():
-    results = synthetic_results()
+    results = synthetic_record()
     loud = view.silent_losses(results)
     assert loud  # the synthetic run has 4-bit candidates that keep accuracy while answers flip
     texts = [t.text or "" for t in ET.fromstring(plots.bits_plot(results)).iter("text")]
@@ -119,25 +120,26 @@ def test_bits_plot_writes_out_what_accuracy_alone_would_hide():
 
 
 def test_bit_groups_split_curves_only_where_widths_collide():
-    cands = synthetic_results()["candidates"]  # rtn 8, gptq 4 g128, rtn 4 g64, rtn 2 g64
+    cands = synthetic_record().candidates  # rtn 8, gptq 4 g128, rtn 4 g64, rtn 2 g64
     groups = plots.bit_groups(cands)
-    assert {k: [c["bits"] for c in g] for k, g in groups.items()} == {"rtn": [8, 4, 2], "gptq": [4]}
-    twin = {**cands[2], "name": "rtn-w4-g128", "group_size": 128}  # a second rtn 4-bit: split by group size
-    groups = plots.bit_groups([*cands, twin])
-    assert {k: [c["name"] for c in g] for k, g in groups.items()} == {
+    assert {k: [c.bits for c in g] for k, g in groups.items()} == {"rtn": [8, 4, 2], "gptq": [4]}
+    twin = cands[2].model_copy(update={"name": "rtn-w4-g128", "group_size": 128})  # a second rtn 4-bit
+    groups = plots.bit_groups([*cands, twin])  # split by group size
+    assert {k: [c.name for c in g] for k, g in groups.items()} == {
         "rtn": ["rtn-w8"], "gptq g128": ["gptq-w4-g128"], "rtn g64": ["rtn-w4-g64", "rtn-w2-g64"],
         "rtn g128": ["rtn-w4-g128"]}
-    gguf = [{"name": f"gguf-{t}", "method": "gguf", "bits": b, "group_size": None, "settings": {"imatrix": False}}
+    gguf = [cands[0].model_copy(update={"name": f"gguf-{t}", "method": "gguf", "bits": b, "group_size": None,
+                                        "settings": {"imatrix": False}})
             for t, b in (("Q8_0", 8), ("Q4_K_M", 4), ("Q2_K", 2))]
-    imatrix = {**gguf[1], "name": "gguf-Q4_K_M-imatrix", "settings": {"imatrix": True}}
+    imatrix = gguf[1].model_copy(update={"name": "gguf-Q4_K_M-imatrix", "settings": {"imatrix": True}})
     groups = plots.bit_groups([*gguf, imatrix])  # llama.cpp types: one curve, the imatrix file beside it
-    assert {k: [c["name"] for c in g] for k, g in groups.items()} == {
+    assert {k: [c.name for c in g] for k, g in groups.items()} == {
         "gguf": ["gguf-Q8_0", "gguf-Q4_K_M", "gguf-Q2_K"], "gguf imatrix": ["gguf-Q4_K_M-imatrix"]}
 
 
 def test_simulated_speed_is_labeled_and_left_off_the_speed_plot():
-    results = synthetic_results()
-    simulated = [m["name"] for m in view.models(results) if view.simulated(m)]
+    results = synthetic_record()
+    simulated = [m.name for m in results.models if view.simulated(m)]
     assert simulated  # the synthetic run has one
     tips = [el.findtext("title") for el in _marks(plots.speed_plot(results))]
     assert not any(t.startswith(f"{name}:") for t in tips for name in simulated)
@@ -150,32 +152,32 @@ def test_simulated_speed_is_labeled_and_left_off_the_speed_plot():
 
 
 def test_economics_rows_price_measured_models_wherever_cost_sits():
-    results = synthetic_results()
+    results = synthetic_record()  # the baseline's cost sits beside its economics: upgrade moves it inside
     rows = {r.cells[0]: dict(zip(view.ECONOMICS_HEADERS, r.cells)) for r in view.economics_table(results).rows}
-    for m in view.models(results):
-        if m["name"] not in rows:
-            assert not m.get("economics")  # only models without economics are left out
+    for m in results.models:
+        if m.name not in rows:
+            assert not m.economics  # only models without economics are left out
             continue
         price = view.cost(m)
-        assert price  # inside economics or beside it
-        shown = rows[m["name"]]["$ / 1M tokens"]
-        assert shown == (view.DASH if view.simulated(m) else view.money(price["per_million_tokens"]))
-        lo, hi = m["economics"]["decode_tokens_per_s_range"]
-        decode = rows[m["name"]]["decode tok/s (request range)"]
+        assert price
+        shown = rows[m.name]["$ / 1M tokens"]
+        assert shown == (view.DASH if view.simulated(m) else view.money(price.per_million_tokens))
+        lo, hi = m.economics.decode_tokens_per_s_range
+        decode = rows[m.name]["decode tok/s (request range)"]
         assert decode == (view.SIMULATED if view.simulated(m) else
-                          f"{view.rate(m['economics']['decode_tokens_per_s'])} ({lo:,.0f}–{hi:,.0f})")
+                          f"{view.rate(m.economics.decode_tokens_per_s)} ({lo:,.0f}–{hi:,.0f})")
 
 
 def test_load_table_lists_every_measured_level_with_latencies():
-    results = synthetic_results()
+    results = synthetic_record()
     table = view.load_table(results)
-    measured = [m for m in view.models(results) if view.economics(m) and not view.simulated(m)]
-    assert len(table.rows) == sum(len(view.economics(m)["load"]) for m in measured)
+    measured = [m for m in results.models if m.economics and not view.simulated(m)]
+    assert len(table.rows) == sum(len(m.economics.load) for m in measured)
     first = dict(zip(view.LOAD_HEADERS, table.rows[0].cells))
-    level = view.economics(measured[0])["load"][0]
-    assert first["model"] == measured[0]["name"] and first["batch size"] == str(level["batch_size"])
-    assert first["latency p50 / p95 / p99"] == view.latencies(level["latency_s"])
-    assert not any(r.cells[0] in {m["name"] for m in view.models(results) if view.simulated(m)} for r in table.rows)
+    level = measured[0].economics.load[0]
+    assert first["model"] == measured[0].name and first["batch size"] == str(level.batch_size)
+    assert first["latency p50 / p95 / p99"] == view.latencies(level.latency_s)
+    assert not any(r.cells[0] in {m.name for m in results.models if view.simulated(m)} for r in table.rows)
     page = render_html(results)
     assert "Under load" in page and page.count('<table class="compact">') >= 3  # candidates, economics, load
 
@@ -187,19 +189,19 @@ def test_identical_notes_are_listed_once_with_every_name():
 
 
 def test_page_is_self_contained_and_escapes_item_text():
-    page = render_html(synthetic_results())
+    page = render_html(synthetic_record())
     assert "<script" not in page.lower()  # no scripts at all, and the hostile prompt is escaped
     assert escape(HOSTILE) in page
     assert not re.search(r"https?://", page)
     links = re.findall(r"\b(?:src|href)\s*=\s*[\"']([^\"']*)", page)
     assert links and all(link.startswith("#") for link in links), links  # in-page links only
     assert "@import" not in page and not re.search(r"url\((?!#)", page)
-    for plot_id in expected_marks(synthetic_results()):
+    for plot_id in expected_marks(synthetic_record()):
         assert f'id="{plot_id}"' in page
 
 
 def test_page_without_optional_parts_says_what_was_not_measured():
-    results = synthetic_results(economics=False, noise_floor=False, kld_hist=False)
+    results = synthetic_record(economics=False, noise_floor=False, kld_hist=False)
     page = render_html(results)
     assert "Economics not measured in this run" in page
     assert "Engine noise floor: not measured" in page
@@ -209,11 +211,10 @@ def test_page_without_optional_parts_says_what_was_not_measured():
 
 
 def test_verdict_lists_every_rule_with_value_interval_threshold():
-    results = synthetic_results()
+    results = synthetic_record()
     page = render_html(results)
-    rec = view.recommended(results)
-    assert f"Recommended: {rec}" in page
-    for c in results["candidates"]:
+    assert f"Recommended: {results.recommended}" in page
+    for c in results.candidates:
         for r in view.rules(c):
             row = f'<td>{escape(r.rule)}</td><td><span class="chip {r.status}">{r.status}</span></td>'
             assert row in page
@@ -310,24 +311,24 @@ def screenshot(driver, path: Path) -> Path:
 def test_report_renders_in_headless_chromium(browser, tmp_path, artifacts):
     from selenium.webdriver.common.by import By
 
-    results = synthetic_results()
+    results = synthetic_record()
     paths = write_reports(results, tmp_path)
     open_and_check(browser, paths["html"], expected_marks(results))
     screenshot(browser, artifacts / "report-synthetic.png")  # as a reader first sees it
 
     # flipped items start closed; opening one shows its prompts as text, not markup
-    worst = results["candidates"][-1]
-    details = browser.find_element(By.CSS_SELECTOR, f'details.flips[data-candidate="{worst["name"]}"]')
+    worst = results.candidates[-1]
+    details = browser.find_element(By.CSS_SELECTOR, f'details.flips[data-candidate="{worst.name}"]')
     assert details.get_attribute("open") is None
     details.find_element(By.TAG_NAME, "summary").click()
     rows = details.find_elements(By.CSS_SELECTOR, "tbody tr")
-    assert len(rows) == len(worst["flipped_items"])
+    assert len(rows) == len(worst.flipped_items)
     assert HOSTILE in rows[0].text
     assert browser.execute_script("return document.scripts.length") == 0
 
 
 def test_report_without_optional_parts_renders(browser, tmp_path, artifacts):
-    results = synthetic_results(economics=False, noise_floor=False, kld_hist=False)
+    results = synthetic_record(economics=False, noise_floor=False, kld_hist=False)
     paths = write_reports(results, tmp_path)
     open_and_check(browser, paths["html"], expected_marks(results))
     screenshot(browser, artifacts / "report-minimal.png")
@@ -355,6 +356,7 @@ def test_real_run_writes_a_report_that_renders(browser, tmp_path, artifacts):
     (html,) = (tmp_path / "out").glob("*/report.html")
     assert f"report: {html}" in proc.stdout
     assert (html.parent / "summary.md").is_file()
-    results = json.loads((html.parent / "results.json").read_text())
+    results = load_record(html.parent / "results.json")
+    assert results.schema_version == 1
     open_and_check(browser, html, expected_marks(results))
     screenshot(browser, artifacts / "report-real-run.png")

@@ -8,7 +8,7 @@ import pytest
 
 from quantgate.config import RunConfig
 from quantgate.gate import CandidateVerdict, RuleResult, decide
-from quantgate.report.data import to_dict
+from quantgate.record import build_record
 
 
 def _verdict(name: str, status: str) -> CandidateVerdict:
@@ -51,5 +51,5 @@ def test_ladder_run_stops_at_its_third_rung(tmp_path):
     assert "broke at rtn-w4-g64" in result.decision.reason
     kld = [c.comparison.kld.mean for c in result.candidates]
     assert kld[1] < 0.1 < kld[2] and not math.isnan(kld[0])
-    rungs_out = to_dict(result)["ladder"]
-    assert [r["status"] for r in rungs_out] == ["pass", "pass", "fail", "not measured", "not measured"]
+    rungs_out = build_record(result).ladder
+    assert [r.status for r in rungs_out] == ["pass", "pass", "fail", "not measured", "not measured"]

@@ -10,7 +10,7 @@ pytest.importorskip("llama_cpp")
 
 from quantgate.config import RunConfig, check_supported  # noqa: E402
 from quantgate.errors import UserError  # noqa: E402
-from quantgate.report.data import to_dict  # noqa: E402
+from quantgate.record import build_record  # noqa: E402
 from quantgate.run import execute  # noqa: E402
 
 SMALL = {
@@ -54,10 +54,10 @@ def test_economics_are_measured_on_the_engine(result):
         assert e.artifact_bytes == m.artifact.stat().st_size == m.weight_bytes
         assert e.throughput.decode_tokens_per_s > 0 and 0 < e.roofline_fraction
         assert e.peak_rss_bytes < e.artifact_bytes + (600 << 20)
-    payload = to_dict(result)
-    assert payload["noise_floor"]["kld_mean"] < 1e-3
-    assert payload["candidates"][0]["economics"]["decode_tokens_per_s"] > 0
-    assert len(payload["candidates"][0]["artifact"]["sha256"]) == 64
+    record = build_record(result)
+    assert record.noise_floor.kld_mean < 1e-3
+    assert record.candidates[0].economics.decode_tokens_per_s > 0
+    assert len(record.candidates[0].artifact.sha256) == 64
 
 
 def test_gguf_candidates_need_the_llamacpp_engine_and_a_known_type():

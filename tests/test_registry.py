@@ -139,7 +139,7 @@ def test_a_magnitude_pruned_candidate_exports_from_a_run_without_calibration(tmp
     from test_export import char_tokenizer_files
 
     from quantgate.export.build import export_candidate
-    from quantgate.report.data import to_dict
+    from quantgate.record import build_record, dump_record
     from quantgate.run import execute
 
     model_dir = tmp_path / "tiny-llama"
@@ -156,11 +156,10 @@ def test_a_magnitude_pruned_candidate_exports_from_a_run_without_calibration(tmp
     assert result.calibration is None
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "results.json").write_text(json.dumps(to_dict(result)))
+    (run_dir / "results.json").write_text(dump_record(build_record(result)))
     with single_thread():
         exported = export_candidate(run_dir, "magnitude-s50", "hf", tmp_path / "out")
-    weights = [p for p in exported.files if str(p).endswith(".safetensors")] if hasattr(exported, "files") else []
-    assert exported.manifest is not None and (weights or any((tmp_path / "out").glob("*.safetensors")))
+    assert exported.manifest is not None
     from safetensors.torch import load_file
 
     state = load_file(next((tmp_path / "out").glob("*.safetensors")))

@@ -4,10 +4,13 @@ the real command line; bad input is one line on stderr and exit 2."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from report_data import synthetic_results
 from test_cli_errors import assert_one_line_error, quantgate
+
+V0 = Path(__file__).parent / "data" / "results_v0.json"  # written by `quantgate run` before the typed record
 
 
 def store_run(root: Path, run_id: str) -> Path:
@@ -61,4 +64,20 @@ def test_json_that_is_not_a_results_file(tmp_path):
     results = synthetic_results()
     del results["candidates"][1]["gate"]
     (run_dir / "results.json").write_text(json.dumps(results), encoding="utf-8")
-    assert_one_line_error(quantgate("report", str(run_dir)), "candidates[1] lacks key 'gate'")
+    assert_one_line_error(quantgate("report", str(run_dir)), "missing key 'candidates[1].gate'")
+    results = synthetic_results()
+    results["schema_version"] = 99
+    (run_dir / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    assert_one_line_error(quantgate("report", str(run_dir)), "schema_version 99", "newer quantgate")
+
+
+def test_report_from_a_real_version_0_results_file(tmp_path):
+    run_dir = tmp_path / "20261204T062524Z-4510db6d"
+    run_dir.mkdir()
+    shutil.copy(V0, run_dir / "results.json")
+    proc = quantgate("report", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    html, md = (run_dir / "report.html").read_text(encoding="utf-8"), (run_dir / "summary.md").read_text("utf-8")
+    assert "20261204T062524Z-4510db6d" in html and "rtn-w4-g64" in html
+    assert md.startswith("## ✅ quantgate: Recommended: rtn-w8")
+    assert "| 0.00267 | 0.00955 |" in md  # KLD in significant digits, as the terminal shows it

@@ -2,8 +2,9 @@
 loopback, started once per session from the Debian binaries; in CI it must start, elsewhere the
 PostgreSQL cases skip when the binaries are missing).
 
-The run payload (tests/data/run_payload.json) is a real results.json: the default model, rtn w8 and
-w2 candidates on 36 items of the default suite."""
+The run payload (tests/data/run_payload.json) is a real, old results.json: the default model, rtn w8
+and w2 candidates on 36 items of the default suite; tests/data/results_v0.json is the last results.json
+before the typed record (quantgate.record). Both are recorded as RunRecords."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from alembic.migration import MigrationContext
 
 from quantgate.config import RunConfig
 from quantgate.errors import UserError
+from quantgate.record import RunRecord, load_record
 from quantgate.store import (
     ENV_VAR, Artifact, DriftCheck, ItemKey, ItemResult, digest, history, last_drift, load_run, open_store,
     record_drift, record_items, record_run, run_artifacts, run_metrics, scored_items, store_location,
@@ -37,16 +39,22 @@ from quantgate.store.connect import migrate
 from quantgate.store.schema import BASELINE_REVISION, SCHEMA_VERSION, VERSION_TABLE, metadata
 
 PAYLOAD = Path(__file__).parent / "data" / "run_payload.json"
+V0 = Path(__file__).parent / "data" / "results_v0.json"
 BACKENDS = ("sqlite", "postgresql")
 
 
 def payload(run_id: str | None = None, started: datetime | None = None) -> dict:
+    """The old results.json as a dict (what a version-1 store holds inline)."""
     data = json.loads(PAYLOAD.read_text())
     if run_id:
         data["run_id"] = run_id
     if started:
         data["started"] = data["finished"] = started.isoformat()
     return data
+
+
+def record(run_id: str | None = None, started: datetime | None = None) -> RunRecord:
+    return load_record(payload(run_id, started))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,43 +152,56 @@ def count(engine: sa.Engine, table: str) -> int:
 
 
 def test_run_round_trip(store):
-    data = payload()
+    data = record()
     results = Artifact("results", "/r/results.json", sha256="ab" * 32, bytes=13468)
     record_run(store, data, artifacts=[results])
-    assert load_run(store, data["run_id"]) == data
+    assert load_run(store, data.run_id) == data
     assert load_run(store, "no-such-run") is None
-    assert run_artifacts(store, data["run_id"]) == [results]
-    metrics = run_metrics(store, data["run_id"])
-    w2 = data["candidates"][1]
-    overall = w2["vs_baseline"]["tasks"]["overall"]
-    assert metrics["rtn-w2-g64", "overall", "recovery"] == (overall["recovery"], *overall["recovery_ci"])
-    assert metrics["rtn-w2-g64", "overall", "kld_p99"] == (w2["vs_baseline"]["kld_p99"], *w2["vs_baseline"]["kld_p99_ci"])
-    assert metrics["baseline", "overall", "perplexity"] == (data["baseline"]["perplexity"], None, None)
-    for task, value in data["baseline"]["per_task"].items():
+    assert run_artifacts(store, data.run_id) == [results]
+    metrics = run_metrics(store, data.run_id)
+    w2 = data.candidates[1].vs_baseline
+    assert metrics["rtn-w2-g64", "overall", "recovery"] == (w2.overall.recovery, *w2.overall.recovery_ci)
+    assert metrics["rtn-w2-g64", "overall", "kld_p99"] == (w2.kld_p99, *w2.kld_p99_ci)
+    assert metrics["baseline", "overall", "perplexity"] == (data.baseline.perplexity, None, None)
+    for task, value in data.baseline.per_task.items():
         assert metrics["baseline", task, "accuracy"][0] == value
     (row,) = history(store)
-    w8 = data["candidates"][0]
-    assert (row.run_id, row.candidate, row.outcome) == (data["run_id"], "rtn-w8", "recommended")
-    assert (row.recovery, row.flip_rate, row.kld_mean) == (
-        w8["vs_baseline"]["recovery"], w8["vs_baseline"]["flips"]["rate"], w8["vs_baseline"]["kld_mean"])
-    assert row.when == datetime.fromisoformat(data["started"])
+    w8 = data.candidates[0].vs_baseline
+    assert (row.run_id, row.candidate, row.outcome) == (data.run_id, "rtn-w8", "recommended")
+    assert (row.recovery, row.flip_rate, row.kld_mean) == (w8.recovery, w8.flips.rate, w8.kld_mean)
+    assert row.when == data.started
+
+
+def test_the_last_version_0_results_file_is_recorded(store):
+    old = load_record(V0)
+    record_run(store, old)
+    assert load_run(store, old.run_id) == old
+    metrics = run_metrics(store, old.run_id)
+    w4 = old.candidate("rtn-w4-g64")
+    assert metrics["rtn-w4-g64", "default-cloze", "recovery"][0] == w4.vs_baseline.tasks["default-cloze"].recovery
+    assert metrics["rtn-w4-g64", "overall", "min_detectable_drop"] == (None, None, None)  # inf in the run
+    (row,) = history(store)
+    assert (row.run_id, row.candidate, row.kld_mean) == (old.run_id, "rtn-w8", old.candidate("rtn-w8").vs_baseline.kld_mean)
+    with store.connect() as conn:
+        stored = conn.execute(sa.select(sa.column("results", sa.JSON)).select_from(sa.table("runs"))).scalar_one()
+    assert stored["schema_version"] == 1 and "config" not in stored
 
 
 def test_candidate_settings_and_config_are_stored_once(store):
-    first, second = payload("run-a"), payload("run-b")
+    first, second = record("run-a"), record("run-b")
     record_run(store, first)
     record_run(store, second)
-    assert count(store, "configs") == 1 + len(first["candidates"])  # one run config, each candidate's settings
+    assert count(store, "configs") == 1 + len(first.candidates)  # one run config, each candidate's settings
     with store.connect() as conn:
         stored = conn.execute(sa.text("SELECT settings_digest FROM candidates WHERE name = 'rtn-w8'")).scalars().all()
-    assert stored == [digest(first["candidates"][0]["settings"])] * 2
-    assert digest(first["config"]) == first["config_digest"]  # the store's digest is the config's
+    assert stored == [digest(first.candidates[0].settings)] * 2
+    assert digest(first.config) == first.config_digest  # the store's digest is the config's
 
 
 def test_a_run_is_recorded_once(store):
-    record_run(store, payload())
+    record_run(store, record())
     with pytest.raises(UserError, match="recorded already"):
-        record_run(store, payload())
+        record_run(store, record())
     assert count(store, "runs") == 1
 
 
@@ -221,13 +242,13 @@ def drift(model: dict, candidate: str, outcome: str, when: datetime, **metrics: 
 
 def test_drift_checks_and_history_over_time(store):
     t0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
-    record_run(store, payload("r1", t0))
+    record_run(store, record("r1", t0))
     model = payload()["model"]
     record_drift(store, drift(model, "rtn-w8", "pass", t0 + timedelta(days=7), recovery=1.0, kld_mean=0.004))
     record_drift(store, drift(model, "rtn-w8", "fail", t0 + timedelta(days=14), recovery=0.9, flip_rate=0.2))
     other = {"base": "other-model", "sha256": "f" * 64}
     record_drift(store, drift(other, "rtn-w8", "pass", t0 + timedelta(days=21)))
-    record_run(store, payload("r2", t0 + timedelta(days=15)))
+    record_run(store, record("r2", t0 + timedelta(days=15)))
 
     latest = last_drift(store, model["base"], "rtn-w8")
     assert latest == drift(model, "rtn-w8", "fail", t0 + timedelta(days=14), recovery=0.9, flip_rate=0.2)
@@ -254,9 +275,9 @@ def test_drift_outcome_is_checked(store):
 def write_runs(url: str, worker: int, n: int) -> None:
     """A writer process: opens the store itself (the first open migrates it) and records n runs."""
     engine = open_store(url)
-    base = payload()
+    base = record()
     for k in range(n):
-        record_run(engine, {**base, "run_id": f"w{worker}-{k:03d}"})
+        record_run(engine, base.model_copy(update={"run_id": f"w{worker}-{k:03d}"}))
     engine.dispose()
 
 
@@ -385,7 +406,7 @@ def test_a_version_1_store_is_migrated_and_its_run_stays_readable(store_url):
     write_v1_store(store_url, old)
     engine = open_store(store_url)
     assert schema_differences(engine) == []
-    assert load_run(engine, "v1-run") == old
+    assert load_run(engine, "v1-run") == load_record(old)  # the old inline payload, upgraded on reading
     (row,) = history(engine)
     assert (row.run_id, row.candidate, row.recovery) == ("v1-run", "rtn-w8", old["candidates"][0]["vs_baseline"]["recovery"])
     with engine.connect() as conn:
@@ -393,13 +414,13 @@ def test_a_version_1_store_is_migrated_and_its_run_stays_readable(store_url):
         assert conn.execute(sa.text("SELECT value FROM quantgate_meta")).scalar_one() == str(SCHEMA_VERSION)
         settings = conn.execute(sa.text("SELECT settings_digest FROM candidates ORDER BY id")).scalars().all()
     assert settings == [digest(c["settings"]) for c in old["candidates"]]  # backfilled from the old payload
-    record_run(engine, payload("v2-run"))  # and the migrated store takes new runs
+    record_run(engine, record("v2-run"))  # and the migrated store takes new runs
     assert [h.run_id for h in history(engine)] == ["v1-run", "v2-run"]
     engine.dispose()
 
 
 def test_downgrade_to_version_1_and_back(store):
-    data = payload()
+    data = record()
     record_run(store, data)
     shown = store.url.render_as_string(hide_password=True)
     migrate(store, shown, BASELINE_REVISION)
@@ -407,10 +428,10 @@ def test_downgrade_to_version_1_and_back(store):
         assert set(sa.inspect(conn).get_table_names()) == {"runs", "candidates", "quantgate_meta", VERSION_TABLE}
         config = conn.execute(sa.select(sa.column("config", sa.JSON)).select_from(sa.table("runs"))).scalar_one()
         assert conn.execute(sa.text("SELECT value FROM quantgate_meta")).scalar_one() == "1"
-    assert config == data["config"]
+    assert config == data.config
     migrate(store, shown)
     assert schema_differences(store) == []
-    assert load_run(store, data["run_id"]) == data
+    assert load_run(store, data.run_id) == data
 
 
 def test_a_newer_schema_is_refused(store, store_url):
@@ -503,7 +524,7 @@ def quantgate(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 def test_history_command(store, store_url):
     t0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
-    record_run(store, payload("run-1", t0))
+    record_run(store, record("run-1", t0))
     model = payload()["model"]
     record_drift(store, drift(model, "rtn-w8", "fail", t0 + timedelta(days=7), recovery=0.875))
     proc = quantgate("history", "--store", store_url, "--model", model["base"])
@@ -521,7 +542,7 @@ def test_history_command(store, store_url):
 def test_history_from_a_results_dir_and_errors(tmp_path):
     results = tmp_path / "results"
     engine = open_store(results / "quantgate.db")
-    record_run(engine, payload("run-1"))
+    record_run(engine, record("run-1"))
     engine.dispose()
     clean = {ENV_VAR: ""}
     proc = quantgate("history", "--results-dir", str(results), env=clean)

@@ -5,7 +5,6 @@ Exit codes: 0 a candidate holds the gate, 1 none does, 2 bad input, 3 a step did
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +41,9 @@ def run(
     check_supported(cfg)  # before the heavy imports below: bad input answers at once
 
     from quantgate.models.load import file_sha256
-    from quantgate.report import data, terminal
-    from quantgate.report.files import write_reports
+    from quantgate.record import build_record, dump_record
+    from quantgate.report import terminal
+    from quantgate.report.files import RESULTS, write_reports
     from quantgate.run import execute
     from quantgate.store import Artifact, open_store, record_run, store_location
 
@@ -53,15 +53,15 @@ def run(
     with Progress(TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bars:
         result = execute(cfg, _progress(bars), workdir=out_root / "engine-logs", store=db, resume=resume)
-    payload = data.to_dict(result)
-    run_dir = out_root / payload["run_id"]
+    record = build_record(result)
+    run_dir = out_root / record.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    results = run_dir / "results.json"
-    results.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    record_run(db, payload, artifacts=[Artifact("results", str(results), sha256=file_sha256(results),
-                                                bytes=results.stat().st_size)])
-    reports = write_reports(payload, run_dir)
-    terminal.render(result, console)
+    results = run_dir / RESULTS
+    results.write_text(dump_record(record), encoding="utf-8")
+    record_run(db, record, artifacts=[Artifact("results", str(results), sha256=file_sha256(results),
+                                               bytes=results.stat().st_size)])
+    reports = write_reports(record, run_dir)
+    terminal.render(record, console)
     console.print(f"results: {results}  (run recorded in {db.url.render_as_string(hide_password=True)})")
     console.print(f"report: {reports['html']}  (summary: {reports['markdown']})", soft_wrap=True)
     return result.exit_code

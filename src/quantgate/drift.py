@@ -42,6 +42,7 @@ from quantgate.evals.datasets import TEXT_SUFFIXES, EvalSuite, load_suite
 from quantgate.evals.metrics import OVERALL, Comparison
 from quantgate.gate import check_tasks
 from quantgate.methods.registry import MethodConfig, parse_candidate
+from quantgate.record import Interval, Rule, RunRecord, rule_record
 
 if TYPE_CHECKING:
     from quantgate.run import Progress
@@ -57,7 +58,7 @@ QUICK_ECONOMICS = EconomicsConfig(measure=False)  # a drift check is about quali
 class Plan:
     """Everything decided before any model work."""
 
-    payload: dict[str, Any]  # the original run's results (report.data.to_dict's dict, config included)
+    record: RunRecord  # the original run's record
     candidate: str  # the shipped candidate's name
     config: RunConfig  # the original run's config with only that candidate and the new inputs
     original: RunConfig  # the original run's config
@@ -106,8 +107,8 @@ class Shift:
 @dataclass
 class DriftReport:
     checked_at: datetime
-    gate: list[dict[str, Any]]  # every gate rule on the new sample (as in results.json)
-    gate_failed: list[dict[str, Any]]  # the rules that keep it from passing (quality_gate.inconclusive applied)
+    gate: tuple[Rule, ...]  # every gate rule on the new sample (as in the run record)
+    gate_failed: tuple[Rule, ...]  # the rules that keep it from passing (quality_gate.inconclusive applied)
     movements: list[Movement]
     shifts: list[Shift]
     model_sha256: str  # the baseline's weights now
@@ -118,8 +119,8 @@ class DriftReport:
     @property
     def reasons(self) -> list[str]:
         out = [self.error] if self.error else []
-        out += [f"gate now {r['status']}: {r['rule']} ({_num(r['value'])}, interval "
-                f"[{_num(r['interval'][0])}, {_num(r['interval'][1])}])" for r in self.gate_failed]
+        out += [f"gate now {r.status}: {r.rule} ({_num(r.value)}, interval {_ci(r.interval)})"
+                for r in self.gate_failed]
         out += [f"{m.metric} moved: {_num(m.before)} -> {_num(m.now)} ({m.test} p={m.p:.2g} < {m.alpha:.2g})"
                 for m in self.movements if m.moved]
         out += [f"input shift in {s.what}: median {s.original_median:.3g} -> {s.new_median:.3g} "
@@ -132,7 +133,7 @@ class DriftReport:
         inconclusive rules stand in the way) > pass."""
         if self.error:
             return "error"
-        if (any(r["status"] == "fail" for r in self.gate_failed) or any(m.moved for m in self.movements)
+        if (any(r.status == "fail" for r in self.gate_failed) or any(m.moved for m in self.movements)
                 or any(s.shifted for s in self.shifts)):
             return "fail"
         return "inconclusive" if self.gate_failed else "pass"
@@ -150,29 +151,29 @@ def plan(run: str, inputs: Path, *, candidate: str | None, store: str | None,
     """Find the original run (a run directory holding results.json, or a run id in the store),
     the candidate to check (default: the one it recommended) and the config of the check. The new
     inputs are read and validated here, before any model work. UserError for anything missing."""
-    payload, root, db = _original(run, store, results_dir)
-    name = candidate or payload["recommendation"]["candidate"]
+    record, root, db = _original(run, store, results_dir)
+    name = candidate or record.recommended
     if name is None:
-        raise UserError(f"run {payload['run_id']} recommended no candidate: name one with --candidate")
+        raise UserError(f"run {record.run_id} recommended no candidate: name one with --candidate")
     try:
-        settings = _settings(payload, name)
-        original = RunConfig.model_validate(payload["config"])
+        settings = _settings(record, name)
+        original = RunConfig.model_validate(record.config)
     except ValidationError as e:
         first = e.errors()[0]
-        raise UserError(f"run {payload['run_id']}: its stored settings no longer validate "
+        raise UserError(f"run {record.run_id}: its stored settings no longer validate "
                         f"({'.'.join(map(str, first['loc']))}: {error_text(first)})") from None
-    cfg = drift_config(original, settings, inputs, payload["eval"]["tasks"])
+    cfg = drift_config(original, settings, inputs, record.eval.tasks)
     suite = load_suite(cfg.quality_gate, limit=cfg.evaluation.limit, cloze_items=0, seed=cfg.seed)
     check_tasks(cfg.quality_gate, suite.tasks)
     if len(suite.items) < cfg.quality_gate.min_items:
-        raise UserError(f"{inputs}: {len(suite.items)} items; quality_gate.min_items of run {payload['run_id']} "
+        raise UserError(f"{inputs}: {len(suite.items)} items; quality_gate.min_items of run {record.run_id} "
                         f"is {cfg.quality_gate.min_items}")
     from quantgate.models.load import file_sha256
 
-    return Plan(payload, name, cfg, original, inputs, file_sha256(inputs), suite, db, root)
+    return Plan(record, name, cfg, original, inputs, file_sha256(inputs), suite, db, root)
 
 
-def _original(run: str, store: str | None, results_dir: Path | None) -> tuple[dict[str, Any], Path, Store]:
+def _original(run: str, store: str | None, results_dir: Path | None) -> tuple[RunRecord, Path, Store]:
     from quantgate.report.files import RESULTS, load_results
     from quantgate.store import load_run, open_store, store_location
 
@@ -184,22 +185,22 @@ def _original(run: str, store: str | None, results_dir: Path | None) -> tuple[di
         raise UserError(f"{run}: not a run directory (it holds no {RESULTS})")
     root = results_dir or Path(RunConfig().results_dir)
     db = open_store(store_location(store, None, root), create=False)
-    payload = load_run(db, run)
-    if payload is None:
+    record = load_run(db, run)
+    if record is None:
         shown = db.url.render_as_string(hide_password=True)
         raise UserError(f"{run}: not a run directory holding {RESULTS}, nor a run id recorded in store {shown}")
-    return payload, root, db
+    return record, root, db
 
 
-def _settings(payload: dict[str, Any], name: str) -> MethodConfig:
-    found = [c for c in payload["candidates"] if c["name"] == name]
-    if not found:
-        names = ", ".join(c["name"] for c in payload["candidates"]) or "none"
-        raise UserError(f"--candidate {name}: not a candidate of run {payload['run_id']} (candidates: {names})")
-    if "settings" not in found[0]:
-        raise UserError(f"run {payload['run_id']}: candidate {name} has no recorded settings (results.json "
+def _settings(record: RunRecord, name: str) -> MethodConfig:
+    found = record.candidate(name)
+    if found is None:
+        names = ", ".join(c.name for c in record.candidates) or "none"
+        raise UserError(f"--candidate {name}: not a candidate of run {record.run_id} (candidates: {names})")
+    if found.settings is None:
+        raise UserError(f"run {record.run_id}: candidate {name} has no recorded settings (results.json "
                         "from an older quantgate): rerun the gate")
-    return parse_candidate(found[0]["settings"])
+    return parse_candidate(found.settings)
 
 
 def drift_config(original: RunConfig, candidate: MethodConfig, inputs: Path, tasks: dict[str, int]) -> RunConfig:
@@ -244,7 +245,7 @@ def not_due(p: Plan, now: datetime | None = None) -> str | None:
     last = last_checked(p)
     due = due_at(period, last)
     if due is None:
-        return f"drift_check is off (quality_gate.drift_check of run {p.payload['run_id']}): nothing checked"
+        return f"drift_check is off (quality_gate.drift_check of run {p.record.run_id}): nothing checked"
     if due > (now or datetime.now(timezone.utc)):
         return (f"not due: last checked {last:%Y-%m-%d %H:%M} UTC; the {period} check is due "
                 f"{due:%Y-%m-%d %H:%M} UTC")
@@ -255,8 +256,8 @@ def last_checked(p: Plan) -> datetime:
     """The last drift check of this candidate of this model, else the original run's start."""
     from quantgate.store import last_drift
 
-    last = last_drift(p.store, p.payload["model"]["sha256"], p.candidate)
-    return last.checked_at if last else datetime.fromisoformat(p.payload["started"]).astimezone(timezone.utc)
+    last = last_drift(p.store, p.record.model.sha256, p.candidate)
+    return last.checked_at if last else p.record.started.astimezone(timezone.utc)
 
 
 # -- check --------------------------------------------------------------------------------------
@@ -271,44 +272,48 @@ def check(p: Plan, progress: Progress, workdir: Path | None = None) -> DriftRepo
     shifts = input_shift(p)
     result = execute(p.config, progress, workdir=workdir)
     verdict = result.decision.verdicts[0]
-    gate, failed = ([{**asdict(r), "passed": r.passed} for r in rules]
-                    for rules in (verdict.rules, verdict.failed_rules))
+    gate, failed = (tuple(map(rule_record, rules)) for rules in (verdict.rules, verdict.failed_rules))
     report = DriftReport(checked_at, gate, failed, [], shifts, result.model_digest, len(result.prepared.suite.items),
                          result)
     if result.failed:
         report.error = f"{p.candidate}: engine failed ({result.failed[0].error})"
         return report
-    report.movements = movements(p.payload, p.candidate, result.candidates[0].comparison,
+    report.movements = movements(p.record, p.candidate, result.candidates[0].comparison,
                                  p.config.quality_gate.confidence)
-    if result.model_digest != p.payload["model"]["sha256"]:
-        report.error = f"baseline weights changed since run {p.payload['run_id']} (sha256 {result.model_digest[:12]})"
+    if result.model_digest != p.record.model.sha256:
+        report.error = f"baseline weights changed since run {p.record.run_id} (sha256 {result.model_digest[:12]})"
     return report
 
 
-def movements(payload: dict[str, Any], candidate: str, cmp: Comparison, confidence: float) -> list[Movement]:
-    """Recovery, flip rate and KLD mean of `candidate` in the original run's payload vs `cmp` (its
+def movements(record: RunRecord, candidate: str, cmp: Comparison, confidence: float) -> list[Movement]:
+    """Recovery, flip rate and KLD mean of `candidate` in the original run's record vs `cmp` (its
     comparison on the new sample). Metrics missing on either side (no labeled items) are left out."""
-    before = next(c for c in payload["candidates"] if c["name"] == candidate)["vs_baseline"]
+    before = record.candidate(candidate).vs_baseline
     rows = []  # (metric, before, before_ci, now, now_ci, test, p)
-    old, new = before["tasks"].get(OVERALL), cmp.tasks.get(OVERALL)
-    if old is not None and new is not None and old["recovery"] is not None:
-        rows.append(("recovery", old["recovery"], tuple(old["recovery_ci"]), new.recovery, new.recovery_ci,
+    old, new = before.overall, cmp.tasks.get(OVERALL)
+    if old is not None and new is not None and old.recovery is not None:
+        rows.append(("recovery", old.recovery, _pair(old.recovery_ci), new.recovery, new.recovery_ci,
                      "interval z-test", stats.interval_difference_p(
-                         old["recovery"], _pair(old["recovery_ci"]), new.recovery, new.recovery_ci, confidence)))
-        k_old = old["flips"]["correct_to_wrong"] + old["flips"]["wrong_to_correct"]
+                         old.recovery, _pair(old.recovery_ci), new.recovery, new.recovery_ci, confidence)))
+        k_old = old.flips.correct_to_wrong + old.flips.wrong_to_correct
         k_new = new.flips.correct_to_wrong + new.flips.wrong_to_correct
-        rows.append(("flip_rate", old["flips"]["rate"], tuple(old["flip_rate_ci"]), new.flips.rate, new.flip_rate_ci,
-                     "Fisher exact", stats.fisher_exact(k_old, old["flips"]["n"], k_new, new.flips.n)))
-    if before.get("kld_mean") is not None:
-        rows.append(("kld_mean", before["kld_mean"], tuple(before["kld_mean_ci"]), cmp.kld.mean, cmp.kld.mean_ci,
+        rows.append(("flip_rate", _value(old.flips.rate), _pair(old.flip_rate_ci), new.flips.rate, new.flip_rate_ci,
+                     "Fisher exact", stats.fisher_exact(k_old, old.flips.n, k_new, new.flips.n)))
+    if before.kld_mean is not None:
+        rows.append(("kld_mean", before.kld_mean, _pair(before.kld_mean_ci), cmp.kld.mean, cmp.kld.mean_ci,
                      "interval z-test", stats.interval_difference_p(
-                         before["kld_mean"], _pair(before["kld_mean_ci"]), cmp.kld.mean, cmp.kld.mean_ci, confidence)))
+                         before.kld_mean, _pair(before.kld_mean_ci), cmp.kld.mean, cmp.kld.mean_ci, confidence)))
     alpha = (1.0 - confidence) / max(1, len(rows))
     return [Movement(m, b, _pair(bci), n, _pair(nci), t, p, alpha) for m, b, bci, n, nci, t, p in rows]
 
 
-def _pair(ci: Any) -> tuple[float, float]:
-    return tuple(math.nan if v is None else float(v) for v in ci)  # type: ignore[return-value]
+def _value(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _pair(ci: Interval) -> tuple[float, float]:
+    """A recorded interval as floats (NaN where the record has none)."""
+    return (math.nan, math.nan) if ci is None else (_value(ci[0]), _value(ci[1]))
 
 
 def input_shift(p: Plan) -> list[Shift]:
@@ -363,17 +368,15 @@ def shift_test(what: str, original: np.ndarray, new: np.ndarray) -> Shift:
 
 def to_dict(p: Plan, report: DriftReport) -> dict[str, Any]:
     """drift.json: the check, its inputs, and every statistic it was decided on."""
-    from quantgate.report.data import _clean
-
-    return _clean({
+    return _json_safe({
         "checked_at": report.checked_at.isoformat(),
-        "run_id": p.payload["run_id"],
-        "model": {**p.payload["model"], "sha256_now": report.model_sha256},
+        "run_id": p.record.run_id,
+        "model": {**p.record.model.model_dump(mode="json"), "sha256_now": report.model_sha256},
         "candidate": p.candidate,
         "inputs": {"path": str(p.inputs), "sha256": p.inputs_sha256, "items": report.items},
         "outcome": report.outcome,
         "reasons": report.reasons,
-        "gate": report.gate,
+        "gate": [r.model_dump(mode="json") for r in report.gate],
         "movement": [{**asdict(m), "moved": m.moved} for m in report.movements],
         "input_shift": [{**asdict(s), "shifted": s.shifted, "alpha": SHIFT_ALPHA, "min_d": SHIFT_MIN_D}
                         for s in report.shifts],
@@ -394,17 +397,17 @@ def metrics(report: DriftReport) -> dict[str, float | None]:
 def finish(p: Plan, report: DriftReport, console: Console) -> int:
     """Write drift.json (and the new sample's results.json) under the results root, record the
     check in the store, print the summary; returns the exit code."""
-    from quantgate.report import data
+    from quantgate.record import build_record, dump_record
     from quantgate.store import DriftCheck, digest, record_drift
 
     out = p.results_root / f"drift-{report.checked_at:%Y%m%dT%H%M%SZ}"
     out.mkdir(parents=True, exist_ok=True)
     payload = to_dict(p, report)
     (out / "drift.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(data.to_dict(report.result), indent=2) + "\n", encoding="utf-8")
+    (out / "results.json").write_text(dump_record(build_record(report.result)), encoding="utf-8")
     record_drift(p.store, DriftCheck(
-        model_base=p.payload["model"]["base"], model_sha256=p.payload["model"]["sha256"], candidate=p.candidate,
-        outcome=report.outcome, checked_at=report.checked_at, metrics=metrics(report), run_id=p.payload["run_id"],
+        model_base=p.record.model.base, model_sha256=p.record.model.sha256, candidate=p.candidate,
+        outcome=report.outcome, checked_at=report.checked_at, metrics=metrics(report), run_id=p.record.run_id,
         settings_digest=digest(p.config.resolved_candidates[0].model_dump(mode="json")),
         data_digest=p.inputs_sha256, detail="; ".join(report.reasons),
     ))
@@ -415,7 +418,7 @@ def finish(p: Plan, report: DriftReport, console: Console) -> int:
 
 
 def render(p: Plan, report: DriftReport, console: Console) -> None:
-    console.print(f"[bold]drift check[/] of {p.candidate} (run {p.payload['run_id']}) on {p.inputs}: "
+    console.print(f"[bold]drift check[/] of {p.candidate} (run {p.record.run_id}) on {p.inputs}: "
                   f"{report.items} items")
     t = Table(title="original run vs now")
     for col in ("metric", "original", "interval", "now", "interval", "test", "p", "moved"):
@@ -432,7 +435,7 @@ def render(p: Plan, report: DriftReport, console: Console) -> None:
                   f"{x.n_original} / {x.n_new}", "[red]yes[/]" if x.shifted else "no")
     console.print(s)
     for r in report.gate:
-        console.print(f"gate: {r['rule']}: {r['status']}")
+        console.print(f"gate: {r.rule}: {r.status}")
     style = {"pass": "green", "fail": "red", "inconclusive": "yellow", "error": "red"}[report.outcome]
     console.print(f"[bold {style}]drift: {report.outcome}[/]" + ("" if report.outcome == "pass" else ":"))
     for reason in report.reasons:
@@ -443,5 +446,21 @@ def _num(v: float | None) -> str:
     return "—" if v is None or math.isnan(v) else f"{v:.4g}"
 
 
-def _ci(ci: tuple[float, float]) -> str:
-    return f"[{_num(ci[0])}, {_num(ci[1])}]"
+def _ci(ci: Interval) -> str:
+    lo, hi = (None, None) if ci is None else ci
+    return f"[{_num(lo)}, {_num(hi)}]"
+
+
+def _json_safe(value: Any) -> Any:
+    """drift.json's values JSON-safe: NaN/inf -> None, tuples -> lists, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value

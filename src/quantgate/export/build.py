@@ -68,7 +68,7 @@ def export_candidate(run_dir: Path, name: str, fmt: str, out: Path | None = None
         shutil.rmtree(out, ignore_errors=True)
         raise
     files = manifest.file_entries(out)
-    doc = manifest.build(candidate=name, fmt=fmt, scheme=scheme, files=files, results=run.results,
+    doc = manifest.build(candidate=name, fmt=fmt, scheme=scheme, files=files, record=run.record,
                          results_path=run.path, eval_sha256=digest, round_trip=round_trip, source=source)
     return Exported(out, manifest.write(out, doc), files, round_trip)
 
@@ -90,16 +90,16 @@ def _export_gguf(run: StoredRun, name: str, cand: MethodConfig, out: Path) -> tu
     """Copy the evaluated GGUF file (its recorded path; when that is gone, llama.cpp's quantizer is
     run again the same way) after checking its sha256 against the run's record."""
     rec = recreate(run, name, make=False)
-    artifact = rec.record.get("artifact")
-    if not artifact:
+    artifact = rec.record.artifact
+    if artifact is None:
         raise UserError(f"{run.path}: candidate {name} has no recorded artifact")
-    path = Path(artifact["path"])
+    path = Path(artifact.path)
     if not path.is_file():
         path = _requantize(run, rec, cand)
     digest = file_sha256(path)
-    if digest != artifact["sha256"]:
+    if digest != artifact.sha256:
         raise UserError(f"{path}: sha256 {digest[:16]}… differs from the file the run evaluated "
-                        f"({artifact['sha256'][:16]}…); refusing to export it")
+                        f"({artifact.sha256[:16]}…); refusing to export it")
     (copied,) = formats.copy_gguf(path, out)
     if file_sha256(copied) != digest:
         raise UserError(f"{copied}: the copy's sha256 differs from its source {path}")

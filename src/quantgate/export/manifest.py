@@ -8,6 +8,7 @@ versions, the machine, and the gate's rules with the measured results and their 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import platform
@@ -15,8 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from quantgate.errors import UserError
 from quantgate.models.load import file_sha256
+from quantgate.record import Comparison, FlippedItem, NoiseFloor, Num, Record, RunRecord, error_line
 
 MANIFEST = "quantgate-manifest.json"
 MANIFEST_VERSION = 1
@@ -55,39 +59,62 @@ def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
             for name in artifact_files(directory)}
 
 
+class MeasuredModel(Record):
+    """A model's own numbers as the manifest records them."""
+
+    accuracy: Num
+    accuracy_norm: Num
+    per_task: dict[str, Num]
+    perplexity: Num
+    weight_bytes: int
+
+    def metric(self, name: str) -> float | None:
+        return self.accuracy_norm if name == "accuracy_norm" else self.accuracy
+
+
+class Measured(Record):
+    """What the gate run measured of the exported candidate: the manifest's "measured" section,
+    parts of the run record (quantgate.record) that verify compares a re-measurement with."""
+
+    baseline: MeasuredModel
+    candidate: MeasuredModel
+    vs_baseline: Comparison
+    flipped_items: tuple[FlippedItem, ...]
+    noise_floor: NoiseFloor | None
+
+
 def build(*, candidate: str, fmt: str, scheme: dict[str, Any], files: dict[str, dict[str, Any]],
-          results: dict[str, Any], results_path: Path, eval_sha256: str, round_trip: dict[str, Any] | None,
+          record: RunRecord, results_path: Path, eval_sha256: str, round_trip: dict[str, Any] | None,
           source: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest of one exported candidate of the run in `results` (results.json as a dict)."""
-    record = next(c for c in results["candidates"] if c["name"] == candidate)
-    base = results["baseline"]
-    measured_keys = ("accuracy", "accuracy_norm", "per_task", "perplexity", "weight_bytes")
+    """The manifest of one exported candidate of the run `record` (read from results_path)."""
+    c = record.candidate(candidate)
+    own = set(MeasuredModel.model_fields)
+    measured = Measured(baseline=MeasuredModel(**record.baseline.model_dump(include=own)),
+                        candidate=MeasuredModel(**c.model_dump(include=own)), vs_baseline=c.vs_baseline,
+                        flipped_items=c.flipped_items, noise_floor=record.noise_floor)
     return {
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(),
         "candidate": candidate,
         "format": fmt,
         "scheme": scheme,
-        "settings": record.get("settings"),
+        "settings": c.settings,
         "files": files,
         "source_artifact": source,
-        "model": results["model"],
-        "config": results["config"],
-        "config_digest": results["config_digest"],
-        "calibration": results.get("calibration"),
-        "eval": {**(results.get("eval") or {}), "sha256": eval_sha256},
+        "model": record.model.model_dump(mode="json"),
+        # the config in the current shape, and the digest of exactly that JSON (an upgraded old
+        # record's own config_digest is of the config as it was stored; run_config_digest keeps it)
+        "config": record.config,
+        "config_digest": hashlib.sha256(json.dumps(record.config, sort_keys=True).encode()).hexdigest(),
+        "run_config_digest": record.config_digest,
+        "calibration": record.calibration and record.calibration.model_dump(mode="json"),
+        "eval": {**record.eval.model_dump(mode="json"), "sha256": eval_sha256},
         "versions": versions(),
-        "machine": {"export": machine(), "run": (results.get("environment") or {}).get("machine")},
-        "run": {"run_id": results.get("run_id"), "results": str(results_path),
-                "results_sha256": file_sha256(results_path), "environment": results.get("environment")},
-        "gate": record.get("gate"),
-        "measured": {
-            "baseline": {k: base.get(k) for k in measured_keys},
-            "candidate": {k: record.get(k) for k in measured_keys},
-            "vs_baseline": record.get("vs_baseline"),
-            "flipped_items": record.get("flipped_items"),
-            "noise_floor": results.get("noise_floor"),
-        },
+        "machine": {"export": machine(), "run": record.environment.get("machine")},
+        "run": {"run_id": record.run_id, "results": str(results_path),
+                "results_sha256": file_sha256(results_path), "environment": record.environment},
+        "gate": c.gate.model_dump(mode="json"),
+        "measured": measured.model_dump(mode="json"),
         "round_trip": round_trip,
     }
 
@@ -119,6 +146,14 @@ def read(path: Path) -> tuple[Path, dict[str, Any]]:
     if not path.is_dir() and path.name not in manifest["files"] and path.name != MANIFEST:
         raise UserError(f"{path}: not a file of this artifact (its manifest lists {', '.join(manifest['files'])})")
     return directory, manifest
+
+
+def measured(manifest: dict[str, Any], where: Path) -> Measured:
+    """The manifest's "measured" section, typed; UserError naming the key when malformed."""
+    try:
+        return Measured.model_validate(manifest["measured"])
+    except ValidationError as e:
+        raise UserError(f"{where}: {error_line(e, 'measured')}") from None
 
 
 def check_files(directory: Path, manifest: dict[str, Any]) -> None:

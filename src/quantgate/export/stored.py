@@ -22,51 +22,56 @@ from quantgate.methods.apply import CandidateModel, make_candidate
 from quantgate.methods.calibrate import calibration_set
 from quantgate.methods.registry import MethodConfig
 from quantgate.models.load import Baseline, load_baseline
+from quantgate.record import CandidateRecord, RunRecord
 
 
 @dataclass(frozen=True)
 class StoredRun:
     path: Path  # results.json
-    results: dict[str, Any]
+    record: RunRecord
     config: RunConfig
 
-    def candidate(self, name: str) -> tuple[MethodConfig, dict[str, Any]]:
-        """The named candidate's settings and its entry in results.json."""
-        records = {c["name"]: c for c in self.results["candidates"]}
-        if name not in records:
-            failed = {c["name"] for c in self.results.get("failed_candidates") or ()}
-            why = "its engine crashed in that run" if name in failed else f"candidates: {', '.join(records) or 'none'}"
+    def candidate(self, name: str) -> tuple[MethodConfig, CandidateRecord]:
+        """The named candidate's settings and its record."""
+        found = self.record.candidate(name)
+        if found is None:
+            failed = {c.name for c in self.record.failed_candidates}
+            names = ", ".join(c.name for c in self.record.candidates) or "none"
+            why = "its engine crashed in that run" if name in failed else f"candidates: {names}"
             raise UserError(f"{self.path}: no evaluated candidate '{name}' ({why})")
         configs = {c.label: c for c in self.config.resolved_candidates}
         if name not in configs:
             raise UserError(f"{self.path}: candidate '{name}' is not in the stored config")
-        return configs[name], records[name]
+        return configs[name], found
 
 
-def read_run(config: dict[str, Any], config_digest: str, where: Path, results: dict[str, Any]) -> StoredRun:
-    """A StoredRun from a config as JSON and the digest recorded beside it. The digest is checked
-    on the JSON as stored (RunConfig.digest's canonical form), so a config written before fields
-    were added to the schema still matches; it is then read with the current schema's defaults."""
+def read_config(config: dict[str, Any], config_digest: str, where: Path) -> RunConfig:
+    """A run's config from its JSON and the digest recorded beside it. The digest is checked on the
+    JSON as stored (RunConfig.digest's canonical form), so a config written before fields were
+    added to the schema still matches; it is then read with the current schema's defaults."""
     stored = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     if stored != config_digest:
         raise UserError(f"{where}: the stored config does not match its config_digest (edited?)")
+    return run_config(config, where)
+
+
+def run_config(config: dict[str, Any], where: Path) -> RunConfig:
+    """`config` (JSON) validated as a RunConfig; UserError naming the key."""
     try:
-        cfg = RunConfig.model_validate(config)
+        return RunConfig.model_validate(config)
     except ValidationError as e:
         first = e.errors()[0]
         raise UserError(f"{where}: config.{'.'.join(map(str, first['loc']))}: {error_text(first)}") from None
-    return StoredRun(where, results, cfg)
 
 
 def load_stored_run(run_dir: Path) -> StoredRun:
+    """The run in `run_dir` (or its newest run below it), its config checked against its digest as
+    stored (before any upgrade of an older record's config)."""
     from quantgate.report.files import RESULTS, find_run, load_results
 
     run = find_run(run_dir)
-    results = load_results(run)
-    for key in ("config", "config_digest", "model"):
-        if key not in results:
-            raise UserError(f"{run / RESULTS}: missing key '{key}'")
-    return read_run(results["config"], results["config_digest"], run / RESULTS, results)
+    record = load_results(run, check_config=True)
+    return StoredRun(run / RESULTS, record, run_config(record.config, run / RESULTS))
 
 
 def checked_baseline(cfg: RunConfig, model_sha256: str, where: Path) -> Baseline:
@@ -100,7 +105,7 @@ class Recreated:
     prepared: PreparedSuite
     eval_sha256: str
     candidate: MethodConfig
-    record: dict[str, Any]
+    record: CandidateRecord
     made: CandidateModel | None  # None for llama.cpp candidates (their artifact is the GGUF file)
 
 
@@ -110,21 +115,21 @@ def recreate(run: StoredRun, name: str, *, make: bool = True) -> Recreated:
     the recorded ones."""
     cfg, where = run.config, run.path
     cand, record = run.candidate(name)
-    baseline = checked_baseline(cfg, run.results["model"]["sha256"], where)
+    baseline = checked_baseline(cfg, run.record.model.sha256, where)
     prepared = prepared_suite(cfg, baseline.tokenizer)
-    digest = checked_eval(prepared, (run.results.get("eval") or {}).get("sha256"), where)
+    digest = checked_eval(prepared, run.record.eval.sha256, where)
     made = None
     if make:
         calib = None
         if cand.needs_calibration:  # the one answer the run gave too (MethodConfig.calibration_needs)
             calib = calibration_set(baseline.tokenizer, cfg.calibration, prepared.suite.texts())
-            recorded = (run.results.get("calibration") or {}).get("sha256")
+            recorded = run.record.calibration and run.record.calibration.sha256
             if recorded != calib.digest:
                 raise UserError(f"{where}: the calibration windows no longer match the run's "
                                 f"(sha256 {calib.digest[:16]}… vs recorded {str(recorded)[:16]}…)")
         made = make_candidate(baseline.model, baseline.arch, cand, calib, seed=cfg.seed)
         got = (made.weight_bytes, made.modules_changed)
-        if got != (record["weight_bytes"], record.get("modules_changed", made.modules_changed)):
+        if got != (record.weight_bytes, record.modules_changed):
             raise UserError(f"{where}: candidate {name} re-created with (bytes, modules changed) {got}, "
-                            f"the run recorded ({record['weight_bytes']}, {record.get('modules_changed')})")
+                            f"the run recorded ({record.weight_bytes}, {record.modules_changed})")
     return Recreated(baseline, prepared, digest, cand, record, made)

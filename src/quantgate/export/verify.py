@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +38,9 @@ from quantgate.evals.datasets import ChoiceItem
 from quantgate.evals.metrics import ModelMetrics, model_metrics
 from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, with_response_windows
 from quantgate.export import formats, manifest
-from quantgate.export.stored import checked_baseline, checked_eval, prepared_suite, read_run
+from quantgate.export.stored import checked_baseline, checked_eval, prepared_suite, read_config
 from quantgate.models.load import Baseline
+from quantgate.record import FlippedItem
 
 Z = 4.0  # standard deviations of engine noise an option's log-likelihood may move by
 
@@ -70,18 +71,20 @@ def verify(path: Path) -> Verification:
     directory, doc = manifest.read(path)
     manifest.check_files(directory, doc)
     where = directory / manifest.MANIFEST
-    run = read_run(doc["config"], doc["config_digest"], where, doc)
-    baseline = checked_baseline(run.config, doc["model"]["sha256"], where)
-    prepared = prepared_suite(run.config, baseline.tokenizer)
+    cfg = read_config(doc["config"], doc["config_digest"], where)
+    recorded = manifest.measured(doc, where)
+    baseline = checked_baseline(cfg, doc["model"]["sha256"], where)
+    prepared = prepared_suite(cfg, baseline.tokenizer)
     checked_eval(prepared, doc["eval"]["sha256"], where)
-    engine = _engine(run.config, doc, where)
-    opener = _llamacpp_opener(run.config, baseline, directory, doc) if engine == "llamacpp" else \
-        _torch_opener(run.config, baseline, directory, doc)
+    engine = _engine(cfg, doc, where)
+    opener = _llamacpp_opener(cfg, baseline, directory, doc) if engine == "llamacpp" else \
+        _torch_opener(cfg, baseline, directory, doc)
     base_scores, cand_scores, prepared = measure(opener, prepared)
-    metric = run.config.quality_gate.metric
+    metric = cfg.quality_gate.metric
     base = model_metrics(base_scores, prepared, metric, baseline.tokenizer)
     cand = model_metrics(cand_scores, prepared, metric, baseline.tokenizer)
-    checks = compare(doc, metric, prepared, (base_scores, base), (cand_scores, cand))
+    k = _noise_kld(recorded, doc.get("round_trip") or {})
+    checks = compare(recorded, k, metric, prepared, (base_scores, base), (cand_scores, cand))
     return Verification(directory, doc["candidate"], engine, tuple(checks))
 
 
@@ -148,12 +151,11 @@ def _llamacpp_opener(cfg, baseline: Baseline, directory: Path, doc: dict[str, An
 # -- comparing with the record ---------------------------------------------------------------------
 
 
-def compare(doc: dict[str, Any], metric: str, prepared: PreparedSuite, base: tuple[ModelScores, ModelMetrics],
-            cand: tuple[ModelScores, ModelMetrics]) -> list[Check]:
+def compare(recorded: manifest.Measured, k: float, metric: str, prepared: PreparedSuite,
+            base: tuple[ModelScores, ModelMetrics], cand: tuple[ModelScores, ModelMetrics]) -> list[Check]:
     """Recorded vs re-measured: the gate metric of baseline and candidate, the flipped items, the
-    candidate's mean KL divergence from the baseline and its perplexity (tolerances: module doc)."""
-    measured = doc["measured"]
-    k = _noise_kld(doc)
+    candidate's mean KL divergence from the baseline and its perplexity (tolerances: module doc;
+    k: the noise, mean per-token KLD)."""
     sigma = math.sqrt(2.0 * k)
     normalize = metric == "accuracy_norm"
     base_ties = near_ties(base[0], prepared, Z * sigma, normalize=normalize)
@@ -161,19 +163,19 @@ def compare(doc: dict[str, Any], metric: str, prepared: PreparedSuite, base: tup
     labeled = ~np.isnan(base[1].score)
     n = int(labeled.sum())
     checks = [
-        _metric_check(f"baseline {metric}", measured["baseline"][metric], base[1].metric(metric), n,
+        _metric_check(f"baseline {metric}", recorded.baseline.metric(metric), base[1].metric(metric), n,
                       int((base_ties & labeled).sum())),
-        _metric_check(f"candidate {metric}", measured["candidate"][metric], cand[1].metric(metric), n,
+        _metric_check(f"candidate {metric}", recorded.candidate.metric(metric), cand[1].metric(metric), n,
                       int((cand_ties & labeled).sum())),
-        _flips_check(measured.get("flipped_items") or [], prepared, base[1], cand[1], (base_ties | cand_ties) & labeled),
+        _flips_check(recorded.flipped_items, prepared, base[1], cand[1], (base_ties | cand_ties) & labeled),
     ]
-    recorded_kld = (measured.get("vs_baseline") or {}).get("kld_mean")
+    recorded_kld = recorded.vs_baseline.kld_mean
     if recorded_kld is not None and cand[0].kld is not None:
         tol = 2 * k + 4 * math.sqrt(k * recorded_kld) + 1e-6 * recorded_kld + 1e-12
         got = float(np.mean(cand[0].kld))
         checks.append(Check("KL divergence from baseline (mean)", f"{recorded_kld:.6g}", f"{got:.6g}",
                             f"±{tol:.2g}", abs(got - recorded_kld) <= tol))
-    recorded_ppl = measured["candidate"].get("perplexity")
+    recorded_ppl = recorded.candidate.perplexity
     if recorded_ppl is not None and math.isfinite(cand[1].perplexity):
         tol = Z * sigma + 1e-6
         ok = abs(math.log(cand[1].perplexity) - math.log(recorded_ppl)) <= tol
@@ -182,10 +184,10 @@ def compare(doc: dict[str, Any], metric: str, prepared: PreparedSuite, base: tup
     return checks
 
 
-def _noise_kld(doc: dict[str, Any]) -> float:
+def _noise_kld(recorded: manifest.Measured, round_trip: dict[str, Any]) -> float:
     """k: the run's engine noise floor plus the export's round trip (mean per-token KLD)."""
-    floor = (doc["measured"].get("noise_floor") or {}).get("kld_mean") or 0.0
-    trip = (doc.get("round_trip") or {}).get("kld_mean") or 0.0
+    floor = (recorded.noise_floor and recorded.noise_floor.kld_mean) or 0.0
+    trip = round_trip.get("kld_mean") or 0.0  # the manifest's own section (export/build.py)
     return float(floor) + float(trip)
 
 
@@ -213,11 +215,11 @@ def _metric_check(what: str, recorded: float | None, got: float, n: int, ties: i
     return Check(what, f"{recorded:.4f}", f"{got:.4f}", f"±{ties} near-tie items of {n}", off <= ties)
 
 
-def _flips_check(recorded: list[dict[str, Any]], prepared: PreparedSuite, base: ModelMetrics, cand: ModelMetrics,
+def _flips_check(recorded: Sequence[FlippedItem], prepared: PreparedSuite, base: ModelMetrics, cand: ModelMetrics,
                  ties: np.ndarray) -> Check:
     """The items whose correctness changed vs the baseline: the same set, except near ties."""
     ids = [(item.task, item.id) for item in prepared.suite.items]
-    was = {(f["task"], f["id"]) for f in recorded if f.get("direction") != "output changed"}
+    was = {(f.task, f.id) for f in recorded if f.direction != "output changed"}
     now = {ids[i] for i in np.flatnonzero(base.correct != cand.correct) if not np.isnan(base.score[i])}
     allowed = {ids[i] for i in np.flatnonzero(ties)}
     differ = was ^ now

@@ -1,16 +1,18 @@
-"""A run as plain JSON-ready data: what results.json holds and what the store records."""
+"""A finished run as the parts of its record (quantgate.record): the pure helpers that compute
+them from the run's arrays (KLD histogram, flipped items, noise floor, ladder)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
+from quantgate import record as rec
 from quantgate.economics import Economics
 from quantgate.evals.digest import eval_digest
 from quantgate.evals.metrics import TaskComparison
+from quantgate.gate import CandidateVerdict
 from quantgate.models.load import file_sha256
 from quantgate.run import ModelResult, RunResult
 
@@ -19,140 +21,107 @@ def run_id(result: RunResult) -> str:
     return f"{result.started:%Y%m%dT%H%M%SZ}-{result.config.digest()[:8]}"
 
 
-def to_dict(result: RunResult) -> dict[str, Any]:
-    cfg = result.config
+def record_fields(result: RunResult) -> dict[str, Any]:
+    """Every field of the run's RunRecord but its schema_version (see record.build_record)."""
+    cfg, suite = result.config, result.prepared.suite
     verdicts = {v.name: v for v in result.decision.verdicts}
-    suite = result.prepared.suite
-    return _clean({
-        "run_id": run_id(result),
-        "started": result.started.isoformat(),
-        "finished": result.finished.isoformat(),
-        "config": cfg.model_dump(mode="json"),
-        "config_digest": cfg.digest(),
-        "environment": result.environment,
-        "model": {
-            "base": cfg.model.base,
-            "source": result.model_source,
-            "sha256": result.model_digest,
-            "description": result.model_description,
-        },
-        "eval": {
-            "eval_set": suite.name,
-            "metric": cfg.quality_gate.metric,
-            "items": len(suite.items),
-            "tasks": suite.tasks,
-            "duplicates": [{"task": t, "id": i, "same_as": f} for t, i, f in suite.duplicates],
-            "window_tokens": result.prepared.n_window_tokens,
-            "sha256": eval_digest(result.prepared),  # the prepared items, labels and tokens (evals/digest.py)
-        },
-        "calibration": result.calibration,
-        "noise_floor": noise_floor(result),
-        "notes": result.notes,
-        "machine": {"memory_bandwidth_bytes_per_s": result.memory_bandwidth},
-        "economics_config": cfg.economics.model_dump(mode="json"),
-        "baseline": _model(result.baseline),
-        "candidates": [
-            {
-                **_model(c),
-                "method": c.candidate.method,
-                "bits": c.candidate.quantized_bits,
-                "group_size": getattr(c.candidate, "group_size", None),
-                "symmetric": getattr(c.candidate, "symmetric", None),
-                "settings": c.candidate.model_dump(mode="json"),
-                "modules_changed": c.modules_changed,
-                "quantize_seconds": round(c.quantize_seconds, 3),
-                "vs_baseline": comparison_dict(c),
-                "gate": {
-                    "passed": verdicts[c.name].passed,
-                    "rules": [{**asdict(r), "passed": r.passed} for r in verdicts[c.name].rules],
-                },
-                "flipped_items": flipped_items(result, c),
-            }
-            for c in result.candidates
-        ],
-        "failed_candidates": [{"name": f.name, "settings": f.candidate.model_dump(mode="json"), "error": f.error}
-                              for f in result.failed],
-        "strategy": cfg.strategy,
-        "ladder": ladder(result) if cfg.strategy == "ladder" else None,
-        "recommendation": {"candidate": result.decision.recommended, "reason": result.decision.reason},
+    econ, gate = cfg.economics, cfg.quality_gate
+    return {
+        "run_id": run_id(result), "started": result.started, "finished": result.finished,
+        "config": cfg.model_dump(mode="json"), "config_digest": cfg.digest(), "environment": result.environment,
+        "model": rec.ModelInfo(base=cfg.model.base, source=result.model_source, sha256=result.model_digest,
+                               description=result.model_description),
+        "eval": rec.EvalInfo(
+            eval_set=suite.name, metric=gate.metric, items=len(suite.items), tasks=suite.tasks,
+            duplicates=tuple(rec.Duplicate(task=t, id=i, same_as=f) for t, i, f in suite.duplicates),
+            window_tokens=result.prepared.n_window_tokens,
+            sha256=eval_digest(result.prepared)),  # the prepared items, labels and tokens (evals/digest.py)
+        "calibration": result.calibration and rec.Calibration(**result.calibration),
+        "noise_floor": noise_floor(result), "notes": tuple(result.notes),
+        "machine": rec.Machine(memory_bandwidth_bytes_per_s=result.memory_bandwidth),
+        "economics_config": rec.EconomicsSettings(
+            measure=econ.measure, requests=econ.requests, prompt_tokens=econ.prompt_tokens,
+            new_tokens=econ.new_tokens, hardware_cost_per_hour=econ.hardware_cost_per_hour,
+            tokens_per_month=econ.tokens_per_month, min_monthly_saving=econ.min_monthly_saving),
+        "quality_gate": rec.GateSettings(min_acceptable=gate.min_acceptable, max_flip_rate=gate.max_flip_rate,
+                                         confidence=gate.confidence, task_floors=gate.task_floors),
+        "seed": cfg.seed,
+        "baseline": rec.ModelRecord(**_model(result.baseline)),
+        "candidates": tuple(_candidate(result, c, verdicts[c.name]) for c in result.candidates),
+        "failed_candidates": tuple(rec.FailedCandidate(name=f.name, settings=f.candidate.model_dump(mode="json"),
+                                                       error=f.error) for f in result.failed),
+        "strategy": cfg.strategy, "ladder": ladder(result) if cfg.strategy == "ladder" else None,
+        "recommendation": rec.Recommendation(candidate=result.decision.recommended, reason=result.decision.reason),
         "exit_code": result.exit_code,
-    })
+    }
 
 
 def _model(m: ModelResult) -> dict[str, Any]:
     return {
-        "name": m.name,
-        "weight_bytes": m.weight_bytes,
-        "accuracy": m.metrics.accuracy,
-        "accuracy_norm": m.metrics.accuracy_norm,
-        "per_task": m.metrics.per_task,
-        "perplexity": m.metrics.perplexity,
-        "eval_seconds": round(m.scores.seconds, 3),
-        "items_scored": m.scores.items_scored,
-        "items_reused": m.scores.items_reused,
-        "economics": economics(m.economics),
-        "artifact": m.artifact and {"path": str(m.artifact), "sha256": file_sha256(m.artifact),
-                                    "bytes": m.artifact.stat().st_size},
+        "name": m.name, "weight_bytes": m.weight_bytes, "accuracy": m.metrics.accuracy,
+        "accuracy_norm": m.metrics.accuracy_norm, "per_task": m.metrics.per_task, "perplexity": m.metrics.perplexity,
+        "eval_seconds": round(m.scores.seconds, 3), "items_scored": m.scores.items_scored,
+        "items_reused": m.scores.items_reused, "economics": economics(m.economics),
+        "artifact": m.artifact and rec.Artifact(path=str(m.artifact), sha256=file_sha256(m.artifact),
+                                                bytes=m.artifact.stat().st_size),
+        "scheme": m.scheme,
+        "bytes_counted": m.bytes_counted,
     }
 
 
-def ladder(result: RunResult) -> list[dict[str, str]]:
+def _candidate(result: RunResult, m: ModelResult, verdict: CandidateVerdict) -> rec.CandidateRecord:
+    c = m.candidate
+    return rec.CandidateRecord(
+        **_model(m), method=c.method, bits=c.quantized_bits,
+        group_size=getattr(c, "group_size", None), symmetric=getattr(c, "symmetric", None),  # not every method has them
+        settings=c.model_dump(mode="json"), modules_changed=m.modules_changed,
+        quantize_seconds=round(m.quantize_seconds, 3), vs_baseline=comparison(m),
+        gate=rec.Gate(passed=verdict.passed, rules=tuple(map(rec.rule_record, verdict.rules))),
+        flipped_items=flipped_items(result, m),
+    )
+
+
+def ladder(result: RunResult) -> tuple[rec.Rung, ...]:
     """Each rung in order: "pass", "fail" (where quality broke), or "not measured" (after it)."""
     verdicts = {v.name: v for v in result.decision.verdicts}
-    return [{"name": c.label, "status": ("pass" if verdicts[c.label].passed else "fail") if c.label in verdicts
-             else "not measured"} for c in result.config.resolved_candidates]
+    return tuple(rec.Rung(name=c.label, status=("pass" if verdicts[c.label].passed else "fail")
+                          if c.label in verdicts else "not measured") for c in result.config.resolved_candidates)
 
 
-def economics(e: Economics | None) -> dict[str, Any] | None:
+def economics(e: Economics | None) -> rec.Economics | None:
     if e is None:
         return None
     t = e.throughput
-    return {
-        "engine": e.engine,
-        "simulated": e.simulated,
-        "artifact_bytes": e.artifact_bytes,
-        "peak_rss_bytes": e.peak_rss_bytes,
-        "prefill_tokens_per_s": t and t.prefill_tokens_per_s,
-        "decode_tokens_per_s": t and t.decode_tokens_per_s,
-        "decode_tokens_per_s_range": t and t.decode_range and list(t.decode_range),
-        "latency_s": t and t.latency_s,
-        "roofline_fraction": e.roofline_fraction,
-        "load": [asdict(level) for level in e.load],
-        "cost": e.cost and asdict(e.cost),
-    }
+    return rec.Economics(
+        engine=e.engine, simulated=e.simulated, artifact_bytes=e.artifact_bytes, peak_rss_bytes=e.peak_rss_bytes,
+        prefill_tokens_per_s=t and t.prefill_tokens_per_s, decode_tokens_per_s=t and t.decode_tokens_per_s,
+        decode_tokens_per_s_range=t and t.decode_range, latency_s=t and t.latency_s,
+        roofline_fraction=e.roofline_fraction, load=tuple(rec.LoadLevel(**asdict(level)) for level in e.load),
+        cost=e.cost and rec.Cost(**asdict(e.cost)),
+    )
 
 
-def noise_floor(result: RunResult) -> dict[str, Any] | None:
+def noise_floor(result: RunResult) -> rec.NoiseFloor | None:
     f = result.noise_floor
     if f is None:
         return None
-    return {"engine": f.engine, "reference": f.reference, "kld_mean": float(f.kld.mean()),
-            "kld_p99": float(np.quantile(f.kld, 0.99)), "top1_agreement": float(f.top1_agree.mean()),
-            "tokens": int(f.kld.size)}
+    return rec.NoiseFloor(engine=f.engine, reference=f.reference, kld_mean=float(f.kld.mean()),
+                          kld_p99=float(np.quantile(f.kld, 0.99)), top1_agreement=float(f.top1_agree.mean()),
+                          tokens=int(f.kld.size))
 
 
-def comparison_dict(m: ModelResult) -> dict[str, Any]:
+def comparison(m: ModelResult) -> rec.Comparison:
     c = m.comparison
-    return {
-        "recovery": c.recovery,
-        "tasks": {name: _task(t) for name, t in c.tasks.items()},
-        "flips": {
-            "correct_to_wrong": c.flips.correct_to_wrong,
-            "wrong_to_correct": c.flips.wrong_to_correct,
-            "answers_changed": c.flips.changed,
-            "rate": c.flips.rate,
-            "items": c.flips.n,
-        },
-        "kld_mean": c.kld.mean,
-        "kld_mean_ci": c.kld.mean_ci,
-        "kld_p99": c.kld.quantile,
-        "kld_p99_ci": c.kld.quantile_ci,
-        "top1_agreement": c.top1_agreement,
-        "kld_hist": kld_histogram(m.scores.kld),
-    }
+    return rec.Comparison(
+        recovery=c.recovery, tasks={name: _task(t) for name, t in c.tasks.items()},
+        flips=rec.Flips(correct_to_wrong=c.flips.correct_to_wrong, wrong_to_correct=c.flips.wrong_to_correct,
+                        answers_changed=c.flips.changed, rate=c.flips.rate, items=c.flips.n),
+        kld_mean=c.kld.mean, kld_mean_ci=c.kld.mean_ci, kld_p99=c.kld.quantile, kld_p99_ci=c.kld.quantile_ci,
+        top1_agreement=c.top1_agreement, kld_hist=kld_histogram(m.scores.kld),
+    )
 
 
-def kld_histogram(kld: np.ndarray | None, bins: int = 30) -> dict[str, list[float]] | None:
+def kld_histogram(kld: np.ndarray | None, bins: int = 30) -> rec.KldHistogram | None:
     """Per-token KL divergences counted in log-spaced bins from 1e-5 (values below it, zeros
     included, fall in the first bin) to the largest value."""
     if kld is None or not len(kld):
@@ -160,16 +129,16 @@ def kld_histogram(kld: np.ndarray | None, bins: int = 30) -> dict[str, list[floa
     low = 1e-5
     edges = np.geomspace(low, max(float(kld.max()), low * 10) * 1.0001, bins + 1)
     counts, _ = np.histogram(np.clip(kld, low, None), bins=edges)
-    return {"edges": edges.tolist(), "counts": counts.tolist()}
+    return rec.KldHistogram(edges=tuple(edges.tolist()), counts=tuple(counts.tolist()))
 
 
-def _task(t: TaskComparison) -> dict[str, Any]:
-    d = asdict(t)
-    d["flips"]["rate"] = t.flips.rate
-    return d
+def _task(t: TaskComparison) -> rec.TaskStats:
+    fields = asdict(t)
+    fields["flips"] = rec.TaskFlips(**fields["flips"], rate=t.flips.rate)
+    return rec.TaskStats(**fields)
 
 
-def flipped_items(result: RunResult, m: ModelResult) -> list[dict[str, Any]]:
+def flipped_items(result: RunResult, m: ModelResult) -> tuple[rec.FlippedItem, ...]:
     """Items whose correctness changed (labeled) or whose output changed (unlabeled prompts): the
     "edge" inputs, with both answers and the gold."""
     base = result.baseline.metrics
@@ -177,30 +146,11 @@ def flipped_items(result: RunResult, m: ModelResult) -> list[dict[str, Any]]:
     changed = np.flatnonzero(np.where(labeled, base.correct != m.metrics.correct,
                                       np.array(base.answers, dtype=object) != np.array(m.metrics.answers, dtype=object)))
     items = result.prepared.suite.items
-    return [
-        {
-            "id": items[i].id,
-            "task": items[i].task,
-            "prompt": items[i].prompt,
-            "gold": items[i].gold_answer,
-            "baseline_answer": base.answers[i],
-            "candidate_answer": m.metrics.answers[i],
-            "direction": ("correct->wrong" if base.correct[i] else "wrong->correct") if labeled[i] else "output changed",
-        }
+    return tuple(
+        rec.FlippedItem(
+            id=items[i].id, task=items[i].task, prompt=items[i].prompt, gold=items[i].gold_answer,
+            baseline_answer=base.answers[i], candidate_answer=m.metrics.answers[i],
+            direction=("correct->wrong" if base.correct[i] else "wrong->correct") if labeled[i] else "output changed",
+        )
         for i in changed
-    ]
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, tuples -> lists, numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if math.isnan(value) or math.isinf(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
+    )

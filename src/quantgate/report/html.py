@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 from html import escape
-from typing import Any
 
+from quantgate.record import CandidateRecord, FlippedItem, RunRecord
 from quantgate.report import plots, view
-from quantgate.report.view import Model, Results, Table
+from quantgate.report.view import Table
 
 CSS = """
 :root { --ink:#1f2937; --muted:#6b7280; --line:#e5e7eb; --bg:#f8fafc; --pass:#15803d; --fail:#b91c1c;
@@ -75,13 +75,13 @@ SECTIONS = (("verdict", "Verdict"), ("candidates", "Candidates"), ("bits", "Qual
             ("noise", "Noise floor"), ("flips", "Flipped items"), ("manifest", "Manifest"))
 
 
-def render_html(results: Results) -> str:
-    """The whole page for one run's results dict (results.json's content)."""
+def render_html(results: RunRecord) -> str:
+    """The whole page for one run's record."""
     body = "".join((
         _header(results), _verdict(results), _candidates(results), _bits(results), _tradeoffs(results),
         _economics(results), _kld(results), _noise(results), _flips(results), _manifest(results),
     ))
-    title = f"quantgate report — {results.get('model', {}).get('base', '')} — {results.get('run_id', '')}"
+    title = f"quantgate report — {results.model.base} — {results.run_id}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{escape(title)}</title><style>{CSS}</style></head>"
@@ -89,8 +89,8 @@ def render_html(results: Results) -> str:
             f"</footer></main></body></html>\n")
 
 
-def _version(results: Results) -> str:
-    return str(results.get("environment", {}).get("quantgate", ""))
+def _version(results: RunRecord) -> str:
+    return results.environment.get("quantgate", "")
 
 
 def _section(sid: str, title: str, inner: str, lead: str = "") -> str:
@@ -98,10 +98,10 @@ def _section(sid: str, title: str, inner: str, lead: str = "") -> str:
     return f'<section id="{sid}"><h2>{escape(title)}</h2>{lead_html}{inner}</section>'
 
 
-def _header(results: Results) -> str:
-    model, ev = results.get("model", {}), results.get("eval", {})
-    meta = (f"{model.get('description') or model.get('base', '')} · eval set {ev.get('eval_set', '?')} "
-            f"({ev.get('items', '?')} items) · run {results.get('run_id', '?')} · {results.get('started', '')[:19]}")
+def _header(results: RunRecord) -> str:
+    model, ev = results.model, results.eval
+    meta = (f"{model.description or model.base} · eval set {ev.eval_set} ({ev.items} items) · run {results.run_id} · "
+            f"{results.started.isoformat()[:19]}")
     links = "".join(f'<a href="#{sid}">{escape(name)}</a>' for sid, name in SECTIONS)
     return (f'<header><h1>quantgate report</h1><div class="meta">{escape(meta)}</div></header>'
             f"<nav>{links}</nav>")
@@ -113,12 +113,12 @@ def _chip(status: str, text: str | None = None) -> str:
 
 # ---- verdict and its reasons ---------------------------------------------------------------
 
-def _verdict(results: Results) -> str:
+def _verdict(results: RunRecord) -> str:
     ok, headline = view.verdict_line(results)
     banner = f'<div class="verdict {"ok" if ok else "no"}">{escape(headline)}</div>'
     callouts = "".join(f'<div class="callout"><strong>What accuracy alone would hide.</strong> {escape(n)}</div>'
                        for n in view.silent_losses(results).values())
-    rows = "".join(_rule_rows(c, c["name"] == view.recommended(results)) for c in results["candidates"])
+    rows = "".join(_rule_rows(c, c.name == results.recommended) for c in results.candidates)
     table = ('<div class="scroll"><table class="rules"><thead><tr><th>candidate</th><th>rule</th><th>status</th>'
              '<th class="num">value</th><th class="num">interval</th><th class="num">threshold</th></tr></thead>'
              f"<tbody>{rows}</tbody></table></div>")
@@ -128,11 +128,11 @@ def _verdict(results: Results) -> str:
     return _section("verdict", "Verdict", banner + callouts + why + table)
 
 
-def _rule_rows(c: Model, is_rec: bool) -> str:
+def _rule_rows(c: CandidateRecord, is_rec: bool) -> str:
     rules = view.rules(c)
-    verdict = _chip("pass", "holds the gate ★" if is_rec else "holds the gate") if c["gate"]["passed"] \
+    verdict = _chip("pass", "holds the gate ★" if is_rec else "holds the gate") if c.gate.passed \
         else _chip("fail", "does not hold the gate")
-    head = (f'<td rowspan="{len(rules)}"><strong>{escape(c["name"])}</strong><br>{verdict}</td>')
+    head = (f'<td rowspan="{len(rules)}"><strong>{escape(c.name)}</strong><br>{verdict}</td>')
     return "".join(
         f"<tr>{head if i == 0 else ''}<td>{escape(r.rule)}</td><td>{_chip(r.status)}</td>"
         f'<td class="num">{escape(r.value)}</td><td class="num">{escape(r.interval)}</td>'
@@ -160,12 +160,12 @@ def table_html(t: Table, status_col: str | None = None, cls: str = "") -> str:
             "</table></div>")
 
 
-def _candidates(results: Results) -> str:
+def _candidates(results: RunRecord) -> str:
     lead = ("Every candidate against the baseline on the same items: recovery = candidate / baseline on the gate "
             "metric; c→w / w→c = answers that went from correct to wrong and back; KLD and top-1 agreement compare "
             "next-token distributions token by token.")
-    failed = "".join(f"<li><strong>{escape(f.get('name', '?'))}</strong>: {escape(str(f.get('error', '')))}</li>"
-                     for f in results.get("failed_candidates") or [])
+    failed = "".join(f"<li><strong>{escape(f.name)}</strong>: {escape(f.error)}</li>"
+                     for f in results.failed_candidates)
     failed_html = f'<h3>Candidates that could not be built or run</h3><ul class="notes">{failed}</ul>' if failed else ""
     return _section("candidates", "Candidates",
                     table_html(view.candidates_table(results), "gate", "compact") + failed_html, lead)
@@ -177,16 +177,16 @@ def _or_note(svg_text: str | None, note: str) -> str:
     return svg_text if svg_text else f'<p class="note">{escape(note)}</p>'
 
 
-def _bits(results: Results) -> str:
+def _bits(results: RunRecord) -> str:
     lead = ("A gate on accuracy alone looks only at the blue line. The violet and red lines show how much of the "
             "model's behaviour changed at each bit width even where accuracy holds.")
     return _section("bits", "Quality vs bit width",
                     _or_note(plots.bits_plot(results), "No candidate has a bit width to plot."), lead)
 
 
-def _tradeoffs(results: Results) -> str:
-    measured = [m["name"] for m in view.models(results) if view.decode_speed(m) is not None]
-    simulated = [m["name"] for m in view.models(results) if view.simulated(m)]
+def _tradeoffs(results: RunRecord) -> str:
+    measured = [m.name for m in results.models if view.decode_speed(m) is not None]
+    simulated = [m.name for m in results.models if view.simulated(m)]
     speed_note = ("Decode speed not measured in this run." if not measured and not simulated else
                   f"Nothing to compare on speed: measured for {', '.join(measured) or 'no model'}"
                   + (f"; {view.SIMULATED} for {', '.join(simulated)}." if simulated else "."))
@@ -197,12 +197,12 @@ def _tradeoffs(results: Results) -> str:
     return _section("tradeoffs", "Quality vs memory and speed", inner, lead)
 
 
-def _economics(results: Results) -> str:
+def _economics(results: RunRecord) -> str:
     table = view.economics_table(results)
     if table is None:
         return _section("economics", "Economics", '<p class="note">Economics not measured in this run.</p>')
-    ec = results.get("economics_config")
-    sim = any(view.simulated(m) for m in view.models(results))
+    ec = results.economics_config
+    sim = any(view.simulated(m) for m in results.models)
     lead = (f"Assumptions: {view.economics_assumptions(ec)}. " if ec else "") + \
         (f"Rows marked {view.SIMULATED!r} ran fake quantization in PyTorch: their speed says nothing about a "
          "real kernel, so it is not shown as speed." if sim else "")
@@ -214,7 +214,7 @@ def _economics(results: Results) -> str:
                     + levels_html, lead)
 
 
-def _kld(results: Results) -> str:
+def _kld(results: RunRecord) -> str:
     overview = _or_note(plots.kld_overview(results), "No positive KL divergence to plot.")
     hists = plots.kld_histograms(results)
     more = (f'<h3>Per-token distributions</h3><div class="plots">{"".join(hists)}</div>' if hists else
@@ -224,7 +224,7 @@ def _kld(results: Results) -> str:
     return _section("kld", "KL divergence from the baseline", overview + more, lead)
 
 
-def _noise(results: Results) -> str:
+def _noise(results: RunRecord) -> str:
     return _section("noise", "Engine noise floor", f"<p>{escape(view.noise_floor(results))}</p>")
 
 
@@ -234,39 +234,37 @@ DIRECTION = {"correct->wrong": ("c2w", "correct → wrong"), "wrong->correct": (
              "output changed": ("changed", "output changed")}
 
 
-def _flips(results: Results) -> str:
-    blocks = "".join(_flip_block(c) for c in results["candidates"])
+def _flips(results: RunRecord) -> str:
+    blocks = "".join(_flip_block(c) for c in results.candidates)
     lead = "The items whose answer changed, with the gold answer and both models' answers: your edge cases."
     return _section("flips", "Flipped items", blocks, lead)
 
 
-def _flip_block(c: Model) -> str:
-    items = sorted(c.get("flipped_items") or [], key=lambda it: list(DIRECTION).index(it["direction"])
-                   if it["direction"] in DIRECTION else len(DIRECTION))
-    f = c["vs_baseline"]["flips"]
-    other = len(items) - f["correct_to_wrong"] - f["wrong_to_correct"]
-    summary = (f"{c['name']}: {len(items)} items changed ({f['correct_to_wrong']} correct → wrong, "
-               f"{f['wrong_to_correct']} wrong → correct" + (f", {other} output changed)" if other > 0 else ")"))
+def _flip_block(c: CandidateRecord) -> str:
+    items = sorted(c.flipped_items, key=lambda it: list(DIRECTION).index(it.direction))
+    f = c.vs_baseline.flips
+    other = len(items) - f.correct_to_wrong - f.wrong_to_correct
+    summary = (f"{c.name}: {len(items)} items changed ({f.correct_to_wrong} correct → wrong, "
+               f"{f.wrong_to_correct} wrong → correct" + (f", {other} output changed)" if other > 0 else ")"))
     if not items:
         return f'<details><summary>{escape(summary)}</summary><div class="body note">No answer changed.</div></details>'
     rows = "".join(_flip_row(it) for it in items)
     table = ("<table><thead><tr><th>change</th><th>task</th><th>id</th><th>prompt</th><th>gold</th><th>baseline</th>"
              f"<th>candidate</th></tr></thead><tbody>{rows}</tbody></table>")
-    return (f'<details class="flips" data-candidate="{escape(c["name"])}"><summary>{escape(summary)}</summary>'
+    return (f'<details class="flips" data-candidate="{escape(c.name)}"><summary>{escape(summary)}</summary>'
             f'<div class="body scroll">{table}</div></details>')
 
 
-def _flip_row(it: dict[str, Any]) -> str:
-    cls, text = DIRECTION.get(it["direction"], ("changed", it["direction"]))
-    cells = (it.get("task"), it.get("id"), it.get("prompt"), it.get("gold"), it.get("baseline_answer"),
-             it.get("candidate_answer"))
+def _flip_row(it: FlippedItem) -> str:
+    cls, text = DIRECTION[it.direction]
+    cells = (it.task, it.id, it.prompt, it.gold, it.baseline_answer, it.candidate_answer)
     tds = "".join(f'<td class="text">{escape(str(v) if v is not None else view.DASH)}</td>' for v in cells)
     return f"<tr><td>{_chip(cls, text)}</td>{tds}</tr>"
 
 
-def _manifest(results: Results) -> str:
+def _manifest(results: RunRecord) -> str:
     pairs = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in view.manifest(results))
-    config = json.dumps(results.get("config", {}), indent=2)
+    config = json.dumps(results.config, indent=2)
     inner = (f'<dl class="manifest">{pairs}</dl><details><summary>full config</summary>'
              f'<div class="body"><pre>{escape(config)}</pre></div></details>')
     return _section("manifest", "Manifest", inner, "Everything needed to reproduce this run.")

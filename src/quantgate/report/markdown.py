@@ -3,23 +3,24 @@ noise floor, fit for a CI job summary (e.g. appended to $GITHUB_STEP_SUMMARY).""
 
 from __future__ import annotations
 
+from quantgate.record import RunRecord
 from quantgate.report import view
-from quantgate.report.view import Results, Table
+from quantgate.report.view import Table
 
 MARK = {"pass": "✅ pass", "fail": "❌ fail", "inconclusive": "⚠️ inconclusive"}
 
 
-def render_markdown(results: Results, html_name: str | None = None) -> str:
+def render_markdown(results: RunRecord, html_name: str | None = None) -> str:
     """The summary; `html_name` (the HTML report's file name beside it) is linked when given."""
     ok, headline = view.verdict_line(results)
-    model, ev = results.get("model", {}), results.get("eval", {})
+    model, ev = results.model, results.eval
     parts = [
         f"## {'✅' if ok else '❌'} quantgate: {_escape(headline)}",
-        f"{_escape(model.get('description') or model.get('base', ''))} · eval set `{ev.get('eval_set', '?')}` "
-        f"({ev.get('items', '?')} items) · run `{results.get('run_id', '?')}`",
+        f"{_escape(model.description or model.base)} · eval set `{ev.eval_set}` ({ev.items} items) · "
+        f"run `{results.run_id}`",
         table_markdown(view.candidates_table(results)),
-        "\n".join(f"- ✗ could not build or run **{_escape(f.get('name', '?'))}**: {_escape(str(f.get('error', '')))}"
-                  for f in results.get("failed_candidates") or []),
+        "\n".join(f"- ✗ could not build or run **{_escape(f.name)}**: {_escape(f.error)}"
+                  for f in results.failed_candidates),
         "### Gate rules",
         "\n".join(_rules(results)),
     ]
@@ -28,7 +29,7 @@ def render_markdown(results: Results, html_name: str | None = None) -> str:
         parts += ["### What accuracy alone would hide", "\n\n".join(f"> ⚠️ {_escape(n)}" for n in losses.values())]
     econ = view.economics_table(results)
     if econ is not None:
-        ec = results.get("economics_config")
+        ec = results.economics_config
         parts += ["### Economics", (f"Assumptions: {_escape(view.economics_assumptions(ec))}." if ec else ""),
                   table_markdown(econ), "\n".join(f"- {_escape(n)}" for n in view.economics_notes(results))]
     parts += ["### Engine noise floor", _escape(view.noise_floor(results))]
@@ -57,11 +58,11 @@ def _escape(text: str) -> str:
     return text.replace("\n", " ")
 
 
-def _rules(results: Results) -> list[str]:
+def _rules(results: RunRecord) -> list[str]:
     lines = []
-    for c in results["candidates"]:
-        held = "holds the gate" if c["gate"]["passed"] else "does not hold the gate"
+    for c in results.candidates:
+        held = "holds the gate" if c.gate.passed else "does not hold the gate"
         rules = "; ".join(f"{MARK.get(r.status, r.status)} `{r.rule}`: {r.value} {r.interval}".rstrip()
                           for r in view.rules(c))
-        lines.append(f"- **{_escape(c['name'])}** {held}: {rules}")
+        lines.append(f"- **{_escape(c.name)}** {held}: {rules}")
     return lines

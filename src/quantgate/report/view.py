@@ -1,26 +1,26 @@
-"""What the HTML and Markdown reports show, computed once from a results dict (results.json's
-content, see report/data.py): formatted tables, gate rules, callouts, noise floor, manifest.
+"""What the terminal, HTML and Markdown reports show, computed once from a run's record
+(quantgate.record): formatted tables, gate rules, callouts, noise floor, manifest. Every cell is
+formatted here, so the three agree (KLD in significant digits, percentages, dashes for None).
 
-Every accessor tolerates the fields a run may lack: economics, cost, noise floor, calibration,
-kld_hist, an overall task (unlabeled eval sets), NaN metrics (stored as null).
+The record may lack optional parts (economics, cost, noise floor, calibration, kld_hist, an overall
+task on unlabeled eval sets); metrics that were not finite are None and show as a dash.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-OVERALL = "overall"  # the pooled task in vs_baseline["tasks"] (quantgate.evals.metrics.OVERALL)
+from quantgate.record import (
+    CandidateRecord, Comparison, Cost, EconomicsSettings, ModelRecord, Rule, RunRecord, TaskStats,
+)
+
 # A candidate whose accuracy recovery holds but which is beyond either line gets a "silent loss"
 # callout: what a gate on accuracy alone would ship.
 FLIP_CALLOUT = 0.05
 TOP1_CALLOUT = 0.90
 SIMULATED = "simulated: quality only"
 DASH = "—"
-
-Results = dict[str, Any]
-Model = dict[str, Any]
 
 
 # ---- formatting (None -> a dash) -----------------------------------------------------------
@@ -38,7 +38,7 @@ def sig(v: float | None, digits: int = 3) -> str:
     return DASH if v is None else f"{v:.{digits}g}"
 
 
-def interval(iv: list[float | None] | None, as_pct: bool = False, as_sig: bool = False) -> str:
+def interval(iv: Sequence[float | None] | None, as_pct: bool = False, as_sig: bool = False) -> str:
     """"[lo, hi]" as percentages, significant digits, or 3 decimals; "" when there is none."""
     if not iv or iv[0] is None or iv[1] is None:
         return ""
@@ -54,14 +54,11 @@ def rate(v: float | None) -> str:
     return DASH if v is None else f"{v:,.1f}" if v < 1000 else f"{v:,.0f}"
 
 
-def decode_rate(e: dict[str, Any]) -> str:
-    """An economics dict's decode cell (see decode_cell)."""
-    return decode_cell(e.get("decode_tokens_per_s"), e.get("decode_tokens_per_s_range"))
-
-
-def decode_cell(pooled: float | None, spread: Sequence[float] | None) -> str:
+def decode_cell(pooled: float | None, spread: Sequence[float | None] | None) -> str:
     """Pooled decode tokens/s, with the slowest and fastest single request when recorded."""
-    return f"{rate(pooled)} ({spread[0]:,.0f}–{spread[1]:,.0f})" if spread and pooled is not None else rate(pooled)
+    if spread and pooled is not None and None not in spread:
+        return f"{rate(pooled)} ({spread[0]:,.0f}–{spread[1]:,.0f})"
+    return rate(pooled)
 
 
 def money(v: float | None, cents: bool = True) -> str:
@@ -71,49 +68,31 @@ def money(v: float | None, cents: bool = True) -> str:
     return f"{sign}${abs(v):,.2f}" if cents else f"{sign}${abs(v):,.0f}"
 
 
+def with_interval(value: str, iv: str) -> str:
+    return f"{value} {iv}".strip()
+
+
 # ---- accessors -----------------------------------------------------------------------------
 
-def overall(c: Model) -> dict[str, Any] | None:
-    return c["vs_baseline"]["tasks"].get(OVERALL)
+def cost(m: ModelRecord) -> Cost | None:
+    """The model's cost at volume, when priced."""
+    return m.economics.cost if m.economics else None
 
 
-def metric_name(results: Results) -> str:
-    return results.get("eval", {}).get("metric", "accuracy")
+def simulated(m: ModelRecord) -> bool:
+    return bool(m.economics and m.economics.simulated)
 
 
-def economics(m: Model) -> dict[str, Any] | None:
-    return m.get("economics") or None
-
-
-def cost(m: Model) -> dict[str, Any]:
-    """The model's cost at volume: under economics["cost"] or beside it as m["cost"]; {} when none."""
-    return (economics(m) or {}).get("cost") or m.get("cost") or {}
-
-
-def simulated(m: Model) -> bool:
-    e = economics(m)
-    return bool(e and e.get("simulated"))
-
-
-def decode_speed(m: Model) -> float | None:
+def decode_speed(m: ModelRecord) -> float | None:
     """Measured decode tokens/s, or None when not measured or only simulated (fake quantization:
     its speed says nothing about a real kernel)."""
-    e = economics(m)
-    return None if e is None or e.get("simulated") else e.get("decode_tokens_per_s")
+    return m.economics.measured_speed if m.economics else None
 
 
-def models(results: Results) -> list[Model]:
-    return [results["baseline"], *results["candidates"]]
-
-
-def recommended(results: Results) -> str | None:
-    return (results.get("recommendation") or {}).get("candidate")
-
-
-def gate_status(results: Results, m: Model) -> str:
-    if m is results["baseline"]:
+def gate_status(results: RunRecord, m: ModelRecord) -> str:
+    if not isinstance(m, CandidateRecord):
         return "reference"
-    return "pass" if m["gate"]["passed"] else "fail"
+    return "pass" if m.gate.passed else "fail"
 
 
 # ---- tables --------------------------------------------------------------------------------
@@ -133,50 +112,91 @@ class Table:
     numeric: tuple[bool, ...]  # right-align this column
 
 
-def candidates_table(results: Results) -> Table:
-    metric = metric_name(results)
-    level = results.get("config", {}).get("quality_gate", {}).get("confidence")
+def candidates_table(results: RunRecord) -> Table:
+    metric = results.eval.metric
+    level = results.quality_gate.confidence
     ci = f" [{level:.0%} CI]" if level else ""
     headers = ("model", "scheme", "weights MB", metric, f"recovery{ci}", "c→w / w→c", f"flip rate{ci}",
                "KLD mean", "KLD p99", "top-1 agree", "perplexity", "gate")
-    base = results["baseline"]
-    rows = [Row((base["name"], "baseline", megabytes(base["weight_bytes"]), num(base.get(metric)), "1.0000",
-                 DASH, DASH, DASH, DASH, DASH, num(base.get("perplexity"), 2), "reference"), "reference")]
-    rec = recommended(results)
-    for c in results["candidates"]:
-        rows.append(Row(_candidate_cells(c, metric, c["name"] == rec), gate_status(results, c), c["name"] == rec))
+    base = results.baseline
+    rows = [Row((base.name, base.scheme or "baseline", megabytes(base.weight_bytes), num(base.metric(metric)),
+                 "1.0000", DASH, DASH, DASH, DASH, DASH, num(base.perplexity, 2), "reference"), "reference")]
+    rec = results.recommended
+    for c in results.candidates:
+        rows.append(Row(_candidate_cells(c, metric, c.name == rec), gate_status(results, c), c.name == rec))
     numeric = tuple(h not in ("model", "scheme", "gate") for h in headers)
     return Table(headers, tuple(rows), numeric)
 
 
-def scheme(c: Model) -> str:
-    """e.g. "rtn 4-bit g64", "rtn 8-bit" (per channel), "w8a8 8-bit"."""
-    bits = f" {c['bits']}-bit" if c.get("bits") else ""
-    group = f" g{c['group_size']}" if c.get("group_size") else ""
-    return f"{c.get('method', DASH)}{bits}{group}"
+def scheme(c: CandidateRecord) -> str:
+    """e.g. "rtn 4-bit g64", "rtn 8-bit" (per channel), "w8a8 8-bit"; the run's own scheme text
+    when the record has one."""
+    if c.scheme:
+        return c.scheme
+    bits = f" {c.bits}-bit" if c.bits else ""
+    group = f" g{c.group_size}" if c.group_size else ""
+    return f"{c.method}{bits}{group}"
 
 
-def _candidate_cells(c: Model, metric: str, is_rec: bool) -> tuple[str, ...]:
-    vs, o = c["vs_baseline"], overall(c)
-    flips = vs["flips"]
+def _candidate_cells(c: CandidateRecord, metric: str, is_rec: bool) -> tuple[str, ...]:
+    vs, o = c.vs_baseline, c.vs_baseline.overall
     return (
-        c["name"], scheme(c), megabytes(c["weight_bytes"]),
-        num(c.get(metric)), f"{num(vs.get('recovery'))} {interval(o and o['recovery_ci'])}".strip(),
-        f"{flips['correct_to_wrong']} / {flips['wrong_to_correct']}",
-        f"{pct(flips.get('rate'))} {interval(o and o['flip_rate_ci'], as_pct=True)}".strip(),
-        sig(vs.get("kld_mean")), sig(vs.get("kld_p99")), pct(vs.get("top1_agreement")),
-        num(c.get("perplexity"), 2), ("pass ★" if is_rec else "pass") if c["gate"]["passed"] else "fail",
+        c.name, scheme(c), megabytes(c.weight_bytes), num(c.metric(metric)),
+        with_interval(num(vs.recovery), interval(o and o.recovery_ci)),
+        f"{vs.flips.correct_to_wrong} / {vs.flips.wrong_to_correct}",
+        with_interval(pct(vs.flips.rate), interval(o and o.flip_rate_ci, as_pct=True)),
+        sig(vs.kld_mean), sig(vs.kld_p99), pct(vs.top1_agreement),
+        num(c.perplexity, 2), ("pass ★" if is_rec else "pass") if c.gate.passed else "fail",
     )
+
+
+TASK_HEADERS = ("candidate", "task", "items", "baseline", "candidate ", "recovery", "c→w / w→c", "McNemar p",
+                "detectable drop (80% power)")
+
+
+def task_table(results: RunRecord) -> Table | None:
+    """Per candidate and task (overall included): the paired statistics; None when no candidate
+    has any task."""
+    rows = tuple(Row(_task_cells(results, c.name, t), gate_status(results, c))
+                 for c in results.candidates for t in c.vs_baseline.tasks.values())
+    return Table(TASK_HEADERS, rows, tuple(h not in ("candidate", "task") for h in TASK_HEADERS)) if rows else None
+
+
+def _task_cells(results: RunRecord, name: str, t: TaskStats) -> tuple[str, ...]:
+    if not t.labeled:
+        return (name, t.task, str(t.n), DASH, f"{pct(t.cand)} same output", num(t.recovery, 3),
+                f"{t.flips.changed} changed", DASH, DASH)
+    drop = t.min_detectable_drop
+    small = " (set too small for the floor)" if too_small(t, _floor(results, t.task)) else ""
+    return (name, t.task, str(t.n), num(t.base, 3), num(t.cand, 3),
+            with_interval(num(t.recovery, 3), interval(t.recovery_ci)),
+            f"{t.flips.correct_to_wrong} / {t.flips.wrong_to_correct}", sig(t.mcnemar_p),
+            f"{drop:.3f}{small}" if drop is not None and drop < 1 else "none at this flip rate")
+
+
+def _floor(results: RunRecord, task: str) -> float | None:
+    floors = results.quality_gate.task_floors or {}
+    return floors.get(task, results.quality_gate.min_acceptable)
+
+
+def too_small(t: TaskStats, floor: float | None) -> bool:
+    """The set cannot detect (80% power) a drop as large as the floor allows, at the observed
+    discordance. When fewer items flipped than the floor allows, the drop is bounded by the flips
+    and no power is needed."""
+    if floor is None or t.base is None or t.flips.rate is None or t.min_detectable_drop is None:
+        return False
+    allowed = (1.0 - floor) * t.base
+    return t.flips.rate >= allowed and t.min_detectable_drop > allowed
 
 
 ECONOMICS_HEADERS = ("model", "engine", "artifact MB", "peak RSS MB", "prefill tok/s", "decode tok/s (request range)",
                      "latency p50 / p95 / p99", "roofline", "$ / 1M tokens", "monthly", "saving / month", "worth it")
 
 
-def economics_table(results: Results) -> Table | None:
+def economics_table(results: RunRecord) -> Table | None:
     """One row per model with economics; None when no model has any. Speed-derived cells of a
     simulated model (fake quantization) are not shown as speed: its decode cell reads SIMULATED."""
-    rows = [_economics_row(results, m) for m in models(results) if economics(m)]
+    rows = [_economics_row(results, m) for m in results.models if m.economics]
     if not rows:
         return None
     numeric = tuple(h not in ("model", "engine", "worth it") for h in ECONOMICS_HEADERS)
@@ -186,19 +206,19 @@ def economics_table(results: Results) -> Table | None:
 LOAD_HEADERS = ("model", "batch size", "served", "latency p50 / p95 / p99", "tokens/s")
 
 
-def load_table(results: Results) -> Table | None:
+def load_table(results: RunRecord) -> Table | None:
     """The request mix at each batch size, per model with a measured (not simulated) sweep:
     latency percentiles and throughput under that load; None when no model has one."""
-    rows = tuple(Row((m["name"], str(level["batch_size"]), "batched" if level.get("batched", True) else "queued",
-                      latencies(level.get("latency_s")), rate(level.get("tokens_per_s"))), gate_status(results, m))
-                 for m in models(results) if not simulated(m)
-                 for level in sorted((economics(m) or {}).get("load") or [], key=lambda r: r["batch_size"]))
+    rows = tuple(Row((m.name, str(level.batch_size), "batched" if level.batched else "queued",
+                      latencies(level.latency_s), rate(level.tokens_per_s)), gate_status(results, m))
+                 for m in results.models if m.economics and not m.economics.simulated
+                 for level in sorted(m.economics.load, key=lambda r: r.batch_size))
     return Table(LOAD_HEADERS, rows, (False, True, False, True, True)) if rows else None
 
 
-def economics_notes(results: Results) -> list[str]:
+def economics_notes(results: RunRecord) -> list[str]:
     """The cost notes ("name, name: note"), for under the economics table."""
-    return grouped_notes((m["name"], cost(m)["note"]) for m in models(results) if cost(m).get("note"))
+    return grouped_notes((m.name, c.note) for m in results.models if (c := cost(m)) and c.note)
 
 
 def grouped_notes(named: Iterable[tuple[str, str]]) -> list[str]:
@@ -209,7 +229,7 @@ def grouped_notes(named: Iterable[tuple[str, str]]) -> list[str]:
     return [f"{', '.join(n)}: {note}" for note, n in names.items()]
 
 
-def latencies(lat: dict[str, float] | None) -> str:
+def latencies(lat: dict[str, float | None] | None) -> str:
     """p50 / p95 / p99 in one unit (ms when the p99 is under a second)."""
     vals = [lat.get(k) for k in ("p50", "p95", "p99")] if lat else []
     if not vals or any(v is None for v in vals):
@@ -218,18 +238,16 @@ def latencies(lat: dict[str, float] | None) -> str:
     return " / ".join(f"{v * 1000:.0f}" if ms else f"{v:.2f}" for v in vals) + (" ms" if ms else " s")
 
 
-def _economics_row(results: Results, m: Model) -> Row:
-    e, price = economics(m), cost(m)
-    sim = bool(e.get("simulated"))
-    speed = ((DASH, SIMULATED, DASH, DASH) if sim else
-             (rate(e.get("prefill_tokens_per_s")), decode_rate(e), latencies(e.get("latency_s")),
-              pct(e.get("roofline_fraction"), 0)))
-    money_cells = ((DASH, DASH, DASH, DASH) if sim or not price else
-                   (money(price.get("per_million_tokens")), money(price.get("monthly"), cents=False),
-                    money(price.get("monthly_saving"), cents=False), _yes_no(price.get("worth_it"))))
-    cells = (m["name"], str(e.get("engine", DASH)), megabytes(e.get("artifact_bytes")),
-             megabytes(e.get("peak_rss_bytes")), *speed, *money_cells)
-    return Row(cells, gate_status(results, m), m["name"] == recommended(results), sim)
+def _economics_row(results: RunRecord, m: ModelRecord) -> Row:
+    e, price = m.economics, cost(m)
+    speed = ((DASH, SIMULATED, DASH, DASH) if e.simulated else
+             (rate(e.prefill_tokens_per_s), decode_cell(e.decode_tokens_per_s, e.decode_tokens_per_s_range),
+              latencies(e.latency_s), pct(e.roofline_fraction, 0)))
+    money_cells = ((DASH, DASH, DASH, DASH) if e.simulated or price is None else
+                   (money(price.per_million_tokens), money(price.monthly, cents=False),
+                    money(price.monthly_saving, cents=False), _yes_no(price.worth_it)))
+    cells = (m.name, e.engine, megabytes(e.artifact_bytes), megabytes(e.peak_rss_bytes), *speed, *money_cells)
+    return Row(cells, gate_status(results, m), m.name == results.recommended, e.simulated)
 
 
 def _yes_no(v: bool | None) -> str:
@@ -247,95 +265,100 @@ class RuleView:
     threshold: str
 
 
-def rules(c: Model) -> list[RuleView]:
-    out = []
-    for r in c["gate"]["rules"]:
-        as_pct, as_sig = "flip" in r["rule"], "KLD" in r["rule"]
-        fmt = pct if as_pct else sig if as_sig else num
-        out.append(RuleView(r["rule"], r["status"], fmt(r.get("value")), interval(r.get("interval"), as_pct, as_sig),
-                            fmt(r.get("threshold"))))
-    return out
+def rules(c: CandidateRecord) -> list[RuleView]:
+    return [_rule_view(r) for r in c.gate.rules]
 
 
-def verdict_line(results: Results) -> tuple[bool, str]:
+def _rule_view(r: Rule) -> RuleView:
+    as_pct, as_sig = r.kind.is_rate, r.kind.is_divergence
+    fmt = pct if as_pct else sig if as_sig else num
+    return RuleView(r.rule, r.status, fmt(r.value), interval(r.interval, as_pct, as_sig), fmt(r.threshold))
+
+
+def verdict_line(results: RunRecord) -> tuple[bool, str]:
     """(a candidate is recommended, the headline)."""
-    rec = results.get("recommendation") or {}
-    if rec.get("candidate"):
-        return True, f"Recommended: {rec['candidate']} — {rec.get('reason', '')}"
-    return False, f"No candidate recommended — {rec.get('reason', '')}"
+    rec = results.recommendation
+    if rec.candidate:
+        return True, f"Recommended: {rec.candidate} — {rec.reason}"
+    return False, f"No candidate recommended — {rec.reason}"
 
 
-def silent_loss(name: str, vs: dict[str, Any], min_acceptable: float) -> str | None:
-    """What a gate on accuracy alone would ship without noticing, if anything. `vs` is a
-    candidate's vs_baseline dict."""
-    recovery, flips, top1 = vs.get("recovery"), vs["flips"], vs.get("top1_agreement")
-    if recovery is None or recovery < min_acceptable or top1 is None:
+def silent_loss(name: str, vs: Comparison, min_acceptable: float) -> str | None:
+    """What a gate on accuracy alone would ship without noticing, if anything."""
+    recovery, flips, top1 = vs.recovery, vs.flips, vs.top1_agreement
+    if recovery is None or recovery < min_acceptable or top1 is None or flips.rate is None:
         return None
-    if flips["rate"] < FLIP_CALLOUT and top1 >= TOP1_CALLOUT:
+    if flips.rate < FLIP_CALLOUT and top1 >= TOP1_CALLOUT:
         return None
     return (
-        f"{name} keeps {recovery:.1%} of the baseline's accuracy, yet {flips['rate']:.1%} of answers "
-        f"flipped ({flips['correct_to_wrong']} correct→wrong, {flips['wrong_to_correct']} wrong→correct) "
+        f"{name} keeps {recovery:.1%} of the baseline's accuracy, yet {flips.rate:.1%} of answers "
+        f"flipped ({flips.correct_to_wrong} correct→wrong, {flips.wrong_to_correct} wrong→correct) "
         f"and it agrees with the baseline's top-1 next token only {top1:.1%} of the time "
-        f"(KLD mean {sig(vs.get('kld_mean'))}): a gate on accuracy alone would ship it."
+        f"(KLD mean {sig(vs.kld_mean)}): a gate on accuracy alone would ship it."
     )
 
 
-def silent_losses(results: Results) -> dict[str, str]:
+def silent_losses(results: RunRecord) -> dict[str, str]:
     """{candidate name: its silent-loss note} for the candidates that have one."""
-    floor = results.get("config", {}).get("quality_gate", {}).get("min_acceptable")
+    floor = results.quality_gate.min_acceptable
     if floor is None:
         return {}
-    notes = {c["name"]: silent_loss(c["name"], c["vs_baseline"], floor) for c in results["candidates"]}
+    notes = {c.name: silent_loss(c.name, c.vs_baseline, floor) for c in results.candidates}
     return {name: note for name, note in notes.items() if note}
 
 
-def noise_floor(results: Results) -> str:
+def noise_floor(results: RunRecord) -> str:
     """One sentence: the engine's own noise floor, or that it was not measured."""
-    nf = results.get("noise_floor")
-    if not nf:
+    nf = results.noise_floor
+    if nf is None:
         return ("Engine noise floor: not measured (run the baseline on two engines to see how much two "
                 "engines disagree before any compression).")
-    return (f"Engine noise floor: the baseline on {nf.get('engine', '?')} vs on {nf.get('reference', '?')} — "
-            f"KLD mean {sig(nf.get('kld_mean'))}, KLD p99 {sig(nf.get('kld_p99'))}, top-1 agreement "
-            f"{pct(nf.get('top1_agreement'))} over {nf.get('tokens', DASH)} tokens. Candidate differences "
+    return (f"Engine noise floor: the baseline on {nf.engine} vs on {nf.reference} — "
+            f"KLD mean {sig(nf.kld_mean)}, KLD p99 {sig(nf.kld_p99)}, top-1 agreement "
+            f"{pct(nf.top1_agreement)} over {nf.tokens} tokens. Candidate differences "
             f"below this are the engine's, not the compression's.")
 
 
-def manifest(results: Results) -> list[tuple[str, str]]:
+def ladder_line(results: RunRecord) -> str | None:
+    """"ladder: a ✓ → b ✗ quality broke here → c not measured"; None for a run that is no ladder."""
+    if results.ladder is None:
+        return None
+    marks = {"pass": "✓", "fail": "✗ quality broke here", "not measured": "not measured"}
+    return "ladder: " + " → ".join(f"{r.name} {marks[r.status]}" for r in results.ladder)
+
+
+def manifest(results: RunRecord) -> list[tuple[str, str]]:
     """(key, value) pairs that identify the run: what was measured, with what, where."""
-    model, ev, env = results.get("model", {}), results.get("eval", {}), results.get("environment", {})
-    calib = results.get("calibration")
-    tasks = ", ".join(f"{t} ({n})" for t, n in ev.get("tasks", {}).items())
+    model, ev, calib = results.model, results.eval, results.calibration
+    tasks = ", ".join(f"{t} ({n})" for t, n in ev.tasks.items())
     pairs = [
-        ("run id", results.get("run_id", DASH)),
-        ("started / finished", f"{results.get('started', DASH)} / {results.get('finished', DASH)}"),
-        ("model", f"{model.get('base', DASH)} — {model.get('description', '')}"),
-        ("model source", model.get("source", DASH)),
-        ("model sha256", model.get("sha256", DASH)),
-        ("eval set", f"{ev.get('eval_set', DASH)}: {ev.get('items', DASH)} items; {tasks}"),
-        ("duplicate items", str(len(ev.get("duplicates", [])))),
-        ("perplexity / KLD tokens", str(ev.get("window_tokens", DASH))),
-        ("gate metric", metric_name(results)),
-        ("config digest (sha256)", results.get("config_digest", DASH)),
-        ("seed", str(results.get("config", {}).get("seed", DASH))),
-        ("calibration", f"{calib.get('source', DASH)}, sha256 {calib.get('sha256', DASH)}" if calib
+        ("run id", results.run_id),
+        ("started / finished", f"{results.started.isoformat()} / {results.finished.isoformat()}"),
+        ("model", f"{model.base} — {model.description}"),
+        ("model source", model.source),
+        ("model sha256", model.sha256),
+        ("eval set", f"{ev.eval_set}: {ev.items} items; {tasks}"),
+        ("duplicate items", str(len(ev.duplicates))),
+        ("perplexity / KLD tokens", str(ev.window_tokens if ev.window_tokens is not None else DASH)),
+        ("gate metric", ev.metric),
+        ("config digest (sha256)", results.config_digest),
+        ("seed", str(results.seed if results.seed is not None else DASH)),
+        ("calibration", f"{calib.source}, sha256 {calib.sha256}" if calib
          else "none (no candidate method needed calibration data)"),
     ]
-    pairs += [(f"artifact: {m['name']}", f"{m['artifact'].get('path')} ({megabytes(m['artifact'].get('bytes'))} MB), "
-               f"sha256 {m['artifact'].get('sha256')}") for m in models(results) if m.get("artifact")]
-    pairs += [(k, str(v)) for k, v in env.items()]
-    bandwidth = (results.get("machine") or {}).get("memory_bandwidth_bytes_per_s")
+    pairs += [(f"artifact: {m.name}", f"{m.artifact.path} ({megabytes(m.artifact.bytes)} MB), "
+               f"sha256 {m.artifact.sha256}") for m in results.models if m.artifact]
+    pairs += [(k, str(v)) for k, v in results.environment.items()]
+    bandwidth = results.machine.memory_bandwidth_bytes_per_s
     if bandwidth:
         pairs.append(("memory bandwidth (measured copy)", f"{bandwidth / 1e9:.1f} GB/s"))
-    ec = results.get("economics_config")
-    if ec:
-        pairs.append(("economics", economics_assumptions(ec)))
+    if results.economics_config:
+        pairs.append(("economics", economics_assumptions(results.economics_config)))
     return pairs
 
 
-def economics_assumptions(ec: dict[str, Any]) -> str:
-    if ec.get("hardware_cost_per_hour") is None or ec.get("tokens_per_month") is None:
+def economics_assumptions(ec: EconomicsSettings) -> str:
+    if not ec.priced:
         return "no price given (economics.hardware_cost_per_hour and tokens_per_month): costs not computed"
-    return (f"hardware {money(ec.get('hardware_cost_per_hour'))}/hour, {ec['tokens_per_month']:,.0f} "
-            f"tokens/month, worth it from {money(ec.get('min_monthly_saving'), cents=False)}/month saved")
+    return (f"hardware {money(ec.hardware_cost_per_hour)}/hour, {ec.tokens_per_month:,.0f} "
+            f"tokens/month, worth it from {money(ec.min_monthly_saving, cents=False)}/month saved")

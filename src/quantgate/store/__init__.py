@@ -2,7 +2,7 @@
 PostgreSQL by URL; the schema is versioned and migrated by Alembic (see connect and schema).
 
     store = open_store(store_location(option, cfg.store, results_dir))
-    record_run(store, payload)                      # at the end of a run
+    record_run(store, record)                       # at the end of a run (a RunRecord)
     record_items(store, key, items, run_id=..., candidate=...)   # as items are scored
     scored_items(store, key)                        # what a resumed run need not score again
     record_drift(store, check); last_drift(store, model, candidate); history(store, model)

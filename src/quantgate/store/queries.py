@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Row, and_, or_, select, true
 from sqlalchemy.engine import Engine
 
+from quantgate.record import RunRecord, load_record
 from quantgate.store.connect import reading
 from quantgate.store.records import Artifact, DriftCheck, ItemKey, ItemResult, utc
 from quantgate.store.schema import artifacts, candidates, configs, drift_checks, item_results, metric_results, runs
@@ -32,14 +33,14 @@ class HistoryRow:
     detail: str  # a drift check's detail ("" for runs)
 
 
-def load_run(store: Engine, run_id: str) -> dict[str, Any] | None:
-    """The payload record_run stored (report.data.to_dict's dict), its config included; None if
-    no such run."""
+def load_run(store: Engine, run_id: str) -> RunRecord | None:
+    """The record record_run stored, its config included (any schema version the store holds:
+    see record.load_record); None if no such run."""
     with reading(store) as conn:
         row = conn.execute(select(runs.c.results, configs.c.body)
                            .join(configs, configs.c.digest == runs.c.config_digest)
                            .where(runs.c.run_id == run_id)).first()
-    return None if row is None else {**row.results, "config": row.body}
+    return None if row is None else load_record({**row.results, "config": row.body}, where=f"store run {run_id}")
 
 
 Bounds = tuple[float | None, float | None, float | None]  # value, ci_low, ci_high

@@ -17,10 +17,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 
 from quantgate.errors import UserError
+from quantgate.record import OVERALL, CandidateRecord, RunRecord
 from quantgate.store.schema import artifacts as artifact_table
 from quantgate.store.schema import candidates, configs, drift_checks, item_results, metric_results, runs
 
-OVERALL = "overall"  # the task key of all labeled items together (as in evals.metrics)
 DRIFT_OUTCOMES = ("pass", "fail", "inconclusive", "error")
 
 
@@ -87,52 +87,49 @@ class DriftCheck:
     detail: str = ""
 
 
-def record_run(store: Engine, payload: Mapping[str, Any], *, artifacts: Sequence[Artifact] = ()) -> None:
-    """Store one run: `payload` is report.data.to_dict's dict (its config goes to `configs`, the
-    rest to runs.results), with its candidates, their per-metric results, the model files named
-    in the payload and `artifacts` (files written beside it, e.g. results.json).
-    UserError if a run of that id is recorded already."""
+def record_run(store: Engine, record: RunRecord, *, artifacts: Sequence[Artifact] = ()) -> None:
+    """Store one run: its config goes to `configs`, the rest of the record to runs.results, with
+    its candidates, their per-metric results, the model files the record names and `artifacts`
+    (files written beside it, e.g. results.json). UserError if a run of that id is recorded already."""
     with store.begin() as conn:
-        if conn.execute(select(runs.c.id).where(runs.c.run_id == payload["run_id"])).first():
-            raise UserError(f"store: run {payload['run_id']} is recorded already")
-        _put_config(conn, payload["config_digest"], "run", payload["config"])
-        run_pk = conn.execute(runs.insert().values(**_run_row(payload))).inserted_primary_key[0]
-        for c in payload["candidates"]:
+        if conn.execute(select(runs.c.id).where(runs.c.run_id == record.run_id)).first():
+            raise UserError(f"store: run {record.run_id} is recorded already")
+        _put_config(conn, record.config_digest, "run", record.config)
+        run_pk = conn.execute(runs.insert().values(**_run_row(record))).inserted_primary_key[0]
+        for c in record.candidates:
             conn.execute(candidates.insert().values(run_pk=run_pk, **_candidate_row(conn, c)))
-        conn.execute(metric_results.insert(), [{"run_pk": run_pk, **r} for r in metric_rows(payload)])
-        written = [*payload_artifacts(payload), *artifacts]
+        conn.execute(metric_results.insert(), [{"run_pk": run_pk, **r} for r in metric_rows(record)])
+        written = [*record_artifacts(record), *artifacts]
         if written:
             conn.execute(artifact_table.insert(), [{"run_pk": run_pk, **vars(a)} for a in written])
 
 
-def _run_row(payload: Mapping[str, Any]) -> dict[str, Any]:
+def _run_row(record: RunRecord) -> dict[str, Any]:
     return {
-        "run_id": payload["run_id"], "started": utc(datetime.fromisoformat(payload["started"])),
-        "finished": utc(datetime.fromisoformat(payload["finished"])), "model_base": payload["model"]["base"],
-        "model_sha256": payload["model"]["sha256"], "config_digest": payload["config_digest"],
-        "recommended": payload["recommendation"]["candidate"], "exit_code": payload["exit_code"],
-        # JSON-safe (no NaN: PostgreSQL's json refuses it); the config lives in `configs`
-        "results": json.loads(json.dumps({k: v for k, v in payload.items() if k != "config"}, allow_nan=False)),
+        "run_id": record.run_id, "started": utc(record.started), "finished": utc(record.finished),
+        "model_base": record.model.base, "model_sha256": record.model.sha256, "config_digest": record.config_digest,
+        "recommended": record.recommended, "exit_code": record.exit_code,
+        # JSON-safe (the record holds no NaN: PostgreSQL's json refuses it); the config lives in `configs`
+        "results": record.model_dump(mode="json", exclude={"config"}),
     }
 
 
-def payload_artifacts(payload: Mapping[str, Any]) -> list[Artifact]:
-    """The model files a run wrote: each model's "artifact" entry of the payload (kind "model")."""
-    models = (payload["baseline"], *payload["candidates"])
-    return [Artifact("model", a["path"], candidate=m["name"], sha256=a.get("sha256"), bytes=a.get("bytes"))
-            for m in models if (a := m.get("artifact"))]
+def record_artifacts(record: RunRecord) -> list[Artifact]:
+    """The model files a run wrote: each model's artifact in the record (kind "model")."""
+    return [Artifact("model", a.path, candidate=m.name, sha256=a.sha256, bytes=a.bytes)
+            for m in record.models if (a := m.artifact)]
 
 
-def _candidate_row(conn: Connection, c: Mapping[str, Any]) -> dict[str, Any]:
-    settings = c.get("settings")  # absent from payloads older than the settings field
+def _candidate_row(conn: Connection, c: CandidateRecord) -> dict[str, Any]:
+    settings = c.settings  # None in records older than the settings field
     settings_digest = None if settings is None else _put_config(conn, digest(settings), "candidate", settings)
-    vs = c["vs_baseline"]
+    vs = c.vs_baseline
     return {
         # bits None: nothing quantized (pruning alone), the weights stay float32 like every baseline
-        "name": c["name"], "settings_digest": settings_digest, "method": c["method"], "bits": c["bits"] or 32,
-        "group_size": c["group_size"], "weight_bytes": c["weight_bytes"], "accuracy": c["accuracy"],
-        "recovery": vs["recovery"], "flip_rate": vs["flips"]["rate"], "kld_mean": vs["kld_mean"],
-        "kld_p99": vs["kld_p99"], "top1_agreement": vs["top1_agreement"], "passed": c["gate"]["passed"],
+        "name": c.name, "settings_digest": settings_digest, "method": c.method, "bits": c.bits or 32,
+        "group_size": c.group_size, "weight_bytes": c.weight_bytes, "accuracy": c.accuracy,
+        "recovery": vs.recovery, "flip_rate": vs.flips.rate, "kld_mean": vs.kld_mean,
+        "kld_p99": vs.kld_p99, "top1_agreement": vs.top1_agreement, "passed": c.gate.passed,
     }
 
 
@@ -141,33 +138,34 @@ def _put_config(conn: Connection, key: str, kind: str, body: Any) -> str:
     return key
 
 
-def metric_rows(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+def metric_rows(record: RunRecord) -> list[dict[str, Any]]:
     """The run's numbers as rows {model, task, metric, value, ci_low, ci_high}: each model's own
     metrics (overall, and per task under the gate metric) and each candidate's comparison with
     the baseline (per task, "overall" included, with the intervals the run computed)."""
     rows: list[dict[str, Any]] = []
 
-    def add(model: str, task: str, metric: str, value: Any, ci: Sequence[float | None] | None = None) -> None:
+    def add(model: str, task: str, metric: str, value: float | None,
+            ci: Sequence[float | None] | None = None) -> None:
         low, high = ci if ci else (None, None)
         rows.append({"model": model, "task": task, "metric": metric, "value": value, "ci_low": low, "ci_high": high})
 
-    gate_metric = payload["eval"]["metric"]
-    for m in (payload["baseline"], *payload["candidates"]):
-        for metric in ("accuracy", "accuracy_norm", "perplexity"):
-            add(m["name"], OVERALL, metric, m.get(metric))
-        for task, value in m.get("per_task", {}).items():
-            add(m["name"], task, gate_metric, value)
-    for c in payload["candidates"]:
-        vs = c["vs_baseline"]
-        for metric in ("kld_mean", "kld_p99"):
-            add(c["name"], OVERALL, metric, vs[metric], vs.get(f"{metric}_ci"))
-        add(c["name"], OVERALL, "top1_agreement", vs["top1_agreement"])
-        for task, t in vs.get("tasks", {}).items():
-            add(c["name"], task, "recovery", t["recovery"], t["recovery_ci"])
-            add(c["name"], task, "diff", t["diff"], t["diff_ci"])
-            add(c["name"], task, "flip_rate", t["flips"]["rate"], t["flip_rate_ci"])
-            add(c["name"], task, "mcnemar_p", t["mcnemar_p"])
-            add(c["name"], task, "min_detectable_drop", t["min_detectable_drop"])
+    for m in record.models:
+        for metric, value in (("accuracy", m.accuracy), ("accuracy_norm", m.accuracy_norm),
+                              ("perplexity", m.perplexity)):
+            add(m.name, OVERALL, metric, value)
+        for task, value in m.per_task.items():
+            add(m.name, task, record.eval.metric, value)
+    for c in record.candidates:
+        vs = c.vs_baseline
+        add(c.name, OVERALL, "kld_mean", vs.kld_mean, vs.kld_mean_ci)
+        add(c.name, OVERALL, "kld_p99", vs.kld_p99, vs.kld_p99_ci)
+        add(c.name, OVERALL, "top1_agreement", vs.top1_agreement)
+        for task, t in vs.tasks.items():
+            add(c.name, task, "recovery", t.recovery, t.recovery_ci)
+            add(c.name, task, "diff", t.diff, t.diff_ci)
+            add(c.name, task, "flip_rate", t.flips.rate, t.flip_rate_ci)
+            add(c.name, task, "mcnemar_p", t.mcnemar_p)
+            add(c.name, task, "min_detectable_drop", t.min_detectable_drop)
     return rows
 
 
