@@ -5,9 +5,9 @@ measure what was recorded?
    the file, exit 2).
 2. The run's config (checked by digest), baseline (sha256) and eval set (digest of the prepared
    suite) are reloaded and checked against the manifest.
-3. The baseline and then the artifact run on the eval set, on the artifact's engine (GGUF: the
-   llama.cpp engine in its own process; compressed-tensors and hf: transformers on the torch
-   engine), exactly as the gate run did, and the re-measured metrics are compared with the
+3. The baseline and then the artifact run on the eval set, on the engine whose registry entry
+   loads the artifact's format (engines/registry.py: BackendEntry.exports, Backend.exported),
+   which must be the engine the gate run measured it on, exactly as the gate run did, and the re-measured metrics are compared with the
    recorded ones.
 
 Tolerances come from the noise the manifest records: k = the run's engine noise floor (mean
@@ -24,22 +24,31 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quantgate.engines.base import Engine
+from quantgate.engines import registry as backends
+from quantgate.engines.registry import Backend, BackendEntry, RunContext
 from quantgate.errors import UserError
 from quantgate.evals.datasets import ChoiceItem
 from quantgate.evals.metrics import ModelMetrics, model_metrics
-from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, with_response_windows
-from quantgate.export import formats, manifest
-from quantgate.export.stored import checked_baseline, checked_eval, prepared_suite, read_config
-from quantgate.models.load import Baseline
+from quantgate.evals.tasks import (
+    ModelScores,
+    PreparedSuite,
+    evaluate,
+    with_response_windows,
+)
+from quantgate.export import manifest
+from quantgate.export.stored import (
+    checked_baseline,
+    checked_eval,
+    prepared_suite,
+    read_config,
+)
 from quantgate.record import FlippedItem
 
 Z = 4.0  # standard deviations of engine noise an option's log-likelihood may move by
@@ -76,76 +85,51 @@ def verify(path: Path) -> Verification:
     baseline = checked_baseline(cfg, doc["model"]["sha256"], where)
     prepared = prepared_suite(cfg, baseline.tokenizer)
     checked_eval(prepared, doc["eval"]["sha256"], where)
-    engine = _engine(cfg, doc, where)
-    opener = _llamacpp_opener(cfg, baseline, directory, doc) if engine == "llamacpp" else \
-        _torch_opener(cfg, baseline, directory, doc)
-    base_scores, cand_scores, prepared = measure(opener, prepared)
+    entry = _engine(cfg, doc, where)
+    with tempfile.TemporaryDirectory(prefix="quantgate-verify-") as work:
+        ctx = RunContext(cfg, baseline, None, Path(work), _silent, [], None)
+        base_scores, cand_scores, prepared = measure(entry.load(), ctx, directory, doc, prepared)
     metric = cfg.quality_gate.metric
     base = model_metrics(base_scores, prepared, metric, baseline.tokenizer)
     cand = model_metrics(cand_scores, prepared, metric, baseline.tokenizer)
     k = _noise_kld(recorded, doc.get("round_trip") or {})
     checks = compare(recorded, k, metric, prepared, (base_scores, base), (cand_scores, cand))
-    return Verification(directory, doc["candidate"], engine, tuple(checks))
+    return Verification(directory, doc["candidate"], entry.name, tuple(checks))
 
 
-def _engine(cfg, doc: dict[str, Any], where: Path) -> str:
-    """The engine the artifact runs on, which must be the one its gate run measured it on."""
-    engine = "llamacpp" if doc["format"] == "gguf" else "torch"
+def _silent(description: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def _engine(cfg, doc: dict[str, Any], where: Path) -> BackendEntry:
+    """The engine that loads the artifact's format back, which must be the one its gate run
+    measured it on."""
+    entry = backends.loader_of(doc["format"])
     cand = {c.label: c for c in cfg.resolved_candidates}.get(doc["candidate"])
     if cand is None:
         raise UserError(f"{where}: candidate '{doc['candidate']}' is not in the manifest's config")
     measured_on = (getattr(cand, "serving", None) or cfg.serving).engine
-    if measured_on != engine:
+    if measured_on != entry.name:
         raise UserError(f"{where}: the gate run measured {doc['candidate']} on the {measured_on} engine; a "
-                        f"{doc['format']} artifact is re-measured on {engine}, so the records would not compare")
-    return engine
+                        f"{doc['format']} artifact is re-measured on {entry.name}, so the records would not compare")
+    return entry
 
 
 # -- running the baseline and the artifact -----------------------------------------------------------
 
-Opener = Callable[[str], Any]  # "baseline" | "candidate" -> a context manager yielding an Engine
 
-
-def measure(opener: Opener, prepared: PreparedSuite) -> tuple[ModelScores, ModelScores, PreparedSuite]:
-    """Baseline then candidate, as run.execute measures them: the baseline's per-window log-probs
-    (its responses to prompt items appended as windows) are the candidate's KL reference."""
-    with opener("baseline") as engine:
+def measure(backend: Backend, ctx: RunContext, directory: Path, doc: dict[str, Any],
+            prepared: PreparedSuite) -> tuple[ModelScores, ModelScores, PreparedSuite]:
+    """Baseline then the exported artifact, each opened by the backend that loads the format, as
+    run.execute measures them: the baseline's per-window log-probs (its responses to prompt
+    items appended as windows) are the candidate's KL reference."""
+    with backend.baseline(ctx).open() as engine:
         base, reference = evaluate(engine, prepared, keep=True)
         prepared = with_response_windows(prepared, base.generations)
         reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
-    with opener("candidate") as engine:
+    with backend.exported(ctx, doc["candidate"], directory, list(doc["files"]), doc["scheme"]).open() as engine:
         cand, _ = evaluate(engine, prepared, reference)
     return base, cand, prepared
-
-
-def _torch_opener(cfg, baseline: Baseline, directory: Path, doc: dict[str, Any]) -> Opener:
-    from quantgate.engines.torch import TorchEngine
-
-    @contextmanager
-    def open_engine(which: str) -> Iterator[Engine]:
-        model = baseline.model if which == "baseline" else formats.load_torch_artifact(directory, doc["scheme"])
-        yield TorchEngine(model, max_batch_size=cfg.evaluation.batch_size, batch_tokens=cfg.evaluation.batch_tokens)
-
-    return open_engine
-
-
-def _llamacpp_opener(cfg, baseline: Baseline, directory: Path, doc: dict[str, Any]) -> Opener:
-    from quantgate.engines.process import EngineProcess
-    from quantgate.methods.gguf_quant import float_gguf
-
-    (artifact,) = doc["files"]
-    ev, econ = cfg.evaluation, cfg.economics
-    n_ctx = max(2048, ev.window_tokens + 1, econ.prompt_tokens + econ.new_tokens + 1)  # as run.py sizes it
-
-    @contextmanager
-    def open_engine(which: str) -> Iterator[Engine]:
-        path = float_gguf(baseline) if which == "baseline" else directory / artifact
-        with tempfile.TemporaryDirectory(prefix="quantgate-verify-") as logs, \
-                EngineProcess("llamacpp", label=which, log=Path(logs) / f"{which}.log", path=str(path),
-                              n_ctx=n_ctx) as engine:
-            yield engine
-
-    return open_engine
 
 
 # -- comparing with the record ---------------------------------------------------------------------
