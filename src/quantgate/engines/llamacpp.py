@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from quantgate.engines.base import Engine, Request, Timing, group_by_context, stop_after
+from quantgate.engines.base import Engine, Request, Timing, group_by_context, log_softmax, stop_after
 from quantgate.engines.registry import Backend, RunContext, Served
 from quantgate.errors import NothingHappened, UserError
 
@@ -25,13 +25,6 @@ if TYPE_CHECKING:
 
     from quantgate.economics import Economics
     from quantgate.methods.registry import MethodConfig
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """[T, V] float32 logits -> float64 log-probabilities."""
-    x = logits.astype(np.float64)
-    x -= x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 class LlamaCppEngine:
@@ -70,11 +63,11 @@ class LlamaCppEngine:
             for group in group_by_context(requests):
                 prefix, ctx_len = group.prefix, len(group.context)
                 # rows predicting the shared tokens and each option's first own token
-                head = _log_softmax(self._eval_from(0, prefix)[ctx_len - 1 :])
+                head = log_softmax(self._eval_from(0, prefix)[ctx_len - 1 :])
                 for i, cont in zip(group.request_ids, group.continuations):
                     own = cont[group.shared :]
                     rows = head if len(own) == 1 else np.concatenate(
-                        [head, _log_softmax(self._eval_from(len(prefix), own[:-1]))])
+                        [head, log_softmax(self._eval_from(len(prefix), own[:-1]))])
                     targets = np.array(cont)
                     lp = rows[np.arange(len(cont)), targets]
                     out[i] = float(lp.sum())
@@ -84,7 +77,7 @@ class LlamaCppEngine:
     def window_logprobs(self, window: Sequence[int]) -> np.ndarray:
         """token_logprobs of one window as numpy, float32 [T-1, V] (no torch needed)."""
         with self.timing.timed("token_logprobs", len(window)):
-            return _log_softmax(self._eval_from(0, window)[: len(window) - 1]).astype(np.float32)
+            return log_softmax(self._eval_from(0, window)[: len(window) - 1]).astype(np.float32)
 
     def token_logprobs(self, windows: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
         import torch

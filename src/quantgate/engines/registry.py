@@ -169,6 +169,8 @@ class BackendEntry:
     install: str = ""  # how to install them
     check: Callable[[RunConfig], None] | None = None  # config-time checks of its own keys
     exports: tuple[str, ...] = ()  # export formats (export/formats.py) that it loads back for verify
+    # Candidate settings that only some engines use (MethodConfig.engine_settings) which this one does.
+    settings: frozenset[str] = frozenset()
 
     def load(self) -> Backend:
         module, cls = self.backend.split(":")
@@ -178,6 +180,12 @@ class BackendEntry:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             raise UserError(f"serving.engine {self.name} needs {', '.join(missing)}: {self.install}")
+        for c in cfg.resolved_candidates:
+            unused = sorted(c.engine_settings() - self.settings)
+            if unused:
+                users = [e.name for e in BACKENDS.values() if unused[0] in e.settings]
+                raise UserError(f"candidate {c.label}: {unused[0]} is a setting of serving.engine "
+                                f"{' or '.join(users)}, not {self.name}; leave it out")
         if self.check is not None:
             self.check(cfg)
 
@@ -192,6 +200,13 @@ def _servers_named(cfg: RunConfig) -> None:
             raise UserError(f"candidate {c.label}: serving needs base_url (e.g. http://host:8000/v1)")
 
 
+def _onnxruntime_servable(cfg: RunConfig) -> None:
+    """Every candidate on a scheme MatMulNBits serves (engines/onnxruntime.py, imported on use)."""
+    from quantgate.engines.onnxruntime import check_config
+
+    check_config(cfg)
+
+
 BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
     BackendEntry("torch", frozenset({"model"}), "quantgate.engines.torch:TorchBackend",
                  process="quantgate.engines.torch:open_engine", exports=("compressed-tensors", "hf")),
@@ -200,6 +215,10 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
                  install="pip install 'quantgate[llamacpp]'", exports=("gguf",)),
     BackendEntry("openai", frozenset({"served"}), "quantgate.engines.openai:OpenAIBackend",
                  check=_servers_named),
+    BackendEntry("onnxruntime", frozenset({"model"}), "quantgate.engines.onnxruntime:OnnxRuntimeBackend",
+                 process="quantgate.engines.onnxruntime:OnnxRuntimeEngine",
+                 requires=("onnxruntime", "onnx", "onnxruntime_genai"), install="pip install 'quantgate[onnx]'",
+                 check=_onnxruntime_servable, settings=frozenset({"accuracy_level"})),
 )}
 # Servers reached today through the OpenAI-compatible backend; their own backends are to come.
 PLANNED = {"vllm": "openai", "tgi": "openai", "sglang": "openai"}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from quantgate.engines.registry import Backend, RunContext, Served, ready
 
 if TYPE_CHECKING:
     from quantgate.economics import Economics
+    from quantgate.methods.apply import CandidateModel
     from quantgate.methods.registry import MethodConfig
 
 
@@ -301,6 +302,24 @@ def loglikelihood_reference(model: torch.nn.Module, requests: Sequence[Request])
     return out, greedy
 
 
+def make_with_progress(ctx: RunContext, cand: MethodConfig,
+                       later_steps: int) -> tuple[CandidateModel, Callable[[int], None], float]:
+    """The candidate made from the baseline (methods/apply.py) under a progress bar of its own
+    (one step per calibrated block, else one), with `later_steps` left for the caller; returns
+    it, the bar and the seconds it took."""
+    from quantgate.methods.apply import make_candidate
+
+    calibrated = cand.needs_calibration
+    n_blocks = len(ctx.baseline.model.get_submodule(ctx.baseline.arch.blocks)) if calibrated else 1
+    step = ctx.progress(cand.label, later_steps + n_blocks)
+    t0 = time.perf_counter()
+    made = make_candidate(ctx.baseline.model, ctx.baseline.arch, cand, ctx.calib if calibrated else None,
+                          seed=ctx.cfg.seed, on_block=lambda i: step(1))
+    if not calibrated:
+        step(1)
+    return made, step, time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------------------
 # The torch backend: candidates are fake-quantized PyTorch copies of the baseline, scored in this
 # process; only the baseline's speed is measured (in an engine process over its safetensors).
@@ -321,17 +340,7 @@ class TorchBackend(Backend):
 
     def candidate(self, ctx: RunContext, cand: MethodConfig) -> Served:
         """A fake-quantized copy of the baseline (methods/apply.py), in this process."""
-        from quantgate.methods.apply import make_candidate
-
-        calibrated = cand.needs_calibration
-        n_blocks = len(ctx.baseline.model.get_submodule(ctx.baseline.arch.blocks)) if calibrated else 1
-        step = ctx.progress(cand.label, 2 + n_blocks)
-        t0 = time.perf_counter()
-        made = make_candidate(ctx.baseline.model, ctx.baseline.arch, cand, ctx.calib if calibrated else None,
-                              seed=ctx.cfg.seed, on_block=lambda i: step(1))
-        seconds = time.perf_counter() - t0
-        if not calibrated:
-            step(1)
+        made, step, seconds = make_with_progress(ctx, cand, later_steps=2)
         return Served(cand.label, made.weight_bytes, "packed integer codes and scales of the quantized weights, "
                       "the other parameters at the baseline's precision (no artifact written)", cand.scheme,
                       made.modules_changed, seconds, opener=lambda: ready(self.scoring_engine(ctx, made.model)),

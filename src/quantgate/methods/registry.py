@@ -67,6 +67,11 @@ class MethodConfig(BaseModel):
         """Statistics this candidate needs from the calibration text (empty: none)."""
         return frozenset()
 
+    def engine_settings(self) -> frozenset[str]:
+        """Settings this candidate gives that only some engines use (accuracy_level); each
+        backend entry says which it uses (engines/registry.py) and refuses the others."""
+        return frozenset()
+
     @property
     def needs_calibration(self) -> bool:
         return bool(self.calibration_needs())
@@ -114,12 +119,19 @@ class _Quantizer(MethodConfig):
     quantize_embeddings: bool = False
     # Bits every block linear's input is fake-quantized to at run time (None: inputs stay float).
     activation_bits: ClassVar[int | None] = None
+    # ONNX Runtime's MatMulNBits compute type: 0 unset (fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8
+    # activations. None: the engine's default (0). Engines without it refuse it.
+    accuracy_level: int | None = Field(None, ge=0, le=4, exclude_if=lambda v: v is None)
+    ENGINE_SETTINGS: ClassVar[tuple[str, ...]] = ("accuracy_level",)
 
     @model_validator(mode="after")
     def _symmetric_default(self) -> _Quantizer:
         if self.symmetric is None:
             object.__setattr__(self, "symmetric", self.group_size is None)
         return self
+
+    def engine_settings(self) -> frozenset[str]:
+        return frozenset(k for k in self.ENGINE_SETTINGS if getattr(self, k) is not None)
 
     @property
     def quantized_bits(self) -> int:
@@ -137,7 +149,8 @@ class _Quantizer(MethodConfig):
     def _grid_label(self) -> str:
         group = f"-g{self.group_size}" if self.group_size else ""
         sym = "" if self.symmetric == (self.group_size is None) else ("-sym" if self.symmetric else "-asym")
-        return f"{self.method}-w{self.bits}{group}{sym}" + _extras(self, {"quantize_embeddings": lambda v: "-emb"})
+        return f"{self.method}-w{self.bits}{group}{sym}" + _extras(self, {"quantize_embeddings": lambda v: "-emb",
+                                                                          "accuracy_level": lambda v: f"-acc{v}"})
 
 
 class RtnConfig(_Quantizer):
@@ -354,6 +367,9 @@ class ComposeConfig(MethodConfig):
 
     def calibration_needs(self) -> frozenset[str]:
         return frozenset().union(*(s.calibration_needs() for s in self.steps))
+
+    def engine_settings(self) -> frozenset[str]:
+        return frozenset().union(*(s.engine_settings() for s in self.steps))
 
     @property
     def quantized_bits(self) -> int | None:
