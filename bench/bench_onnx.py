@@ -1,0 +1,150 @@
+"""ONNX Runtime on the default model, side by side with torch float32 (and llama.cpp when
+llama-cpp-python is installed): file size, KLD against the torch float32 baseline over the held-out
+windows, and batch-1 decode / prefill speed and peak RSS, each measured in a fresh engine process
+(quantgate's own path: EngineProcess + economics.measure over a fixed request mix). Models are
+timed in interleaved rounds (order reversed every other round); medians are shown.
+
+ORT candidates carry quantgate's codes: rtn-w8 (per channel) and gptq-w4-g32, each at MatMulNBits
+accuracy_level 0 (fp32 compute) and 4 (int8 activations).
+
+Run with `make bench-onnx`. Prints a table; asserts nothing. The machine's load average is
+printed beside the numbers: on a shared machine read the ratios, not the absolute tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from quantgate.config import CalibrationConfig
+from quantgate.engines import onnxruntime as qo
+from quantgate.engines.process import EngineProcess
+from quantgate.engines.torch import TorchEngine
+from quantgate.evals.datasets import default_suite
+from quantgate.evals.tasks import kl_divergence, make_windows
+from quantgate.methods.apply import make_candidate
+from quantgate.methods.calibrate import calibration_set
+from quantgate.methods.registry import candidate
+from quantgate.models.load import load_baseline
+
+ORT_CANDIDATES = ({"method": "rtn", "bits": 8}, {"method": "gptq", "bits": 4, "group_size": 32})
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # the engine process kind
+    options: dict
+    file_bytes: int
+    kld: np.ndarray | None  # per token, vs torch float32 (None: the reference itself)
+
+
+def ort_rows(baseline, calib, windows, reference, logs: Path) -> list[Row]:
+    base = qo.float_graph(baseline, logs / "builder.log")
+    rows = [Row("ORT fp32", "onnxruntime", {"path": str(base)}, qo.graph_bytes(base), _kld(base, windows, reference))]
+    for fields in ORT_CANDIDATES:
+        cand = candidate(**fields)
+        made = make_candidate(baseline.model, baseline.arch, cand, calib if cand.needs_calibration else None)
+        weights = qo.candidate_weights(made.model, baseline.arch, cand)
+        for level in (0, 4):
+            folder = qo.candidate_graph(base, weights, baseline.arch.blocks, level)
+            rows.append(Row(f"ORT {cand.label} acc{level}", "onnxruntime", {"path": str(folder)},
+                            qo.graph_bytes(folder), _kld(folder, windows, reference)))
+        print(f"{cand.label}: made", file=sys.stderr, flush=True)
+    return rows
+
+
+def _kld(folder: Path, windows, reference) -> np.ndarray:
+    engine = qo.OnnxRuntimeEngine(folder)
+    return np.concatenate([kl_divergence(r, torch.from_numpy(engine.window_logprobs(w)))
+                           for r, w in zip(reference, windows)])
+
+
+def llamacpp_rows(baseline, windows, reference, n_ctx: int) -> list[Row]:
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama-cpp-python not installed: no llama.cpp rows", file=sys.stderr)
+        return []
+    from quantgate.engines.llamacpp import LlamaCppEngine
+    from quantgate.methods.gguf_quant import quantized_gguf
+
+    rows = []
+    for t in ("Q8_0", "Q4_0"):
+        path = quantized_gguf(baseline, t)
+        engine = LlamaCppEngine(path, n_ctx=512)
+        kld = np.concatenate([kl_divergence(r, torch.from_numpy(engine.window_logprobs(w)))
+                              for r, w in zip(reference, windows)])
+        rows.append(Row(f"llama.cpp {t}", "llamacpp", {"path": str(path), "n_ctx": n_ctx, "logits_all": False},
+                        path.stat().st_size, kld))
+    return rows
+
+
+def timed(row: Row, prompts, new_tokens: int, log: Path) -> dict:
+    with EngineProcess(row.kind, label=row.name, log=log, **row.options) as e:
+        result, _ = e.measure(prompts, new_tokens)
+        result["peak_rss_bytes"] = e.close()["peak_rss_bytes"]
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows")
+    ap.add_argument("--seq-len", type=int, default=256)
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    baseline = load_baseline("smollm2-135m-instruct")
+    suite = default_suite(limit=1, cloze_items=0, seed=0)
+    windows = make_windows(baseline.tokenizer, suite.perplexity_text, 256, 8)
+    reference = list(TorchEngine(baseline.model).token_logprobs(windows))
+    prompts = [w[:64] for w in windows[:4]]  # the fixed request mix: four 64-token prompts
+    calib = calibration_set(baseline.tokenizer, CalibrationConfig(samples=args.samples, seq_len=args.seq_len),
+                            suite.texts())
+    logs = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    weights = baseline.weights_dir
+    rows = [Row("torch fp32", "torch", {"path": str(weights), "max_batch_size": 1, "onednn": False},
+                sum(p.stat().st_size for p in weights.glob("*.safetensors")), None)]
+    rows += ort_rows(baseline, calib, windows, reference, logs)
+    rows += llamacpp_rows(baseline, windows, reference, n_ctx=64 + args.new_tokens + 1)
+    del baseline, reference  # the speed runs happen in their own processes
+    runs: dict[str, list[dict]] = {r.name: [] for r in rows}
+    for i in range(args.rounds):
+        for row in rows if i % 2 == 0 else rows[::-1]:
+            runs[row.name].append(timed(row, prompts, args.new_tokens, logs / f"{row.name.replace(' ', '_')}.log"))
+        print(f"round {i + 1}: done", file=sys.stderr, flush=True)
+    render(rows, runs, args, load_before, os.getloadavg())
+    return 0
+
+
+def render(rows: list[Row], runs: dict[str, list[dict]], args, load_before, load_after) -> None:
+    med = lambda name, key: float(np.median([r[key] for r in runs[name]]))  # noqa: E731
+    ort_fp32 = med("ORT fp32", "decode_tokens_per_s")
+    table = Table(title=f"ONNX Runtime vs torch on the default model: batch-1 decode after 64-token prompts, "
+                        f"{args.new_tokens} new tokens, median of {args.rounds} interleaved rounds of fresh processes")
+    for col in ("model", "file MB", "KLD mean vs torch fp32", "KLD p99", "prefill tok/s", "decode tok/s",
+                "decode / ORT fp32", "peak RSS MB"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in rows:
+        decode = med(row.name, "decode_tokens_per_s")
+        kld = "reference" if row.kld is None else f"{row.kld.mean():.2e}"
+        p99 = "" if row.kld is None else f"{np.quantile(row.kld, 0.99):.2e}"
+        table.add_row(row.name, f"{row.file_bytes / 1e6:.1f}", kld, p99, f"{med(row.name, 'prefill_tokens_per_s'):.0f}",
+                      f"{decode:.1f}", f"{decode / ort_fp32:.2f}x", f"{med(row.name, 'peak_rss_bytes') / 1e6:.0f}")
+    console = Console(width=200)
+    console.print(table)
+    console.print(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
+                  f"after: {', '.join(f'{x:.2f}' for x in load_after)}; {len(os.sched_getaffinity(0))} cores")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
