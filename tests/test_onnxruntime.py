@@ -16,6 +16,7 @@ from conftest import gen, single_thread
 from quantgate.config import RunConfig, check_supported
 from quantgate.engines import onnxruntime as qo
 from quantgate.errors import UserError
+from quantgate.gate import RuleKind
 from quantgate.methods.calibrate import CalibrationSet
 from quantgate.methods.registry import candidate
 from quantgate.methods.rtn import QuantSpec, dequantize, quantize
@@ -105,6 +106,17 @@ def test_an_unservable_scheme_is_one_clear_line_naming_the_nearest_servable(cand
     with pytest.raises(UserError, match=message) as e:
         _check(cand)
     assert "\n" not in str(e.value)
+
+
+@needs_ort
+def test_unservable_simulate_lets_the_config_through():
+    cand = {"method": "rtn", "bits": 3, "group_size": 64}
+    with pytest.raises(UserError, match=r"or set serving.unservable: simulate"):
+        _check(cand)
+    check_supported(RunConfig.model_validate({"serving": {"engine": "onnxruntime", "unservable": "simulate"},
+                                              "candidates": [cand]}))
+    with pytest.raises(ValueError, match="unservable"):
+        RunConfig.model_validate({"serving": {"unservable": "skip"}})
 
 
 @needs_ort
@@ -239,17 +251,26 @@ def test_a_run_on_onnxruntime_through_the_registry(tiny, tmp_path):
     baseline.model.save_pretrained(folder)
     baseline.tokenizer.save_pretrained(folder)
     cfg = RunConfig.model_validate({
-        "model": {"base": str(folder)}, "serving": {"engine": "onnxruntime", "max_batch_size": 2},
-        "candidates": [{"method": "rtn", "bits": 8}, {"method": "rtn", "bits": 4, "group_size": 32, "accuracy_level": 4}],
+        "model": {"base": str(folder)},
+        "serving": {"engine": "onnxruntime", "max_batch_size": 2, "unservable": "simulate"},
+        "candidates": [{"method": "rtn", "bits": 8}, {"method": "rtn", "bits": 4, "group_size": 32, "accuracy_level": 4},
+                       {"method": "rtn", "bits": 3, "group_size": 32}],
         "evaluation": {"limit": 12, "cloze_items": 8, "ppl_windows": 2, "window_tokens": 64},
         "economics": {"requests": 2, "prompt_tokens": 16, "new_tokens": 8},
         "quality_gate": {"min_items": 10},
     })
     result = execute(cfg, workdir=tmp_path / "work")
-    assert [c.name for c in result.candidates] == ["rtn-w8", "rtn-w4-g32-acc4"]
+    assert [c.name for c in result.candidates] == ["rtn-w8", "rtn-w4-g32-acc4", "rtn-w3-g32"]
     assert (result.noise_floor.engine, result.noise_floor.reference) == ("onnxruntime", "torch float32")
     assert result.noise_floor.kld.mean() < 1e-6
-    for m in [result.baseline, *result.candidates]:
+    served, simulated = [result.baseline, *result.candidates[:2]], result.candidates[2]
+    # 3-bit codes: scored by fake quantization, speed unmeasured, gate failed as unservable
+    assert "bits 3 cannot be served by MatMulNBits" in simulated.unservable
+    assert simulated.economics.simulated and simulated.comparison.kld_mean > 0
+    verdict = result.decision.verdicts[2]
+    assert not verdict.passed and [r.kind for r in verdict.rules if not r.passed][-1] == RuleKind.SERVABLE
+    assert any("rtn-w3-g32 is not servable on onnxruntime" in n for n in result.notes)
+    for m in served:
         e = m.economics
         assert e.engine == "onnxruntime" and not e.simulated
         assert e.artifact_bytes == m.weight_bytes == qo.graph_bytes(Path(m.artifact).parent)

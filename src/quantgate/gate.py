@@ -34,6 +34,7 @@ class RuleKind(str, enum.Enum):
     KLD_P99 = "kld_p99"
     NO_RULE = "no_rule"  # no rule applies to the eval set: fails
     ENGINE = "engine"  # the engine did not run to completion: fails
+    SERVABLE = "servable"  # the serving engine cannot serve it as evaluated: fails
 
     @property
     def is_rate(self) -> bool:

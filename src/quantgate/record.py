@@ -272,6 +272,7 @@ class ModelRecord(Record):
     artifact: Artifact | None  # the file the engine evaluated (GGUF)
     scheme: str | None = None  # what the weights are, in words (None in old records)
     bytes_counted: str | None = None  # which bytes weight_bytes counts (None in old records)
+    unservable: str | None = None  # why the serving engine could not serve it (then simulated)
 
     def metric(self, name: str) -> float | None:
         """The model's own value of the gate metric `name` (accuracy | accuracy_norm)."""

@@ -59,6 +59,7 @@ class ModelResult:
     artifact: Path | None = None  # the file the engine evaluated (GGUF), when there is one
     scheme: str = ""  # what the weights are, in words (MethodConfig.scheme; the baseline's precision)
     bytes_counted: str = ""  # which bytes weight_bytes counts (see engines.registry.Served)
+    unservable: str | None = None  # why the serving engine cannot serve it (then simulated)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,8 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
                     break
                 continue
             results.append(result)
-            verdicts.append(judge(cand.label, result.weight_bytes, result.comparison, gate))
+            verdicts.append(_servable(judge(cand.label, result.weight_bytes, result.comparison, gate),
+                                      backend.name, result.unservable))
             gc.collect()
             if cfg.strategy == "ladder" and not verdicts[-1].passed:
                 break  # the rung where quality broke: the more aggressive ones are not measured
@@ -270,18 +272,22 @@ class _Runner:
         if cache is not None:
             cache.record_meta({"weight_bytes": served.weight_bytes, "modules_changed": served.modules_changed,
                                "quantize_seconds": served.make_seconds, "bytes_counted": served.bytes_counted,
-                               "artifact": str(served.artifact) if served.artifact else None})
+                               "artifact": str(served.artifact) if served.artifact else None,
+                               "unservable": served.unservable})
         gate = ctx.cfg.quality_gate
         metrics = model_metrics(scores, prepared, gate.metric, ctx.baseline.tokenizer)
         comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
                              n_boot=gate.bootstrap_samples, seed=ctx.cfg.seed)
-        return _result(served, cand, metrics, scores, comparison, self.backend.economics(ctx, served))
+        economics = (self.backend.unmeasured(served, simulated=True) if served.unservable
+                     else self.backend.economics(ctx, served))
+        return _result(served, cand, metrics, scores, comparison, economics)
 
 
 def _result(served: Served, cand: MethodConfig | None, metrics: ModelMetrics, scores: ModelScores,
             comparison: Comparison | None, economics: Economics | None) -> ModelResult:
     return ModelResult(served.label, cand, served.weight_bytes, served.modules_changed, metrics, scores, comparison,
-                       served.make_seconds, economics, served.artifact, served.scheme, served.bytes_counted)
+                       served.make_seconds, economics, served.artifact, served.scheme, served.bytes_counted,
+                       served.unservable)
 
 
 def with_costs(cfg: RunConfig, base: ModelResult, candidates: list[ModelResult]) -> None:
@@ -298,6 +304,9 @@ def with_costs(cfg: RunConfig, base: ModelResult, candidates: list[ModelResult])
                               tokens_per_month=econ.tokens_per_month, min_saving=econ.min_monthly_saving)
         if m is base:
             cost = dataclasses.replace(cost, worth_it=None, note="")  # the reference: nothing to save
+        elif m.unservable:
+            cost = dataclasses.replace(cost, worth_it=False, note=f"not servable on {cfg.serving.engine}: "
+                                       f"{m.unservable}; its quality is fake quantization's, its speed unmeasured")
         elif simulated:
             cost = dataclasses.replace(cost, worth_it=False, note="simulated: fake quantization runs at the "
                                        "baseline's speed, so no saving is measured; serve it on an engine with "
@@ -318,6 +327,14 @@ def noise_floor(backend: Backend, ctx: RunContext, prepared: PreparedSuite,
         kld.append(kl_divergence(lp, ref))
         agree.append((ref.argmax(-1) == lp.argmax(-1)).numpy())
     return NoiseFloor(backend.name, what, np.concatenate(kld), np.concatenate(agree))
+
+
+def _servable(verdict: CandidateVerdict, engine: str, unservable: str | None) -> CandidateVerdict:
+    """The verdict, failed when the serving engine cannot serve the candidate as evaluated."""
+    if unservable is None:
+        return verdict
+    return dataclasses.replace(verdict, rules=(*verdict.rules, failing(RuleKind.SERVABLE, f"served by {engine} "
+                                                                       f"({unservable})")))
 
 
 def _crashed_verdict(name: str, error: str) -> CandidateVerdict:

@@ -3,6 +3,8 @@ which must not import each other): the frozen base and where a model is served."
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -18,6 +20,11 @@ class ServingConfig(Frozen):
 
     # A serving backend's name (engines/registry.py lists them).
     engine: str = "torch"
+    # A candidate the engine cannot serve as evaluated (3-bit codes on onnxruntime, say):
+    # "refuse" the config (one line naming the nearest servable scheme), or "simulate": measure
+    # its quality by fake quantization on torch, leave its speed unmeasured, and fail its gate
+    # as not servable on this engine (the report says why).
+    unservable: Literal["refuse", "simulate"] = "refuse"
     # The largest batch (or, for a server, the most concurrent requests) the model is served at:
     # the top of the economics load sweep (1, 2, 4, ... up to it) and the load cost is priced at.
     max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)

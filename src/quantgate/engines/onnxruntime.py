@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from quantgate.config import RunConfig
     from quantgate.economics import Economics
+    from quantgate.evals.tasks import PreparedSuite
     from quantgate.methods.registry import MethodConfig
     from quantgate.methods.rtn import QuantizedWeight
     from quantgate.models.load import Baseline
@@ -227,11 +228,15 @@ def unservable(cand: MethodConfig) -> str | None:
 
 
 def check_config(cfg: RunConfig) -> None:
-    """One line per refusal: the first candidate ORT cannot serve, and why."""
+    """One line per refusal: the first candidate ORT cannot serve, and why (unless
+    serving.unservable is "simulate": then the run measures it on torch and fails its gate)."""
+    if cfg.serving.unservable == "simulate":
+        return
     for c in cfg.resolved_candidates:
         why = unservable(c)
         if why is not None:
-            raise UserError(f"candidate {c.label}: {why}")
+            raise UserError(f"candidate {c.label}: {why} (or set serving.unservable: simulate to measure "
+                            "its quality by fake quantization)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +498,12 @@ class OnnxRuntimeBackend(Backend):
                       opener=lambda: EngineProcess(self.name, label=label, log=ctx.log(label), path=str(folder)),
                       **made)
 
+    def prepare(self, ctx: RunContext, prepared: PreparedSuite) -> tuple[PreparedSuite, list[str]]:
+        notes = [f"{c.label} is not servable on onnxruntime ({why}): its quality is measured by fake "
+                 "quantization on torch, its speed is not, and its gate fails"
+                 for c in ctx.cfg.resolved_candidates if (why := unservable(c)) is not None]
+        return prepared, notes
+
     def baseline(self, ctx: RunContext) -> Served:
         return self._served(ctx, "baseline", float_graph(ctx.baseline, ctx.log("onnx-builder")), "ONNX fp32")
 
@@ -501,6 +512,9 @@ class OnnxRuntimeBackend(Backend):
         fake-quantized weights and written into MatMulNBits nodes of the baseline's graph."""
         from quantgate.engines.torch import make_with_progress
 
+        why = unservable(cand)
+        if why is not None:  # (check_config let it through: serving.unservable is "simulate")
+            return self.simulated(ctx, cand, why)
         t0 = time.perf_counter()
         made, step, _ = make_with_progress(ctx, cand, later_steps=3)
         level = cand.quantizer.accuracy_level or 0
@@ -508,7 +522,7 @@ class OnnxRuntimeBackend(Backend):
         base = float_graph(ctx.baseline, ctx.log("onnx-builder"))
         folder = candidate_graph(base, weights, ctx.baseline.arch.blocks, level)
         step(1)
-        scheme = f"{cand.scheme}, MatMulNBits accuracy_level {level} ({ACCURACY_LEVELS[level]})"
+        scheme = f"{cand.scheme}, ORT acc{level}"  # MatMulNBits accuracy_level (ACCURACY_LEVELS)
         return self._served(ctx, cand.label, folder, scheme, modules_changed=made.modules_changed,
                             make_seconds=time.perf_counter() - t0, step=step)
 

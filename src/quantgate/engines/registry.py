@@ -72,6 +72,9 @@ class Served:
     opener: Callable[[], AbstractContextManager[Engine]] | None = field(default=None, repr=False)
     # The model's progress bar, started by the backend while making it (None: run.py starts one).
     step: Callable[[int], None] | None = field(default=None, repr=False)
+    # Why this engine cannot serve the candidate as evaluated (serving.unservable: simulate): its
+    # quality is torch's fake quantization, its speed is not measured, its gate fails.
+    unservable: str | None = None
 
     def open(self) -> AbstractContextManager[Engine]:
         """An engine over this model for scoring."""
@@ -108,12 +111,20 @@ class Backend:
         """Make the candidate (quantize, write its artifact) and return it ready to open."""
         raise NotImplementedError
 
+    def simulated(self, ctx: RunContext, cand: MethodConfig, why: str) -> Served:
+        """A candidate this engine cannot serve, made and scored by fake quantization on torch
+        (serving.unservable: simulate): quality only, marked with `why`."""
+        served = BACKENDS[SIMULATOR].load().candidate(ctx, cand)
+        served.unservable = why
+        return served
+
     def resumed(self, ctx: RunContext, cand: MethodConfig, meta: Mapping[str, Any]) -> Served:
         """A candidate whose scores a resumed run has all stored: nothing is made again."""
         path = Path(meta["artifact"]) if meta.get("artifact") else None
         path = path if path and path.exists() else None
         return Served(cand.label, meta["weight_bytes"], meta.get("bytes_counted", ""), cand.scheme,
-                      meta["modules_changed"], meta["quantize_seconds"], path, serves_from=path)
+                      meta["modules_changed"], meta["quantize_seconds"], path, serves_from=path,
+                      unservable=meta.get("unservable"))
 
     def exported(self, ctx: RunContext, label: str, directory: Path, files: list[str],
                  scheme: Mapping[str, Any]) -> Served:
@@ -220,6 +231,8 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
                  requires=("onnxruntime", "onnx", "onnxruntime_genai"), install="pip install 'quantgate[onnx]'",
                  check=_onnxruntime_servable, settings=frozenset({"accuracy_level"})),
 )}
+# The backend that makes a candidate by fake quantization (Backend.simulated).
+SIMULATOR = "torch"
 # Servers reached today through the OpenAI-compatible backend; their own backends are to come.
 PLANNED = {"vllm": "openai", "tgi": "openai", "sglang": "openai"}
 

@@ -66,6 +66,7 @@ def _model(m: ModelResult) -> dict[str, Any]:
                                                 bytes=m.artifact.stat().st_size),
         "scheme": m.scheme,
         "bytes_counted": m.bytes_counted,
+        "unservable": m.unservable,
     }
 
 

@@ -20,6 +20,7 @@ from quantgate.record import (
 FLIP_CALLOUT = 0.05
 TOP1_CALLOUT = 0.90
 SIMULATED = "simulated: quality only"
+UNSERVABLE = "not servable: quality only"
 DASH = "—"
 
 
@@ -240,7 +241,7 @@ def latencies(lat: dict[str, float | None] | None) -> str:
 
 def _economics_row(results: RunRecord, m: ModelRecord) -> Row:
     e, price = m.economics, cost(m)
-    speed = ((DASH, SIMULATED, DASH, DASH) if e.simulated else
+    speed = ((DASH, UNSERVABLE if m.unservable else SIMULATED, DASH, DASH) if e.simulated else
              (rate(e.prefill_tokens_per_s), decode_cell(e.decode_tokens_per_s, e.decode_tokens_per_s_range),
               latencies(e.latency_s), pct(e.roofline_fraction, 0)))
     money_cells = ((DASH, DASH, DASH, DASH) if e.simulated or price is None else
