@@ -30,6 +30,8 @@ __all__ = [
     "min_detectable_drop",
     "normal_quantile",
     "paired_bootstrap",
+    "paired_quantile_ratio",
+    "QuantileRatio",
     "wilson_interval",
 ]
 
@@ -435,6 +437,83 @@ def bootstrap_mean_quantile(
         q=float(q),
         n=n,
     )
+
+
+# --------------------------------------------------------------------------
+# 4b. paired bootstrap of a ratio of quantiles, e.g. candidate / baseline speed
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantileRatio:
+    """Result of :func:`paired_quantile_ratio`.
+
+    Fields:
+        ratio: quantile(cand, q) / quantile(base, q).
+        ratio_ci: (lo, hi) percentile interval for the ratio.
+        q: the quantile level used (0.5: the ratio of medians).
+        n: number of paired units.
+    """
+
+    ratio: float
+    ratio_ci: tuple[float, float]
+    q: float
+    n: int
+
+
+def paired_quantile_ratio(
+    base: np.ndarray,
+    cand: np.ndarray,
+    *,
+    q: float = 0.5,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> QuantileRatio:
+    """Paired percentile bootstrap of the ratio of two q-quantiles.
+
+    Args:
+        base: shape (n,), positive finite values of the reference (e.g. the
+            baseline's decode tokens/s, one per measured request).
+        cand: shape (n,), the candidate's values; unit i of both was measured
+            under the same conditions (the same prompt in the same round).
+        q: quantile level in [0, 1] (0.5: medians; 0.99: a latency p99).
+        n_boot: number of bootstrap replicates.
+        confidence: two-sided confidence level in (0, 1).
+        seed: seed for numpy.random.default_rng.
+
+    Each replicate draws n unit indices with replacement and uses the same
+    indices for base and cand (pairing: a slow moment of the machine that
+    both saw stays in both), then takes the ratio of the two replicate
+    quantiles (numpy's default linear method).  The interval is the
+    percentile interval of those ratios.
+
+    Returns:
+        QuantileRatio(ratio, ratio_ci, q, n).
+
+    Raises:
+        ValueError: for non-1-D, empty, mismatched, non-positive or non-finite
+            values, q outside [0, 1], bad n_boot / confidence.
+    """
+    base, cand = _sample("base", base), _sample("cand", cand)
+    if base.shape != cand.shape:
+        raise ValueError(f"base and cand must have the same length (paired units), got {base.size} and {cand.size}")
+    if base.min() <= 0.0 or cand.min() <= 0.0:
+        raise ValueError("base and cand must be positive (a ratio of quantiles)")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    _check_n_boot(n_boot)
+    _check_confidence(confidence)
+    n = base.size
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n_boot)
+    start = 0
+    for size in _chunks(n_boot, n):
+        idx = rng.integers(0, n, size=(size, n))  # (size, n) shared indices
+        reps[start : start + size] = np.quantile(cand[idx], q, axis=1) / np.quantile(base[idx], q, axis=1)
+        start += size
+    ratio = float(np.quantile(cand, q) / np.quantile(base, q))
+    return QuantileRatio(ratio=ratio, ratio_ci=_percentile_ci(reps, confidence), q=float(q), n=n)
 
 
 # --------------------------------------------------------------------------
