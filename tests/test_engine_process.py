@@ -62,7 +62,7 @@ def test_peak_memory_is_the_child_processes_own(gguf, tmp_path):
     Linux's ru_maxrss would report the parent's size across fork and exec."""
     ballast = np.ones(700 << 20, dtype=np.uint8)  # make this process clearly larger than the child
     with _process(gguf, tmp_path, logits_all=False) as remote:
-        remote.measure([list(range(10, 30))], 8)
+        remote.measure_round([list(range(10, 30))], 8)
         stats = remote.close()
     size = gguf.stat().st_size
     assert size * 0.5 < stats["peak_rss_bytes"] < size + (400 << 20)
@@ -72,13 +72,15 @@ def test_peak_memory_is_the_child_processes_own(gguf, tmp_path):
 
 def test_serving_configuration_measures_speed(gguf, tmp_path):
     with _process(gguf, tmp_path, logits_all=False) as remote:
-        result, load = remote.measure([list(range(10, 42)), list(range(50, 82))], 12, max_batch_size=3)
-        remote.close()
-    assert result["decode_tokens_per_s"] > 0 and result["prefill_tokens_per_s"] > 0
-    assert result["latency_s"]["p50"] <= result["latency_s"]["p99"]
+        sample = remote.measure_round([list(range(10, 42)), list(range(50, 82))], 12, sizes=[1, 2, 3])
+        rss = remote.peak_rss_bytes()
+        assert remote.close()["peak_rss_bytes"] >= rss > 0
+    assert sample.prompt_tokens == (32, 32) and all(t > 0 for t in (*sample.prefill_s, *sample.decode_s))
+    assert (sample.decode_rates() > 0).all() and all(w >= p for w, p in zip(sample.latency_s, sample.prefill_s))
     # llama-cpp-python serves one sequence at a time: at batch sizes 1, 2, 3 the requests queue
-    assert [(lv["batch_size"], lv["batched"]) for lv in load] == [(1, False), (2, False), (3, False)]
-    assert load[2]["latency_s"]["p99"] > load[0]["latency_s"]["p99"]
+    load = sample.load
+    assert [(lv.batch_size, lv.batched) for lv in load] == [(1, False), (2, False), (3, False)]
+    assert load[2].latency_s == pytest.approx(np.cumsum([*sample.latency_s, sample.latency_s[0]])[:3])
 
 
 def test_a_crashed_engine_raises_and_names_how(gguf, tmp_path):

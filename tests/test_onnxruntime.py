@@ -274,5 +274,5 @@ def test_a_run_on_onnxruntime_through_the_registry(tiny, tmp_path):
         e = m.economics
         assert e.engine == "onnxruntime" and not e.simulated
         assert e.artifact_bytes == m.weight_bytes == qo.graph_bytes(Path(m.artifact).parent)
-        assert e.throughput.decode_tokens_per_s > 0 and e.peak_rss_bytes > 0
+        assert e.throughput.decode_tokens_per_s.value > 0 and e.peak_rss_bytes.value > 0
     assert "accuracy_level 4" in result.candidates[1].scheme

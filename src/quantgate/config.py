@@ -37,6 +37,7 @@ __all__ = ["Candidate", "MethodConfig", "ServingConfig", "DEFAULT_MAX_BATCH_SIZE
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_BATCH_TOKENS = 1024  # ~1k tokens per forward keeps activations in this CPU's caches
+DEFAULT_ROUNDS = 5  # economics rounds (README, "Measuring speed honestly": cost and coverage)
 # The reference the candidates are compared with. "baseline" is model.base exactly as loaded
 # (float32); fp32/float32 are synonyms. bf16/fp16 references parse but are not implemented.
 Reference = Literal["baseline", "fp32", "float32", "bf16", "fp16"]
@@ -97,6 +98,22 @@ class QualityGateConfig(Frozen):
     # Fewer labeled items than this: the run measures but calls no candidate shippable.
     min_items: int = Field(100, ge=1)
     drift_check: Literal["off", "daily", "weekly", "monthly"] = "weekly"
+    # Rules on economics, judged on their intervals like the rules above (None: no rule). With
+    # any of them the recommendation is the cheapest candidate that holds every rule.
+    # Decode tokens/s over the baseline's, paired (e.g. 1.5: at least 1.5x as fast).
+    min_decode_speedup: float | None = Field(None, gt=0.0)
+    # The serving engine process's peak resident memory, MB (1e6 bytes).
+    max_peak_rss_mb: float | None = Field(None, gt=0.0)
+    # The 99th percentile of batch-1 request latency, seconds.
+    max_p99_latency_s: float | None = Field(None, gt=0.0)
+    # Cost per 1M generated tokens at the loaded throughput (needs economics' price and volume).
+    max_cost_per_1m_tokens: float | None = Field(None, gt=0.0)
+
+    @property
+    def economics_rules(self) -> bool:
+        """Whether any rule is on economics (then the recommendation is the cheapest that holds)."""
+        return any(v is not None for v in (self.min_decode_speedup, self.max_peak_rss_mb, self.max_p99_latency_s,
+                                           self.max_cost_per_1m_tokens))
 
     @model_validator(mode="after")
     def _one_eval_form(self) -> QualityGateConfig:
@@ -132,6 +149,9 @@ class EconomicsConfig(Frozen):
     requests: int = Field(4, ge=1, le=1024)
     prompt_tokens: int = Field(64, ge=1)
     new_tokens: int = Field(32, ge=2)
+    # Interleaved rounds (baseline, A, B, baseline, A, B, ...): every model measured this many
+    # times; medians and intervals are over rounds x requests.
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1, le=1000)
     # Cost at volume: price of the serving machine per hour and tokens served per month.
     hardware_cost_per_hour: float | None = Field(None, gt=0)
     tokens_per_month: float | None = Field(None, gt=0)
@@ -198,6 +218,17 @@ class RunConfig(Frozen):
         return {**data, "quantization": rest, "quality_gate": {**gate, "verified_against": ref}}
 
     @model_validator(mode="after")
+    def _economics_rules_need_economics(self) -> RunConfig:
+        gate, econ = self.quality_gate, self.economics
+        if gate.economics_rules and not econ.measure:
+            raise ValueError("quality_gate's economics rules (min_decode_speedup, max_peak_rss_mb, max_p99_latency_s, "
+                             "max_cost_per_1m_tokens) need measured speed: drop economics.measure: false or the rules")
+        if gate.max_cost_per_1m_tokens is not None and econ.hardware_cost_per_hour is None:
+            raise ValueError("quality_gate.max_cost_per_1m_tokens needs a price: set economics.hardware_cost_per_hour "
+                             "and economics.tokens_per_month")
+        return self
+
+    @model_validator(mode="after")
     def _one_candidate_form(self) -> RunConfig:
         if self.quantization is not None and self.candidates is not None:
             raise ValueError("give either 'quantization' (one candidate) or 'candidates', not both")
@@ -235,9 +266,9 @@ def check_supported(cfg: RunConfig) -> None:
     installed, a method on an engine that does not run its artifacts, a reference not built yet."""
     entry = backends.entry(cfg.serving.engine)
     for c in cfg.resolved_candidates:
-        if c.artifact not in entry.accepts:
+        if not entry.runs(c.artifact):
             runs_on = backends.engines_for(c.artifact)
-            theirs = [m for m, spec in METHODS.items() if spec.artifact in entry.accepts]
+            theirs = [m for m, spec in METHODS.items() if entry.runs(spec.artifact)]
             raise UserError(f"candidate {c.label}: method '{c.method}' runs on serving.engine "
                             f"{' or '.join(runs_on)}, not '{entry.name}' (there: {', '.join(theirs)})")
     entry.check_config(cfg)
@@ -252,7 +283,8 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
     """A config as an older results.json stored it, in the current shape: candidates of schema 0
     (one flat model for every method) become their method's own fields (see
     methods.registry.upgrade_candidate); serving.max_batch_size, which also set the scoring batch,
-    sets evaluation.batch_size and serving.max_concurrency too when those are absent."""
+    sets evaluation.batch_size and serving.max_concurrency too when those are absent; economics
+    measured before it had rounds was measured once (rounds: 1)."""
     data = dict(data)
     if data.get("candidates"):
         data["candidates"] = [upgrade_candidate(c) for c in data["candidates"]]
@@ -262,6 +294,9 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
         data["quantization"] = upgrade_candidate(q)
         if ref is not None:
             data["quality_gate"] = {**(data.get("quality_gate") or {}), "verified_against": ref}
+    economics = data.get("economics")
+    if isinstance(economics, dict) and "rounds" not in economics:  # (before economics had rounds: one)
+        data["economics"] = {**economics, "rounds": 1}
     serving = data.get("serving")
     if isinstance(serving, dict) and "max_concurrency" not in serving and "max_batch_size" in serving:
         data["serving"] = {**serving, "max_concurrency": serving["max_batch_size"]}

@@ -3,17 +3,22 @@
 Each rule is judged on an interval, not a point: pass when the whole interval is on the right side
 of the threshold, fail when the whole interval is on the wrong side, inconclusive when it
 straddles it (which fails unless quality_gate.inconclusive is "pass"). Values are compared exactly
-as measured, never rounded first (0.946 does not pass a 0.95 floor).
+as measured, never rounded first (0.946 does not pass a 0.95 floor). Rules on economics (decode
+speedup, peak memory, p99 latency, cost) are judged the same way on the economics stage's
+intervals; with any of them the recommendation is the cheapest candidate that holds every rule,
+else the smallest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 from quantgate.config import QualityGateConfig
+from quantgate.economics import Economics, Estimate
 from quantgate.errors import UserError
 from quantgate.evals import stats
 from quantgate.evals.metrics import OVERALL, Comparison, TaskComparison
@@ -35,6 +40,10 @@ class RuleKind(str, enum.Enum):
     NO_RULE = "no_rule"  # no rule applies to the eval set: fails
     ENGINE = "engine"  # the engine did not run to completion: fails
     SERVABLE = "servable"  # the serving engine cannot serve it as evaluated: fails
+    DECODE_SPEEDUP = "decode_speedup"  # decode tokens/s over the baseline's (paired ratio)
+    PEAK_RSS = "peak_rss"  # the serving process's peak resident memory, MB
+    P99_LATENCY = "p99_latency"  # batch-1 request latency, 99th percentile, seconds
+    COST = "cost"  # cost per 1M generated tokens at the loaded throughput
 
     @property
     def is_rate(self) -> bool:
@@ -67,6 +76,10 @@ class CandidateVerdict:
     weight_bytes: int
     rules: tuple[RuleResult, ...]
     inconclusive_passes: bool = False
+    shippable: bool = True  # False: the baseline itself (the A/A check), never recommended
+    # What serving it costs, lower is cheaper: cost per 1M tokens when priced, else seconds per
+    # generated token under load; None when its speed was not measured.
+    cost_key: float | None = None
 
     @property
     def failed_rules(self) -> list[RuleResult]:
@@ -100,6 +113,11 @@ def at_most(kind: RuleKind, rule: str, value: float, interval: tuple[float, floa
         return RuleResult(rule, "fail", value, interval, ceiling, kind)
     status: Status = "pass" if hi <= ceiling else "fail" if lo > ceiling else "inconclusive"
     return RuleResult(rule, status, value, interval, ceiling, kind)
+
+
+def at_most_estimate(kind: RuleKind, rule: str, e: Estimate, ceiling: float, scale: float = 1.0) -> RuleResult:
+    """at_most on a measured Estimate, in units of `scale` (e.g. 1e6: bytes shown as MB)."""
+    return at_most(kind, rule, e.value / scale, (e.ci[0] / scale, e.ci[1] / scale), ceiling)
 
 
 def failing(kind: RuleKind, rule: str) -> RuleResult:
@@ -136,6 +154,41 @@ def judge(name: str, weight_bytes: int, cmp: Comparison, gate: QualityGateConfig
     return CandidateVerdict(name, weight_bytes, tuple(rules), gate.inconclusive == "pass")
 
 
+def judge_economics(verdict: CandidateVerdict, e: Economics | None, gate: QualityGateConfig) -> CandidateVerdict:
+    """The verdict with the gate's economics rules added (none configured: unchanged) and its
+    cost key set. A candidate whose speed was not measured fails each rule as not measured."""
+    priced = e is not None and e.cost is not None and not e.simulated
+    cost_key = (e.cost.per_million_tokens.value if priced else 1 / e.tokens_per_s_under_load.value
+                if e is not None and not e.simulated and e.tokens_per_s_under_load else None)
+    rules = [*verdict.rules]
+    measured = e is not None and not e.simulated and e.throughput is not None
+    why = "" if measured else f" (not measured: {_unmeasured(e)})"
+    ratios = e.vs_baseline if measured else None
+    if gate.min_decode_speedup is not None:
+        what = f"decode speedup >= {gate.min_decode_speedup}"
+        rules.append(at_least(RuleKind.DECODE_SPEEDUP, what, ratios.decode.value, ratios.decode.ci,
+                              gate.min_decode_speedup) if ratios else failing(RuleKind.DECODE_SPEEDUP, what + why))
+    if gate.max_peak_rss_mb is not None:
+        what = f"peak RSS <= {gate.max_peak_rss_mb} MB"
+        rules.append(at_most_estimate(RuleKind.PEAK_RSS, what, e.peak_rss_bytes, gate.max_peak_rss_mb, 1e6)
+                     if measured and e.peak_rss_bytes else failing(RuleKind.PEAK_RSS, what + (why or " (not seen)")))
+    if gate.max_p99_latency_s is not None:
+        what = f"p99 latency <= {gate.max_p99_latency_s} s"
+        rules.append(at_most_estimate(RuleKind.P99_LATENCY, what, e.throughput.latency_s["p99"], gate.max_p99_latency_s)
+                     if measured else failing(RuleKind.P99_LATENCY, what + why))
+    if gate.max_cost_per_1m_tokens is not None:
+        what = f"cost per 1M tokens <= {gate.max_cost_per_1m_tokens}"
+        rules.append(at_most_estimate(RuleKind.COST, what, e.cost.per_million_tokens, gate.max_cost_per_1m_tokens)
+                     if measured and e.cost else failing(RuleKind.COST, what + (why or " (not priced)")))
+    return dataclasses.replace(verdict, rules=tuple(rules), cost_key=cost_key)
+
+
+def _unmeasured(e: Economics | None) -> str:
+    if e is None or not e.simulated:
+        return "the serving engine did not run its economics"
+    return "fake quantization keeps float32 weights, so it is not faster; serve it on an engine with integer kernels"
+
+
 def check_tasks(gate: QualityGateConfig, tasks: dict[str, int]) -> None:
     """Every task a rule names must be in the eval set (checked before any model work)."""
     for key, table in (("task_floors", gate.task_floors), ("absolute_floors", gate.absolute_floors)):
@@ -157,25 +210,47 @@ def _own_interval(t: TaskComparison, confidence: float) -> tuple[float, float]:
     return stats.wilson_interval(round(t.cand * t.n), t.n, confidence)
 
 
-def decide(verdicts: list[CandidateVerdict], *, eval_items: int, min_items: int, ladder: bool = False) -> Decision:
-    """Recommend the passing candidate with the fewest weight bytes (the most compressed) — but
+def decide(verdicts: list[CandidateVerdict], *, eval_items: int, min_items: int, ladder: bool = False,
+           cheapest: bool = False) -> Decision:
+    """Recommend the passing candidate with the fewest weight bytes (the most compressed), or
+    with cheapest=True (the gate has economics rules) the one that costs least to serve — but
     only on an eval set large enough to say so. ladder=True: the verdicts are rungs in order of
-    aggressiveness, measured until the first that failed; recommend the last that passed."""
+    aggressiveness, measured until the first that failed; recommend the last that passed. The
+    baseline itself (an A/A check) is never recommended."""
     if eval_items < min_items:
         what = "no eval items" if eval_items == 0 else f"only {eval_items} eval items"
         return Decision(tuple(verdicts), None,
                         f"{what} (quality_gate.min_items is {min_items}): measured, but no candidate "
                         "can be called shippable without an eval set")
-    passing = [v for v in verdicts if v.passed]
+    shippable = [v for v in verdicts if v.shippable]
+    passing = [v for v in shippable if v.passed]
     if ladder:
-        broke = next((v.name for v in verdicts if not v.passed), None)
+        broke = next((v.name for v in shippable if not v.passed), None)
         where = f"the ladder broke at {broke}" if broke else "every rung held"
         if not passing:
             return Decision(tuple(verdicts), None, f"{where}, the first rung: no candidate holds the gate")
         return Decision(tuple(verdicts), passing[-1].name, f"the last rung that holds every rule; {where}")
     if not passing:
-        return Decision(tuple(verdicts), None, "no candidate holds every rule of the quality gate")
-    best = min(passing, key=lambda v: (v.weight_bytes, v.name))
-    reason = (f"the smallest of {len(passing)} candidates that hold every rule" if len(passing) > 1
+        return Decision(tuple(verdicts), None, "no candidate holds every rule of the gate: " + why_none(shippable))
+    costed = [v for v in passing if v.cost_key is not None]
+    if cheapest and costed:
+        best = min(costed, key=lambda v: (v.cost_key, v.weight_bytes, v.name))
+        what = "cheapest to serve"
+    else:
+        best = min(passing, key=lambda v: (v.weight_bytes, v.name))
+        what = "smallest"
+    reason = (f"the {what} of {len(passing)} candidates that hold every rule" if len(passing) > 1
               else "the only candidate that holds every rule")
     return Decision(tuple(verdicts), best.name, reason)
+
+
+def why_none(verdicts: list[CandidateVerdict]) -> str:
+    """Which rules kept the candidates out: "rule (a, b); rule (c)", most common first."""
+    if not verdicts:
+        return "no candidate was measured"
+    names: dict[str, list[str]] = {}
+    for v in verdicts:
+        for r in v.failed_rules:
+            names.setdefault(r.rule, []).append(v.name)
+    ranked = sorted(names.items(), key=lambda kv: -len(kv[1]))
+    return "; ".join(f"{rule} fails for {', '.join(who)}" for rule, who in ranked)

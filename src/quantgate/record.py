@@ -30,7 +30,7 @@ from quantgate.methods.registry import upgrade_candidate
 if TYPE_CHECKING:
     from quantgate.run import RunResult
 
-SCHEMA_VERSION = 1  # results.json without a schema_version is version 0
+SCHEMA_VERSION = 2  # results.json without a schema_version is version 0
 OVERALL = "overall"  # the pooled task of a comparison (quantgate.evals.metrics.OVERALL)
 
 
@@ -107,6 +107,7 @@ class EconomicsSettings(Record):
     hardware_cost_per_hour: Num
     tokens_per_month: Num
     min_monthly_saving: Num
+    rounds: int | None = None  # interleaved rounds (None in version-1 records: one)
 
     @property
     def priced(self) -> bool:
@@ -122,33 +123,56 @@ class GateSettings(Record):
     task_floors: dict[str, float] | None  # task -> its recovery floor
 
 
-# ---- economics -------------------------------------------------------------------------------
+# ---- economics ---------------------------------------------------------------------------------
+# Measured in interleaved rounds (economics.py): speeds and latencies are medians / percentiles over
+# every request of every round with bootstrap intervals (`*_ci`); ratios to the baseline are paired.
+# Version-1 records hold one round's pooled numbers and no intervals (the `*_ci` fields are None).
+
+class Ratio(Record):
+    """A candidate's figure over the baseline's, paired, with its interval."""
+
+    value: Num
+    ci: Interval
+
+
+class SpeedRatios(Record):
+    decode: Ratio  # > 1: faster
+    prefill: Ratio
+    latency_s: dict[str, Ratio]  # p50 / p95 / p99; < 1: quicker
+    peak_rss: Ratio | None  # < 1: smaller
+    under_load: Ratio | None  # tokens/s at the largest batch size; > 1: cheaper
+
 
 class LoadLevel(Record):
     batch_size: int
     batched: bool  # False: requests queued one at a time
     latency_s: dict[str, Num] | None  # p50 / p95 / p99
-    tokens_per_s: Num
+    tokens_per_s: Num  # median over rounds
     # a server's levels: time to first text (p50 / p95 / p99), requests sent, their rate, tokens made
     ttft_s: dict[str, Num] | None = None
     requests: int | None = None
-    requests_per_s: Num = None
-    new_tokens: int | None = None
+    requests_per_s: Num = None  # (version-1 records)
+    new_tokens: int | None = None  # (version-1 records)
+    tokens_per_s_ci: Interval = None
+    latency_s_ci: dict[str, Interval] | None = None
+    vs_baseline: Ratio | None = None  # tokens/s over the baseline's at this batch size
 
 
 class Cost(Record):
     per_million_tokens: Num
     monthly: Num
     monthly_saving: Num
-    worth_it: bool | None  # None for the baseline itself
+    worth_it: bool | None  # None for the baseline itself, or when the saving's interval straddles the bar
     note: str
+    per_million_tokens_ci: Interval = None
+    monthly_saving_ci: Interval = None
 
 
 class Economics(Record):
     engine: str
     simulated: bool  # fake quantization: only the quality is real
     artifact_bytes: int | None
-    peak_rss_bytes: int | None
+    peak_rss_bytes: int | None  # median over rounds
     prefill_tokens_per_s: Num
     decode_tokens_per_s: Num
     decode_tokens_per_s_range: Interval  # slowest and fastest single request
@@ -156,11 +180,33 @@ class Economics(Record):
     roofline_fraction: Num
     load: tuple[LoadLevel, ...]
     cost: Cost | None
+    prefill_tokens_per_s_ci: Interval = None
+    decode_tokens_per_s_ci: Interval = None
+    latency_s_ci: dict[str, Interval] | None = None
+    peak_rss_bytes_ci: Interval = None
+    vs_baseline: SpeedRatios | None = None  # None for the baseline and for what was not measured
+    rounds: int | None = None
+    requests: int | None = None  # requests measured at batch 1: rounds x the mix
 
     @property
     def measured_speed(self) -> float | None:
         """Decode tokens/s when measured on a real kernel (None when simulated)."""
         return None if self.simulated else self.decode_tokens_per_s
+
+
+class Conditions(Record):
+    """What speed was measured on and beside (economics.Conditions)."""
+
+    threads: int | None  # threads each engine served with (None: a server's own)
+    cores: int  # cores this process could use
+    cpu: str
+    load_before: tuple[Num, ...]  # 1 / 5 / 15-minute load average before the economics stage
+    load_during: tuple[Num, ...]  # 1-minute load average after each round
+    rounds: int
+
+    @property
+    def peak_load(self) -> float:
+        return max(v for v in (*self.load_before[:1], *self.load_during) if v is not None)
 
 
 class Artifact(Record):
@@ -290,6 +336,7 @@ class CandidateRecord(ModelRecord):
     vs_baseline: Comparison
     gate: Gate
     flipped_items: tuple[FlippedItem, ...]
+    aa_check: bool  # the baseline itself served again (method none): measured, never recommended
 
 
 class FailedCandidate(Record):
@@ -322,6 +369,7 @@ class RunRecord(Record):
     noise_floor: NoiseFloor | None
     notes: tuple[str, ...]
     machine: Machine
+    conditions: Conditions | None  # None: no speed measured (or a version-1 record)
     economics_config: EconomicsSettings | None
     quality_gate: GateSettings
     seed: int | None
@@ -430,7 +478,22 @@ def upgrade(data: dict[str, Any], where: str = "results") -> dict[str, Any]:
         raise UserError(f"{where}: missing key '{missing[0]}' (not a quantgate results file?)")
     if version == 0:
         data = _from_v0(data)
+    if version <= 1:
+        data = _from_v1(data)
     return data
+
+
+def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2: economics measured once, without rounds: no measuring conditions, and no
+    candidate was an A/A check (method none did not exist); the config says so (upgrade_config:
+    economics.rounds 1)."""
+    out = {**data, "schema_version": 2, "conditions": None}
+    if isinstance(out.get("config"), dict) and out["config"]:
+        out["config"] = upgrade_config(out["config"])
+        out["config_digest"] = _digest(out["config"])
+    if isinstance(out["candidates"], list):
+        out["candidates"] = [{"aa_check": False, **c} if isinstance(c, dict) else c for c in out["candidates"]]
+    return out
 
 
 def _from_v0(data: dict[str, Any]) -> dict[str, Any]:
@@ -440,7 +503,7 @@ def _from_v0(data: dict[str, Any]) -> dict[str, Any]:
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     gate = config.get("quality_gate") if isinstance(config.get("quality_gate"), dict) else {}
     out = {"calibration": None, "noise_floor": None, "notes": [], "machine": {}, "economics_config": None,
-           "failed_candidates": [], "strategy": "all", "ladder": None, **data, "schema_version": SCHEMA_VERSION}
+           "failed_candidates": [], "strategy": "all", "ladder": None, **data, "schema_version": 1}
     out["quality_gate"] = {k: gate.get(k) for k in GateSettings.model_fields}
     out["seed"] = config.get("seed")
     out["machine"] = {"memory_bandwidth_bytes_per_s": None, **(out["machine"] or {})}

@@ -1,10 +1,12 @@
-"""One run: config -> baseline -> candidates -> scores -> comparisons -> gate decision.
+"""One run: config -> baseline -> candidates -> scores -> comparisons -> economics -> gate decision.
 
-Two stages, each returning plain data: `prepare_inputs` (every input read and checked, the eval
-suite tokenized once, before any model work) and `measure` (the baseline and each candidate on
-the serving engine's backend, compared and judged). `execute` is both. The CLI, the drift check,
-export and verify call these rather than re-implementing them. Nothing here names an engine or a
-method: each is a registry entry (engines/registry.py, methods/registry.py).
+Stages, each returning plain data: `prepare_inputs` (every input read and checked, the eval suite
+tokenized once, before any model work) and `measure`: quality (the baseline and each candidate on
+the serving engine's backend, scored and compared), then economics (every served model measured in
+interleaved rounds, which needs them all: `measure_economics`), then the gate. `execute` is both.
+The CLI, the drift check, export and verify call these rather than re-implementing them. Nothing
+here names an engine or a method: each is a registry entry (engines/registry.py,
+methods/registry.py).
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ from sqlalchemy.engine import Engine as Store
 
 import quantgate
 from quantgate.config import MethodConfig, RunConfig, check_supported
-from quantgate.economics import Economics, cost_at_volume, memory_bandwidth
+from quantgate import economics as econ_stage
+from quantgate.economics import Conditions, Economics, Estimate, Opener, cost_at_volume, memory_bandwidth
 from quantgate.engines import registry as backends
 from quantgate.engines.process import EngineCrashed
 from quantgate.engines.registry import Backend, Progress, RunContext, Served
 from quantgate.evals.datasets import EvalSuite, load_suite
 from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
 from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_divergence, prepare, with_response_windows
-from quantgate.gate import CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge
+from quantgate.gate import (
+    CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge, judge_economics,
+)
 from quantgate.methods.calibrate import CalibrationSet, calibration_set
 from quantgate.models.load import Baseline, load_baseline
 from quantgate.resume import StoreCache, data_digest, settings_digest
@@ -98,6 +103,7 @@ class RunResult:
     failed: list[FailedCandidate] = field(default_factory=list)  # candidates whose engine crashed
     memory_bandwidth: float | None = None  # bytes/s, measured when an engine's speed is
     notes: list[str] = field(default_factory=list)  # what the run could not do, and why
+    conditions: Conditions | None = None  # what speed was measured on and beside (None: not measured)
 
     @property
     def exit_code(self) -> int:
@@ -165,7 +171,8 @@ def execute(cfg: RunConfig, progress: Progress = _no_progress, workdir: Path | N
 def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | None = None,
             store: Store | None = None, resume: bool = False, *, started: datetime | None = None) -> RunResult:
     """Stage 2: the baseline and every candidate on the serving engine's backend, over the same
-    tokens, each compared with the baseline and judged by the gate."""
+    tokens, each compared with the baseline; then their economics in interleaved rounds; then
+    the gate."""
     started = started or datetime.now(timezone.utc)
     cfg, gate = inputs.cfg, inputs.cfg.quality_gate
     backend = backends.entry(cfg.serving.engine).load()
@@ -187,12 +194,19 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
                     break
                 continue
             results.append(result)
-            verdicts.append(_servable(judge(cand.label, result.weight_bytes, result.comparison, gate),
-                                      backend.name, result.unservable))
+            verdict = judge(cand.label, result.weight_bytes, result.comparison, gate)
+            verdicts.append(dataclasses.replace(_servable(verdict, backend.name, result.unservable),
+                                                shippable=not cand.is_baseline))
             gc.collect()
             if cfg.strategy == "ladder" and not verdicts[-1].passed:
                 break  # the rung where quality broke: the more aggressive ones are not measured
+        conditions, broke = measure_economics(backend, ctx, base, results, runner.to_measure)
         with_costs(cfg, base, results)
+    verdicts = [_economics_verdict(v, results, broke, gate) for v in verdicts]
+    if conditions is not None and (warning := conditions.warning()):
+        notes.append(warning)
+    notes += [f"{name}: its serving engine failed while its speed was measured ({error})"
+              for name, error in broke.items()]
     calib = inputs.calib
     return RunResult(
         config=cfg, started=started, finished=datetime.now(timezone.utc),
@@ -201,9 +215,67 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
         calibration=calib and {"source": calib.source, "sha256": calib.digest,
                                "samples": int(calib.windows.shape[0]), "seq_len": int(calib.windows.shape[1])},
         decision=decide(verdicts, eval_items=len(inputs.suite.items), min_items=gate.min_items,
-                        ladder=cfg.strategy == "ladder"),
+                        ladder=cfg.strategy == "ladder", cheapest=gate.economics_rules),
         environment=environment(), noise_floor=floor, failed=failed, memory_bandwidth=ctx.bandwidth, notes=notes,
+        conditions=conditions,
     )
+
+
+def _economics_verdict(verdict: CandidateVerdict, results: list[ModelResult], broke: dict[str, str],
+                       gate) -> CandidateVerdict:
+    """The verdict with the gate's economics rules, and failed when its serving engine broke."""
+    m = next((r for r in results if r.name == verdict.name), None)
+    if m is None:  # its engine crashed while it was scored
+        return verdict
+    verdict = judge_economics(verdict, m.economics, gate)
+    if m.name in broke:
+        rule = failing(RuleKind.ENGINE, f"engine served its economics rounds ({broke[m.name]})")
+        verdict = dataclasses.replace(verdict, rules=(*verdict.rules, rule))
+    return verdict
+
+
+@dataclass(frozen=True)
+class ToMeasure:
+    """A scored model as the economics stage needs it: how to open it as served (None: its speed
+    is not measured: fake quantization, an unservable candidate), what its file weighs, and the
+    bytes read per generated token (the roofline's)."""
+
+    label: str
+    opener: Opener | None
+    artifact_bytes: int | None
+    weight_bytes: int
+
+
+def measure_economics(backend: Backend, ctx: RunContext, base: ModelResult, results: list[ModelResult],
+                      models: list[ToMeasure]) -> tuple[Conditions | None, dict[str, str]]:
+    """Stage 3: every served model in interleaved rounds (economics.interleaved: baseline, A, B,
+    baseline, A, B, ...), then each model's medians and ratios to the baseline with intervals
+    (economics.summarize), set on each ModelResult. Returns the measuring conditions (None when
+    nothing was timed) and the models whose serving engine failed (label -> why)."""
+    cfg, econ = ctx.cfg, ctx.cfg.economics
+    by_label = {m.name: m for m in [base, *results]}
+    openers = {m.label: m.opener for m in models if m.opener is not None and m.label in by_label}
+    timed = econ.measure and base.name in openers
+    rounds = econ_stage.interleaved(
+        openers, rounds=econ.rounds, warm=backend.warm, prompts=ctx.bench_prompts, new_tokens=econ.new_tokens,
+        sizes=econ_stage.batch_sizes(cfg.serving.max_batch_size),
+        threads=econ_stage.serving_threads(cfg.serving.threads) if backend.uses_threads else None,
+        on_round=ctx.progress("economics", econ.rounds * len(openers))) if timed else None
+    gate = cfg.quality_gate
+    summaries = econ_stage.summarize(rounds.samples, base.name, econ_stage.Bootstrap(
+        gate.confidence, gate.bootstrap_samples, cfg.seed)) if rounds else {}
+    for m in models:
+        if m.label not in by_label:
+            continue
+        s = summaries.get(m.label)
+        simulated = econ.measure and m.opener is None
+        by_label[m.label].economics = Economics(backend.name, simulated, m.artifact_bytes, None, None, None) \
+            if s is None else Economics(
+                backend.name, False, m.artifact_bytes, s.peak_rss_bytes, s.throughput,
+                ctx.bandwidth and econ_stage.roofline_fraction(s.throughput.decode_tokens_per_s.value,
+                                                              m.weight_bytes, ctx.bandwidth),
+                s.load, None, s.vs_baseline, s.rounds)
+    return (rounds.conditions, rounds.failed) if rounds else (None, {})
 
 
 @contextmanager
@@ -233,6 +305,14 @@ class _Runner:
     store: Store | None
     resume: bool
     data_digest: str
+    to_measure: list[ToMeasure] = field(default_factory=list)  # every scored model, for the economics stage
+
+    def served(self, served: Served) -> None:
+        """Keep what the economics stage needs of a scored model (not the model: a torch
+        candidate's opener holds its weights)."""
+        measure = self.ctx.cfg.economics.measure
+        self.to_measure.append(ToMeasure(served.label, self.backend.serving(self.ctx, served) if measure else None,
+                                         self.backend.artifact_bytes(served), served.weight_bytes))
 
     def cache(self, cand: MethodConfig | None, prepared: PreparedSuite) -> StoreCache | None:
         if self.store is None:
@@ -255,8 +335,8 @@ class _Runner:
             reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
         step(1)
         metrics = model_metrics(scores, prepared, ctx.cfg.quality_gate.metric, ctx.baseline.tokenizer)
-        result = _result(served, None, metrics, scores, None, self.backend.economics(ctx, served))
-        return result, prepared, reference
+        self.served(served)
+        return _result(served, None, metrics, scores, None), prepared, reference
 
     def candidate(self, cand: MethodConfig, prepared: PreparedSuite, base: ModelResult,
                   reference: list[torch.Tensor]) -> ModelResult:
@@ -265,7 +345,7 @@ class _Runner:
             served = self.backend.resumed(ctx, cand, cache.meta())
             scores, _ = evaluate(None, prepared, reference, cache=cache, on_step=ctx.progress(cand.label, 2))
         else:
-            served = self.backend.candidate(ctx, cand)
+            served = self.backend.serve(ctx, cand)
             with served.open() as engine:
                 scores, _ = evaluate(engine, prepared, reference, cache=cache,
                                      on_step=served.step or ctx.progress(cand.label, 2))
@@ -278,40 +358,50 @@ class _Runner:
         metrics = model_metrics(scores, prepared, gate.metric, ctx.baseline.tokenizer)
         comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
                              n_boot=gate.bootstrap_samples, seed=ctx.cfg.seed)
-        economics = (self.backend.unmeasured(served, simulated=True) if served.unservable
-                     else self.backend.economics(ctx, served))
-        return _result(served, cand, metrics, scores, comparison, economics)
+        self.served(served)
+        return _result(served, cand, metrics, scores, comparison)
 
 
 def _result(served: Served, cand: MethodConfig | None, metrics: ModelMetrics, scores: ModelScores,
-            comparison: Comparison | None, economics: Economics | None) -> ModelResult:
+            comparison: Comparison | None) -> ModelResult:
+    """A scored model; its economics come from the economics stage."""
     return ModelResult(served.label, cand, served.weight_bytes, served.modules_changed, metrics, scores, comparison,
-                       served.make_seconds, economics, served.artifact, served.scheme, served.bytes_counted,
+                       served.make_seconds, None, served.artifact, served.scheme, served.bytes_counted,
                        served.unservable)
 
 
 def with_costs(cfg: RunConfig, base: ModelResult, candidates: list[ModelResult]) -> None:
-    """Cost at volume for every model whose speed was measured, against the baseline's (in
-    place). Simulated candidates run at the baseline's speed: their cost is the baseline's."""
+    """Cost at volume for every model whose speed was measured, against the baseline's, with the
+    throughput's interval carried through (in place). Simulated candidates run at the baseline's
+    speed: their cost is the baseline's."""
     econ, ref = cfg.economics, base.economics
     if econ.hardware_cost_per_hour is None or econ.tokens_per_month is None or ref is None or not ref.load:
         return
+    base_tps = ref.tokens_per_s_under_load
     for m in [base, *candidates]:
         e = m.economics
-        simulated = e is None or e.simulated
-        tps = ref.tokens_per_s_under_load if simulated else e.tokens_per_s_under_load
-        cost = cost_at_volume(tps, ref.tokens_per_s_under_load, cost_per_hour=econ.hardware_cost_per_hour,
+        simulated = e is None or e.simulated or not e.load
+        tps = base_tps if simulated else e.tokens_per_s_under_load
+        ratio = None if m is base else Estimate(1.0, (1.0, 1.0)) if simulated else _under_load(e, base_tps)
+        cost = cost_at_volume(tps, base_tps, ratio, cost_per_hour=econ.hardware_cost_per_hour,
                               tokens_per_month=econ.tokens_per_month, min_saving=econ.min_monthly_saving)
-        if m is base:
-            cost = dataclasses.replace(cost, worth_it=None, note="")  # the reference: nothing to save
-        elif m.unservable:
+        if m.unservable:
             cost = dataclasses.replace(cost, worth_it=False, note=f"not servable on {cfg.serving.engine}: "
                                        f"{m.unservable}; its quality is fake quantization's, its speed unmeasured")
-        elif simulated:
+        elif simulated and m is not base:
             cost = dataclasses.replace(cost, worth_it=False, note="simulated: fake quantization runs at the "
                                        "baseline's speed, so no saving is measured; serve it on an engine with "
                                        "integer kernels to price it")
         m.economics = dataclasses.replace(e or Economics(cfg.serving.engine, True, None, None, None, None), cost=cost)
+
+
+def _under_load(e: Economics, base_tps: Estimate) -> Estimate:
+    """The paired throughput ratio at the largest batch size; without pairs (rounds lost), the
+    ratio of medians with no interval (the saving is then "can't tell")."""
+    if e.vs_baseline is not None and e.vs_baseline.under_load is not None:
+        return e.vs_baseline.under_load
+    nan = float("nan")
+    return Estimate(e.tokens_per_s_under_load.value / base_tps.value, (nan, nan))
 
 
 def noise_floor(backend: Backend, ctx: RunContext, prepared: PreparedSuite,

@@ -28,6 +28,11 @@ class ServingConfig(Frozen):
     # The largest batch (or, for a server, the most concurrent requests) the model is served at:
     # the top of the economics load sweep (1, 2, 4, ... up to it) and the load cost is priced at.
     max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
+    # Threads an engine quantgate runs (torch, onnxruntime, llama.cpp) serves with while its speed
+    # is measured. None: the cores idle when the economics stage starts (cores this process may
+    # use less the 1-minute load average, at least 1; economics.serving_threads). A server sets
+    # its own.
+    threads: int | None = Field(None, ge=1, le=1024)
     # A server: requests in flight at once while the eval set is scored.
     max_concurrency: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
     # A server: its API root as the OpenAI SDK takes it (e.g. http://host:8000/v1), the served

@@ -23,17 +23,17 @@ from quantgate.errors import NothingHappened, UserError
 if TYPE_CHECKING:
     import torch
 
-    from quantgate.economics import Economics
     from quantgate.methods.registry import MethodConfig
 
 
 class LlamaCppEngine:
     name = "llamacpp"
 
-    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, threads: int | None = None, n_batch: int = 512,
                  logits_all: bool = True):
         """logits_all=False is the serving configuration: only the last position's logits are
-        kept (generation works, scoring does not), and no [n_ctx, vocab] buffers are allocated."""
+        kept (generation works, scoring does not), and no [n_ctx, vocab] buffers are allocated.
+        threads=None: every core this process may run on."""
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -43,7 +43,7 @@ class LlamaCppEngine:
             raise UserError(f"{path}: GGUF file not found")
         try:
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, logits_all=logits_all,
-                             n_threads=n_threads or len(os.sched_getaffinity(0)), verbose=False, seed=0)
+                             n_threads=threads or len(os.sched_getaffinity(0)), verbose=False, seed=0)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"{path}: llama.cpp cannot load this GGUF file: {e}") from None
         self.timing = Timing()
@@ -120,10 +120,10 @@ class LlamaCppBackend(Backend):
                       opener=lambda: EngineProcess(self.name, label=label, log=ctx.log(label), path=str(path),
                                                    n_ctx=_context_length(ctx)), **made)
 
-    def baseline(self, ctx: RunContext) -> Served:
+    def baseline(self, ctx: RunContext, label: str = "baseline") -> Served:
         from quantgate.methods.gguf_quant import float_gguf
 
-        return self._served(ctx, "baseline", float_gguf(ctx.baseline), "GGUF F32")
+        return self._served(ctx, label, float_gguf(ctx.baseline), "GGUF F32")
 
     def candidate(self, ctx: RunContext, cand: MethodConfig) -> Served:
         """llama.cpp's quantizer makes the file from the F32 GGUF (an importance matrix from the
@@ -144,11 +144,10 @@ class LlamaCppBackend(Backend):
         (name,) = [f for f in files if f.endswith(".gguf")]
         return self._served(ctx, label, directory / name, f"GGUF {scheme.get('gguf_type', '')}".strip())
 
-    def economics(self, ctx: RunContext, served: Served) -> Economics:
+    def serving_options(self, ctx: RunContext, served: Served) -> dict[str, Any]:
         """Serving configuration: only the last position's logits, a context of one request."""
         econ = ctx.cfg.economics
-        return self.measured_in_process(ctx, served, n_ctx=econ.prompt_tokens + econ.new_tokens + 1,
-                                        logits_all=False)
+        return {"n_ctx": econ.prompt_tokens + econ.new_tokens + 1, "logits_all": False}
 
     def noise_reference(self, ctx: RunContext) -> tuple[Engine, str]:
         """PyTorch float32 over the same weights: conversion and kernels."""

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     import torch
 
     from quantgate.config import RunConfig
-    from quantgate.economics import Economics
     from quantgate.evals.tasks import PreparedSuite
     from quantgate.methods.registry import MethodConfig
     from quantgate.methods.rtn import QuantizedWeight
@@ -203,6 +202,8 @@ def _nearest_block(group_size: int) -> int:
 
 def unservable(cand: MethodConfig) -> str | None:
     """Why ORT cannot serve `cand` as evaluated (naming the nearest scheme it can), or None."""
+    if cand.is_baseline:  # the baseline's own graph (the A/A check)
+        return None
     q = cand.quantizer
     if q is None:
         return f"{cand.scheme}: only quantized candidates are served on onnxruntime (rtn, gptq, awq)"
@@ -504,8 +505,8 @@ class OnnxRuntimeBackend(Backend):
                  for c in ctx.cfg.resolved_candidates if (why := unservable(c)) is not None]
         return prepared, notes
 
-    def baseline(self, ctx: RunContext) -> Served:
-        return self._served(ctx, "baseline", float_graph(ctx.baseline, ctx.log("onnx-builder")), "ONNX fp32")
+    def baseline(self, ctx: RunContext, label: str = "baseline") -> Served:
+        return self._served(ctx, label, float_graph(ctx.baseline, ctx.log("onnx-builder")), "ONNX fp32")
 
     def candidate(self, ctx: RunContext, cand: MethodConfig) -> Served:
         """The candidate made as on torch (methods/apply.py), its exact codes recovered from the
@@ -526,14 +527,14 @@ class OnnxRuntimeBackend(Backend):
         return self._served(ctx, cand.label, folder, scheme, modules_changed=made.modules_changed,
                             make_seconds=time.perf_counter() - t0, step=step)
 
-    def unmeasured(self, served: Served, simulated: bool = False) -> Economics:
-        from quantgate.economics import Economics
+    def resumed(self, ctx: RunContext, cand: MethodConfig, meta: Mapping[str, Any]) -> Served:
+        """As stored; it serves from its graph's folder (the artifact is the graph file in it)."""
+        served = super().resumed(ctx, cand, meta)
+        served.serves_from = served.artifact.parent if served.artifact is not None else None
+        return served
 
-        size = graph_bytes(served.serves_from) if served.serves_from is not None else None
-        return Economics(self.name, simulated, size, None, None, None)
-
-    def economics(self, ctx: RunContext, served: Served) -> Economics:
-        return self.measured_in_process(ctx, served)
+    def artifact_bytes(self, served: Served) -> int | None:
+        return graph_bytes(served.serves_from) if served.serves_from is not None else None
 
     def noise_reference(self, ctx: RunContext) -> tuple[Engine, str]:
         """PyTorch float32 over the same weights: graph conversion and kernels."""

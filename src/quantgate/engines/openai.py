@@ -33,6 +33,7 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ import httpx
 import numpy as np
 import torch
 
-from quantgate.economics import LoadLevel, batch_sizes, percentiles
+from quantgate.economics import LoadSample, RoundSample
 from quantgate.engines import http
 from quantgate.engines.base import Engine, Request, Timing, stop_after
 from quantgate.engines.registry import Backend, RunContext, Served, ready
@@ -48,7 +49,7 @@ from quantgate.engines.topk import kld_topk, fill_row
 from quantgate.errors import UserError
 
 if TYPE_CHECKING:
-    from quantgate.economics import Economics
+    from quantgate.economics import Opener
     from quantgate.evals.tasks import PreparedSuite
     from quantgate.methods.registry import MethodConfig
 
@@ -448,11 +449,12 @@ def _streamed_tokens(result: http.StreamResult) -> int:
 
 
 def measure_load(engine: OpenAIEngine, prompts: Sequence[Sequence[int]], new_tokens: int,
-                 max_batch_size: int, rounds: int = 2) -> list[LoadLevel]:
-    """At each concurrency level c (concurrency_levels), send max(len(prompts), rounds * c)
-    streamed greedy requests (prompts in turn) with at most c in flight; measure each request's
-    latency and time to first text, and the level's throughput. One unmeasured request first
-    warms the server up. Plain data, one per level."""
+                 sizes: Sequence[int], per_slot: int = 2) -> list[tuple[LoadSample, list[http.StreamResult]]]:
+    """At each concurrency level c of `sizes`, send max(len(prompts), per_slot * c) streamed
+    greedy requests (prompts in turn) with at most c in flight; measure each request's latency
+    and time to first text, and the tokens generated (the server's usage count, else streamed
+    events). One unmeasured request first warms the server up. Each level's LoadSample, with
+    its requests' stream results."""
     url = f"{engine.url}/completions"
 
     async def send(payloads: list[dict[str, Any]], c: int) -> tuple[list[http.StreamResult], float]:
@@ -464,16 +466,34 @@ def measure_load(engine: OpenAIEngine, prompts: Sequence[Sequence[int]], new_tok
 
     asyncio.run(send([engine.stream_payload(prompts[0], new_tokens)], 1))
     levels = []
-    for c in batch_sizes(max_batch_size):
-        batch = [prompts[i % len(prompts)] for i in range(max(len(prompts), rounds * c))]
+    for c in sizes:
+        batch = [prompts[i % len(prompts)] for i in range(max(len(prompts), per_slot * c))]
         results, wall = asyncio.run(send([engine.stream_payload(p, new_tokens) for p in batch], c))
-        tokens = sum(_streamed_tokens(r) for r in results)
-        levels.append(LoadLevel(
-            batch_size=c, batched=True, requests=len(results), latency_s=percentiles([r.total_s for r in results]),
-            ttft_s=percentiles([r.first_event_s for r in results]), tokens_per_s=tokens / wall,
-            requests_per_s=len(results) / wall, new_tokens=tokens,
-        ))
+        level = LoadSample(c, True, tuple(r.total_s for r in results), sum(_streamed_tokens(r) for r in results),
+                           wall, ttft_s=tuple(r.first_event_s for r in results))
+        levels.append((level, results))
     return levels
+
+
+@dataclass
+class ServerMeter:
+    """A server as served (economics.Serving): each round streams the load sweep, and the
+    requests at concurrency 1 are the round's batch-1 requests (time to first text as prefill).
+    Its memory is the server's own, not seen from here."""
+
+    engine: OpenAIEngine
+
+    def measure_round(self, prompts: Sequence[Sequence[int]], new_tokens: int, sizes: Sequence[int]) -> RoundSample:
+        levels = measure_load(self.engine, prompts, new_tokens, sizes)
+        singles = next(results for level, results in levels if level.batch_size == 1)
+        ids = [prompts[i % len(prompts)] for i in range(len(singles))]
+        return RoundSample(tuple(map(len, ids)), tuple(r.first_event_s for r in singles),
+                           tuple(r.total_s - r.first_event_s for r in singles),
+                           tuple(max(_streamed_tokens(r) - 1, 0) for r in singles),
+                           tuple(r.total_s for r in singles), tuple(level for level, _ in levels))
+
+    def peak_rss_bytes(self) -> None:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +502,8 @@ def measure_load(engine: OpenAIEngine, prompts: Sequence[Sequence[int]], new_tok
 
 
 class OpenAIBackend(Backend):
+    warm = True  # someone else's server: up before the run and after it
+    uses_threads = False
     def _engine(self, ctx: RunContext, serving: Any) -> OpenAIEngine:
         return OpenAIEngine.from_config(serving, ctx.baseline.tokenizer, vocab_size=ctx.baseline.model.config.vocab_size)
 
@@ -499,9 +521,9 @@ class OpenAIBackend(Backend):
         return prepared, [f"refused: {', '.join(refused) or 'perplexity/KLD windows'} (they need prompt "
                           f"log-probabilities): {problems[0]}; only the generation tasks ran"]
 
-    def baseline(self, ctx: RunContext) -> Served:
+    def baseline(self, ctx: RunContext, label: str = "baseline") -> Served:
         bits = 16
-        return Served("baseline", _declared_bytes(ctx, bits), f"assumed: parameters × {bits} bits (the baseline "
+        return Served(label, _declared_bytes(ctx, bits), f"assumed: parameters × {bits} bits (the baseline "
                       "server's weights are not seen)", f"served, assumed {bits}-bit",
                       opener=lambda: ready(self._engine(ctx, ctx.cfg.serving)))
 
@@ -512,22 +534,15 @@ class OpenAIBackend(Backend):
     def resumed(self, ctx: RunContext, cand: MethodConfig, meta: Mapping[str, Any]) -> Served:
         return dataclasses.replace(super().resumed(ctx, cand, meta), opener=lambda: ready(self._engine(ctx, cand.serving)))
 
-    def economics(self, ctx: RunContext, served: Served) -> Economics:
-        """Latency, time to first token and throughput at each concurrency up to
-        serving.max_batch_size, streamed; concurrency 1 gives the single-request numbers."""
-        from quantgate.economics import Economics, Throughput
+    def serving(self, ctx: RunContext, served: Served) -> Opener:
+        """The server, streamed at each concurrency up to serving.max_batch_size; concurrency 1
+        gives the single-request numbers."""
+        @contextmanager
+        def meter(threads: int | None) -> Iterator[ServerMeter]:  # (a server runs with its own threads)
+            with served.open() as engine:
+                yield ServerMeter(engine)
 
-        econ = ctx.cfg.economics
-        if not econ.measure:
-            return self.unmeasured(served)
-        with served.open() as engine:
-            levels = measure_load(engine, ctx.bench_prompts, econ.new_tokens, ctx.cfg.serving.max_batch_size)
-        one = levels[0]
-        prompt_tokens = sum(map(len, ctx.bench_prompts)) / len(ctx.bench_prompts)
-        throughput = Throughput(prefill_tokens_per_s=prompt_tokens / one.ttft_s["p50"],
-                                decode_tokens_per_s=one.tokens_per_s, latency_s=one.latency_s,
-                                new_tokens=one.new_tokens)
-        return Economics(self.name, False, None, None, throughput, None, tuple(levels))
+        return meter
 
     def noise_reference(self, ctx: RunContext) -> tuple[Engine, str]:
         from quantgate.engines.torch import TorchEngine

@@ -39,6 +39,8 @@ from quantgate.errors import NothingHappened, UserError
 if TYPE_CHECKING:
     import torch
 
+    from quantgate.economics import RoundSample
+
 _ERRORS = {"UserError": UserError, "NothingHappened": NothingHappened}
 
 
@@ -95,9 +97,9 @@ def _rss_bytes(field: str = "VmRSS") -> int:
 
 
 class EngineProcess:
-    """An Engine whose work happens in a child process. `measure` runs the economics probe
-    there too (timed inside the child, so the pipe is not in the numbers); `close` returns the
-    child's peak resident memory and its own timings."""
+    """An Engine whose work happens in a child process. `measure_round` runs the economics probe
+    there too (timed inside the child, so the pipe is not in the numbers; economics.Serving);
+    `close` returns the child's peak resident memory and its own timings."""
 
     def __init__(self, kind: str, *, label: str, log: Path, **options: Any):
         self.name = kind
@@ -158,13 +160,19 @@ class EngineProcess:
                                   "max_new_tokens": max_new_tokens, "stop_ids": list(stop_ids)})
         return head["result"]
 
-    def measure(self, prompts: Sequence[Sequence[int]], new_tokens: int,
-                max_batch_size: int = 1) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """economics.measure and economics.load_levels (batch sizes up to max_batch_size), run
-        inside the child: a Throughput and LoadLevels, as dicts."""
+    def measure_round(self, prompts: Sequence[Sequence[int]], new_tokens: int,
+                      sizes: Sequence[int] = (1,)) -> RoundSample:
+        """One round of economics.measure_round (the batch-1 request mix, then the load sweep over
+        `sizes`), run inside the child: timed there, so the pipe is not in the numbers."""
+        from quantgate.economics import RoundSample
+
         head, _ = self._call({"op": "measure", "prompts": [list(p) for p in prompts], "new_tokens": new_tokens,
-                              "max_batch_size": max_batch_size})
-        return head["result"], head["load"]
+                              "sizes": list(sizes)})
+        return RoundSample(**head["result"])
+
+    def peak_rss_bytes(self) -> int:
+        """The child's peak resident memory so far (VmHWM)."""
+        return self._call({"op": "rss"})[0]["result"]
 
     def close(self) -> dict[str, Any]:
         """End the child; its peak RSS (bytes), RSS before the model was loaded, engine timings."""
@@ -215,11 +223,11 @@ def _handle(engine: Any, head: dict[str, Any]) -> tuple[dict[str, Any], list[np.
     if op == "generate":
         return {"result": engine.generate(head["prompts"], head["max_new_tokens"], head["stop_ids"])}, []
     if op == "measure":
-        from quantgate.economics import batch_sizes, load_levels, measure
+        from quantgate.economics import measure_round
 
-        single = asdict(measure(engine, head["prompts"], head["new_tokens"]))
-        levels = load_levels(engine, head["prompts"], head["new_tokens"], batch_sizes(head["max_batch_size"]))
-        return {"result": single, "load": [asdict(level) for level in levels]}, []
+        return {"result": asdict(measure_round(engine, head["prompts"], head["new_tokens"], head["sizes"]))}, []
+    if op == "rss":
+        return {"result": _rss_bytes("VmHWM")}, []
     raise ValueError(f"unknown operation {op!r}")
 
 

@@ -4,8 +4,9 @@ An entry (BackendEntry) is cheap data read at config time: which method artifact
 ("model", "gguf", "served": see methods/registry.py), what must be installed, its config-time
 checks, and where its two halves live:
   - `backend`: a Backend subclass ("module:Class") that turns the baseline and each candidate
-    into something it serves (a Served), opens it for scoring, measures its economics and names
-    its noise-floor reference. run.py drives every engine through it and never names one;
+    into something it serves (a Served), opens it for scoring, says how to open it as served for
+    the economics stage (`serving`, `warm`) and names its noise-floor reference. run.py drives
+    every engine through it and never names one;
   - `process`: the engine class (or factory) an engine process (engines/process.py) constructs
     in its child, when the engine runs in a process of its own.
 
@@ -20,13 +21,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from quantgate.errors import NotSupportedYet, UserError
 
 if TYPE_CHECKING:
     from quantgate.config import RunConfig
-    from quantgate.economics import Economics
+    from quantgate.economics import Opener
     from quantgate.engines.base import Engine
     from quantgate.evals.tasks import PreparedSuite
     from quantgate.methods.calibrate import CalibrationSet
@@ -90,8 +91,16 @@ def ready(engine: Engine) -> Iterator[Engine]:
 
 
 class Backend:
-    """One engine's part of a run. Subclasses implement baseline, candidate, economics and
-    noise_reference; the rest has defaults."""
+    """One engine's part of a run. Subclasses implement baseline, candidate and noise_reference;
+    the rest has defaults (engines that run in an engine process over a file or folder measure
+    speed there, a fresh process each round)."""
+
+    # The economics stage keeps one serving engine per model open across its rounds (True: a
+    # server that is up anyway) or opens a fresh one for every round (False: an engine process,
+    # whose start, memory placement and threads are then part of every round's noise).
+    warm: ClassVar[bool] = False
+    # Whether this engine runs with serving.threads threads (False: a server sets its own).
+    uses_threads: ClassVar[bool] = True
 
     def __init__(self, entry: BackendEntry):
         self.entry = entry
@@ -104,7 +113,17 @@ class Backend:
         """The suite this engine can score, and notes on what it had to leave out."""
         return prepared, []
 
-    def baseline(self, ctx: RunContext) -> Served:
+    def serve(self, ctx: RunContext, cand: MethodConfig) -> Served:
+        """The candidate as this engine serves it: the baseline itself, served again under the
+        candidate's label, when the method is the A/A check (MethodConfig.is_baseline); else
+        made by `candidate`."""
+        if cand.is_baseline:
+            served = self.baseline(ctx, cand.label)
+            served.scheme = cand.scheme
+            return served
+        return self.candidate(ctx, cand)
+
+    def baseline(self, ctx: RunContext, label: str = "baseline") -> Served:
         raise NotImplementedError
 
     def candidate(self, ctx: RunContext, cand: MethodConfig) -> Served:
@@ -132,42 +151,32 @@ class Backend:
         `quantgate verify` re-measures. Only engines whose entry lists export formats have it."""
         raise NotImplementedError
 
-    def economics(self, ctx: RunContext, served: Served) -> Economics | None:
-        raise NotImplementedError
-
     def noise_reference(self, ctx: RunContext) -> tuple[Engine, str]:
         """A second path over the baseline (engine, its description): the floor under which
         differences are the engines', not the compression's."""
         raise NotImplementedError
 
-    def unmeasured(self, served: Served, simulated: bool = False) -> Economics:
-        """Economics with nothing timed (economics.measure is off, or the model is simulated)."""
-        from quantgate.economics import Economics
-
-        size = served.artifact.stat().st_size if served.artifact and served.artifact.is_file() else None
-        return Economics(self.name, simulated, size, None, None, None)
-
-    def measured_in_process(self, ctx: RunContext, served: Served, **options: Any) -> Economics:
-        """Speed and memory as served: a fresh engine process of this backend's kind over
-        served.serves_from, in its serving configuration (`options`), runs the fixed request mix
-        at batch 1 and at each batch size up to serving.max_batch_size and reports its own peak
-        resident memory. served.weight_bytes: the bytes read per generated token (roofline)."""
-        from quantgate.economics import Economics, LoadLevel, Throughput, roofline_fraction
+    def serving(self, ctx: RunContext, served: Served) -> Opener | None:
+        """How the economics stage opens an engine over `served` as it is served, for one round
+        or (warm) for all: by default a fresh engine process of this backend's kind over
+        served.serves_from in its serving configuration (`serving_options`), with the threads
+        the stage chose. None: this model's speed is not measured (fake quantization, an
+        unservable candidate, nothing to serve from)."""
         from quantgate.engines.process import EngineProcess
 
-        econ = ctx.cfg.economics
-        if not econ.measure or served.serves_from is None:
-            return self.unmeasured(served)
-        label = f"{served.label}-serving"
-        with EngineProcess(self.name, label=label, log=ctx.log(label), path=str(served.serves_from),
-                           **options) as engine:
-            single, load = engine.measure(ctx.bench_prompts, econ.new_tokens, ctx.cfg.serving.max_batch_size)
-            stats = engine.close()
-        throughput = Throughput(**single)
-        roofline = ctx.bandwidth and roofline_fraction(throughput.decode_tokens_per_s, served.weight_bytes,
-                                                       ctx.bandwidth)
-        return Economics(self.name, False, self.unmeasured(served).artifact_bytes, stats["peak_rss_bytes"],
-                         throughput, roofline, tuple(LoadLevel(**level) for level in load))
+        if served.serves_from is None or served.unservable:
+            return None
+        label, path, options = f"{served.label}-serving", str(served.serves_from), self.serving_options(ctx, served)
+        return lambda threads: EngineProcess(self.name, label=label, log=ctx.log(label), path=path, threads=threads,
+                                             **options)
+
+    def serving_options(self, ctx: RunContext, served: Served) -> dict[str, Any]:
+        """The engine's keyword options when it serves (rather than scores)."""
+        return {}
+
+    def artifact_bytes(self, served: Served) -> int | None:
+        """Bytes of what the engine loads (its file), None when nothing is written."""
+        return served.artifact.stat().st_size if served.artifact and served.artifact.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,11 @@ class BackendEntry:
     exports: tuple[str, ...] = ()  # export formats (export/formats.py) that it loads back for verify
     # Candidate settings that only some engines use (MethodConfig.engine_settings) which this one does.
     settings: frozenset[str] = frozenset()
+
+    def runs(self, artifact: str) -> bool:
+        """Whether this engine serves candidates of this artifact kind (every engine serves its
+        own baseline again: the A/A check's "baseline" kind)."""
+        return artifact == "baseline" or artifact in self.accepts
 
     def load(self) -> Backend:
         module, cls = self.backend.split(":")
@@ -203,7 +217,9 @@ class BackendEntry:
 
 def _servers_named(cfg: RunConfig) -> None:
     """Every served model needs its server's URL (the baseline's in serving, each candidate's
-    in its own serving block)."""
+    in its own serving block); a server runs with its own threads."""
+    if cfg.serving.threads is not None:
+        raise UserError(f"serving.threads: a {cfg.serving.engine} server runs with its own threads; leave it out")
     if cfg.serving.base_url is None:
         raise UserError(f"serving.engine {cfg.serving.engine} needs base_url (e.g. http://host:8000/v1)")
     for c in cfg.resolved_candidates:
@@ -254,7 +270,7 @@ def loader_of(export_format: str) -> BackendEntry:
 
 
 def engines_for(artifact: str) -> list[str]:
-    return [e.name for e in BACKENDS.values() if artifact in e.accepts]
+    return [e.name for e in BACKENDS.values() if e.runs(artifact)]
 
 
 def process_factory(kind: str) -> str:

@@ -31,7 +31,6 @@ from quantgate.engines.base import ContextGroup, Request, Timing, group_by_conte
 from quantgate.engines.registry import Backend, RunContext, Served, ready
 
 if TYPE_CHECKING:
-    from quantgate.economics import Economics
     from quantgate.methods.apply import CandidateModel
     from quantgate.methods.registry import MethodConfig
 
@@ -276,12 +275,15 @@ class TorchEngine:
 
 
 def open_engine(path: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                batch_tokens: int = DEFAULT_BATCH_TOKENS, onednn: bool = True) -> TorchEngine:
+                batch_tokens: int = DEFAULT_BATCH_TOKENS, onednn: bool = True, threads: int | None = None) -> TorchEngine:
     """A TorchEngine over a local Hugging Face directory of safetensors weights (float32): how
     an engine process (engines/process.py) opens the torch engine. onednn=False serves with
-    plain PyTorch linears: no packed second copy of the weights."""
+    plain PyTorch linears: no packed second copy of the weights. threads: torch's intra-op
+    threads in that process (None: torch's default, every core)."""
     from transformers import AutoModelForCausalLM
 
+    if threads is not None:
+        torch.set_num_threads(threads)  # (the engine process's own setting: it serves nothing else)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     return TorchEngine(model, max_batch_size=max_batch_size, batch_tokens=batch_tokens, onednn=onednn)
 
@@ -330,11 +332,11 @@ class TorchBackend(Backend):
         ev = ctx.cfg.evaluation
         return TorchEngine(model, max_batch_size=ev.batch_size, batch_tokens=ev.batch_tokens)
 
-    def baseline(self, ctx: RunContext) -> Served:
+    def baseline(self, ctx: RunContext, label: str = "baseline") -> Served:
         from quantgate.methods.apply import weight_bytes
 
         model = ctx.baseline.model
-        return Served("baseline", weight_bytes(model)[0], "every parameter at the baseline's precision",
+        return Served(label, weight_bytes(model)[0], "every parameter at the baseline's precision",
                       "float32 (baseline)", serves_from=ctx.baseline.weights_dir,
                       opener=lambda: ready(self.scoring_engine(ctx, model)))
 
@@ -356,12 +358,12 @@ class TorchBackend(Backend):
         return Served(label, size, "the exported files' bytes", str(scheme.get("format", "")),
                       opener=lambda: ready(self.scoring_engine(ctx, model)))
 
-    def economics(self, ctx: RunContext, served: Served) -> Economics | None:
-        if served.label != "baseline":  # fake quantization: float32 weights, quality only
-            return self.unmeasured(served, simulated=True)
-        # plain PyTorch linears: the oneDNN-packed weights that speed up scoring are a second copy
-        # of every linear (+540 MB peak RSS on the default model for 8-17% more throughput)
-        return self.measured_in_process(ctx, served, max_batch_size=ctx.cfg.serving.max_batch_size, onednn=False)
+    def serving_options(self, ctx: RunContext, served: Served) -> dict[str, Any]:
+        """Only the baseline (and its A/A twin) is served from files; fake-quantized candidates
+        have nothing to serve from (Backend.serving: not measured). Plain PyTorch linears: the
+        oneDNN-packed weights that speed up scoring are a second copy of every linear (+540 MB
+        peak RSS on the default model for 8-17% more throughput)."""
+        return {"max_batch_size": ctx.cfg.serving.max_batch_size, "onednn": False}
 
     def noise_reference(self, ctx: RunContext) -> tuple[TorchEngine, str]:
         """Itself, one window per pass with the default GEMM: batching and kernel choice."""

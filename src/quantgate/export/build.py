@@ -51,7 +51,7 @@ def export_candidate(run_dir: Path, name: str, fmt: str, out: Path | None = None
     out = out or run.path.parent / "exports" / f"{name}-{fmt}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty (choose another --out)")
-    if cand.artifact == "served" or (fmt == "gguf") != (cand.artifact == "gguf"):
+    if cand.artifact in ("served", "baseline") or (fmt == "gguf") != (cand.artifact == "gguf"):
         raise UserError(_wrong_format(name, cand, fmt))
     if dtype is not None and fmt == "gguf":
         raise UserError("--dtype applies to compressed-tensors and hf exports (a GGUF file is copied as evaluated)")
@@ -79,6 +79,8 @@ def _wrong_format(name: str, cand: MethodConfig, fmt: str) -> str:
                 "the llama.cpp engine evaluated")
     if cand.artifact == "served":
         return f"candidate {name} was served by someone else's server: quantgate has no weights of it to export"
+    if cand.is_baseline:
+        return f"candidate {name} is the baseline itself (an A/A check): there is nothing compressed to export"
     return (f"candidate {name} was evaluated as PyTorch weights on the torch engine; --format gguf exports "
             "only the GGUF file a llama.cpp candidate was evaluated as (use compressed-tensors or hf)")
 

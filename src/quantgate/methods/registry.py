@@ -5,8 +5,9 @@ An entry (MethodSpec) names
     the model its `method` names: a discriminated union, so an unknown method or a key that
     belongs to another method is an error, never a silent RTN);
   - what it produces (`artifact`): "model" (a changed copy of the PyTorch baseline), "gguf" (a
-    llama.cpp file type made by llama.cpp's quantizer) or "served" (a model someone else serves
-    behind an HTTP API). A serving backend (engines/registry.py) says which of these it runs;
+    llama.cpp file type made by llama.cpp's quantizer), "served" (a model someone else serves
+    behind an HTTP API) or "baseline" (the baseline itself, served again: the A/A check, which
+    every engine runs). A serving backend (engines/registry.py) says which of these it runs;
   - the function that applies it to a model ("module:function", imported on use, so reading a
     config never imports torch).
 The statistics a method needs from calibration are declared by its config
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapt
 
 from quantgate.settings import ServingConfig
 
-Artifact = Literal["model", "gguf", "served"]
+Artifact = Literal["model", "gguf", "served", "baseline"]
 # Statistics the calibration driver (methods/calibrate.py) collects per group of linears, and
 # "imatrix" (each block linear's mean squared input per column, for llama.cpp's quantizer).
 Statistic = Literal["hessian", "rows", "absmax", "imatrix"]
@@ -75,6 +76,12 @@ class MethodConfig(BaseModel):
     @property
     def needs_calibration(self) -> bool:
         return bool(self.calibration_needs())
+
+    @property
+    def is_baseline(self) -> bool:
+        """The baseline itself served again (the A/A check): measured like any candidate, never
+        recommended."""
+        return self.artifact == "baseline"
 
     @property
     def quantized_bits(self) -> int | None:
@@ -426,6 +433,22 @@ class ServedConfig(MethodConfig):
         return f"served-{self.scheme_name or f'w{self.bits}'}"
 
 
+class NoneConfig(MethodConfig):
+    """No compression: the baseline itself, served again the same way on the same engine. Its
+    ratios to the baseline must contain 1 (an A/A check of the measurement): how wide they are is
+    the run's noise. It is scored and measured like any candidate and never recommended."""
+
+    artifact: ClassVar[Artifact] = "baseline"
+    method: Literal["none"] = "none"
+
+    @property
+    def scheme(self) -> str:
+        return "the baseline again (A/A check)"
+
+    def auto_label(self) -> str:
+        return "none"
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One method: its config model, and the driver function ("module:function") that applies
@@ -462,6 +485,7 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec(ComposeConfig, f"{_APPLY}:apply_compose"),
     MethodSpec(GgufConfig, None),
     MethodSpec(ServedConfig, None),
+    MethodSpec(NoneConfig, None),
 )}
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from quantgate import record as rec
-from quantgate.economics import Economics
+from quantgate.economics import Conditions, Cost, Economics, Estimate, LoadLevel, SpeedRatios
 from quantgate.evals.digest import eval_digest
 from quantgate.evals.metrics import TaskComparison
 from quantgate.gate import CandidateVerdict
@@ -39,10 +39,11 @@ def record_fields(result: RunResult) -> dict[str, Any]:
         "calibration": result.calibration and rec.Calibration(**result.calibration),
         "noise_floor": noise_floor(result), "notes": tuple(result.notes),
         "machine": rec.Machine(memory_bandwidth_bytes_per_s=result.memory_bandwidth),
+        "conditions": conditions(result.conditions),
         "economics_config": rec.EconomicsSettings(
             measure=econ.measure, requests=econ.requests, prompt_tokens=econ.prompt_tokens,
             new_tokens=econ.new_tokens, hardware_cost_per_hour=econ.hardware_cost_per_hour,
-            tokens_per_month=econ.tokens_per_month, min_monthly_saving=econ.min_monthly_saving),
+            tokens_per_month=econ.tokens_per_month, min_monthly_saving=econ.min_monthly_saving, rounds=econ.rounds),
         "quality_gate": rec.GateSettings(min_acceptable=gate.min_acceptable, max_flip_rate=gate.max_flip_rate,
                                          confidence=gate.confidence, task_floors=gate.task_floors),
         "seed": cfg.seed,
@@ -78,7 +79,7 @@ def _candidate(result: RunResult, m: ModelResult, verdict: CandidateVerdict) -> 
         settings=c.model_dump(mode="json"), modules_changed=m.modules_changed,
         quantize_seconds=round(m.quantize_seconds, 3), vs_baseline=comparison(m),
         gate=rec.Gate(passed=verdict.passed, rules=tuple(map(rec.rule_record, verdict.rules))),
-        flipped_items=flipped_items(result, m),
+        flipped_items=flipped_items(result, m), aa_check=c.is_baseline,
     )
 
 
@@ -93,13 +94,52 @@ def economics(e: Economics | None) -> rec.Economics | None:
     if e is None:
         return None
     t = e.throughput
+    latency = t.latency_s if t else {}
     return rec.Economics(
-        engine=e.engine, simulated=e.simulated, artifact_bytes=e.artifact_bytes, peak_rss_bytes=e.peak_rss_bytes,
-        prefill_tokens_per_s=t and t.prefill_tokens_per_s, decode_tokens_per_s=t and t.decode_tokens_per_s,
-        decode_tokens_per_s_range=t and t.decode_range, latency_s=t and t.latency_s,
-        roofline_fraction=e.roofline_fraction, load=tuple(rec.LoadLevel(**asdict(level)) for level in e.load),
-        cost=e.cost and rec.Cost(**asdict(e.cost)),
+        engine=e.engine, simulated=e.simulated, artifact_bytes=e.artifact_bytes,
+        peak_rss_bytes=e.peak_rss_bytes and round(e.peak_rss_bytes.value), peak_rss_bytes_ci=_ci(e.peak_rss_bytes),
+        prefill_tokens_per_s=t and t.prefill_tokens_per_s.value, prefill_tokens_per_s_ci=_ci(t and t.prefill_tokens_per_s),
+        decode_tokens_per_s=t and t.decode_tokens_per_s.value, decode_tokens_per_s_ci=_ci(t and t.decode_tokens_per_s),
+        decode_tokens_per_s_range=t and t.decode_range,
+        latency_s={k: v.value for k, v in latency.items()} or None,
+        latency_s_ci={k: v.ci for k, v in latency.items()} or None,
+        roofline_fraction=e.roofline_fraction, load=tuple(map(_level, e.load)), cost=e.cost and _cost(e.cost),
+        vs_baseline=e.vs_baseline and _ratios(e.vs_baseline), rounds=e.rounds or None, requests=t and t.requests,
     )
+
+
+def _ci(e: Estimate | None) -> tuple[float, float] | None:
+    return e.ci if e is not None else None
+
+
+def _ratio(e: Estimate | None) -> rec.Ratio | None:
+    return e and rec.Ratio(value=e.value, ci=e.ci)
+
+
+def _ratios(r: SpeedRatios) -> rec.SpeedRatios:
+    return rec.SpeedRatios(decode=_ratio(r.decode), prefill=_ratio(r.prefill),
+                           latency_s={k: _ratio(v) for k, v in r.latency.items()},
+                           peak_rss=_ratio(r.peak_rss), under_load=_ratio(r.under_load))
+
+
+def _level(level: LoadLevel) -> rec.LoadLevel:
+    ttft = level.ttft_s or {}
+    return rec.LoadLevel(
+        batch_size=level.batch_size, batched=level.batched, tokens_per_s=level.tokens_per_s.value,
+        tokens_per_s_ci=level.tokens_per_s.ci, latency_s={k: v.value for k, v in level.latency_s.items()},
+        latency_s_ci={k: v.ci for k, v in level.latency_s.items()}, ttft_s={k: v.value for k, v in ttft.items()} or None,
+        requests=level.requests, vs_baseline=_ratio(level.vs_baseline))
+
+
+def _cost(c: Cost) -> rec.Cost:
+    return rec.Cost(per_million_tokens=c.per_million_tokens.value, per_million_tokens_ci=c.per_million_tokens.ci,
+                    monthly=c.monthly.value, monthly_saving=c.monthly_saving.value,
+                    monthly_saving_ci=c.monthly_saving.ci, worth_it=c.worth_it, note=c.note)
+
+
+def conditions(c: Conditions | None) -> rec.Conditions | None:
+    return c and rec.Conditions(threads=c.threads, cores=c.cores, cpu=c.cpu, load_before=c.load_before,
+                                load_during=c.load_during, rounds=c.rounds)
 
 
 def noise_floor(result: RunResult) -> rec.NoiseFloor | None:

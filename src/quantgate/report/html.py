@@ -210,8 +210,13 @@ def _economics(results: RunRecord) -> str:
     notes_html = f'<ul class="notes">{notes}</ul>' if notes else ""
     load, levels = plots.load_plot(results), view.load_table(results)
     levels_html = (f"<h3>Under load</h3>{table_html(levels, None, 'compact')}" if levels else "")
-    return _section("economics", "Economics", table_html(table, None, "compact") + notes_html + (load or "")
-                    + levels_html, lead)
+    ratios = view.ratios_table(results)
+    ratios_html = (f"<h3>Against the baseline</h3>{table_html(ratios, None, 'compact')}" if ratios else "")
+    checks = "".join(f'<div class="{"note" if ok else "callout"}">{escape(line)}</div>'
+                     for ok, line in view.speed_checks(results))
+    how = "".join(f'<p class="note">{escape(line)}</p>' for line in view.speed_lines(results))
+    return _section("economics", "Economics", table_html(table, None, "compact") + notes_html + ratios_html + checks
+                    + how + (load or "") + levels_html, lead)
 
 
 def _kld(results: RunRecord) -> str:

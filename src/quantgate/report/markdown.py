@@ -32,6 +32,9 @@ def render_markdown(results: RunRecord, html_name: str | None = None) -> str:
         ec = results.economics_config
         parts += ["### Economics", (f"Assumptions: {_escape(view.economics_assumptions(ec))}." if ec else ""),
                   table_markdown(econ), "\n".join(f"- {_escape(n)}" for n in view.economics_notes(results))]
+        ratios = view.ratios_table(results)
+        parts += [table_markdown(ratios) if ratios else "", "\n".join(_escape(n) for n in view.speed_lines(results)),
+                  "\n".join(f"- {'✅' if ok else '⚠️'} {_escape(n)}" for ok, n in view.speed_checks(results))]
     parts += ["### Engine noise floor", _escape(view.noise_floor(results))]
     if html_name:
         parts.append(f"Full report with plots and flipped items: [{html_name}]({html_name})")

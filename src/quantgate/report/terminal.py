@@ -58,6 +58,13 @@ def _tables(console: Console, record: RunRecord) -> None:
             console.print(f"[dim]{escape(view.economics_assumptions(record.economics_config))}[/]")
         for line in view.economics_notes(record):
             console.print(f"[yellow]![/] {escape(line)}")
+    ratios = view.ratios_table(record)
+    if ratios is not None:
+        console.print(rich_table(ratios, "speed vs baseline: paired ratios with intervals"))
+    for line in view.speed_lines(record):
+        console.print(f"[dim]{escape(line)}[/]")
+    for ok, line in view.speed_checks(record):
+        console.print(f"[{'green' if ok else 'yellow'}]{'✓' if ok else '!'}[/] {escape(line)}")
     load = view.load_table(record)
     if load is not None:
         console.print(rich_table(load, "under load: the request mix at each batch size"))

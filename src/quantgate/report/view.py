@@ -8,11 +8,12 @@ task on unlabeled eval sets); metrics that were not finite are None and show as 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from quantgate.record import (
-    CandidateRecord, Comparison, Cost, EconomicsSettings, ModelRecord, Rule, RunRecord, TaskStats,
+    CandidateRecord, Comparison, Conditions, Cost, EconomicsSettings, ModelRecord, Ratio, Rule, RunRecord,
+    SpeedRatios, TaskStats,
 )
 
 # A candidate whose accuracy recovery holds but which is beyond either line gets a "silent loss"
@@ -22,6 +23,8 @@ TOP1_CALLOUT = 0.90
 SIMULATED = "simulated: quality only"
 UNSERVABLE = "not servable: quality only"
 DASH = "—"
+NO_DIFFERENCE = "no measurable difference at this noise"
+AA = "A/A check"
 
 
 # ---- formatting (None -> a dash) -----------------------------------------------------------
@@ -39,11 +42,15 @@ def sig(v: float | None, digits: int = 3) -> str:
     return DASH if v is None else f"{v:.{digits}g}"
 
 
-def interval(iv: Sequence[float | None] | None, as_pct: bool = False, as_sig: bool = False) -> str:
-    """"[lo, hi]" as percentages, significant digits, or 3 decimals; "" when there is none."""
+def interval(iv: Sequence[float | None] | None, as_pct: bool = False, as_sig: bool = False,
+             fmt: Callable[[float], str] | None = None) -> str:
+    """"[lo, hi]" as percentages, significant digits, 3 decimals, or each end by `fmt` (e.g.
+    rate, money); "" when there is none."""
     if not iv or iv[0] is None or iv[1] is None:
         return ""
     lo, hi = iv
+    if fmt is not None:
+        return f"[{fmt(lo)}, {fmt(hi)}]"
     return f"[{lo:.1%}, {hi:.1%}]" if as_pct else f"[{lo:.3g}, {hi:.3g}]" if as_sig else f"[{lo:.3f}, {hi:.3f}]"
 
 
@@ -69,6 +76,40 @@ def money(v: float | None, cents: bool = True) -> str:
     return f"{sign}${abs(v):,.2f}" if cents else f"{sign}${abs(v):,.0f}"
 
 
+def ratio_cell(r: Ratio | None) -> str:
+    """"×1.52 [1.41, 1.63]": a ratio to the baseline with its interval."""
+    if r is None or r.value is None:
+        return DASH
+    return with_interval(f"×{r.value:.2f}", interval(r.ci, fmt=lambda v: f"{v:.2f}"))
+
+
+def compared(r: Ratio | None, higher_is_better: bool = True) -> str:
+    """better / worse only when the whole interval is on that side of 1; else same."""
+    if r is None or not r.ci or None in r.ci:
+        return "same"
+    lo, hi = r.ci
+    if lo <= 1.0 <= hi:
+        return "same"
+    return "better" if (lo > 1.0) == higher_is_better else "worse"
+
+
+WORDS = (  # (ratio, higher is better, word when better, word when worse)
+    ("decode", True, "faster", "slower"),
+    ("peak_rss", False, "smaller in memory", "larger in memory"),
+    ("under_load", True, "cheaper", "dearer"),
+)
+
+
+def in_words(r: SpeedRatios | None) -> str:
+    """What the intervals allow saying: "faster, cheaper", or NO_DIFFERENCE when no ratio's
+    interval excludes 1."""
+    if r is None:
+        return DASH
+    said = [(good if how == "better" else bad) for name, up, good, bad in WORDS
+            if (how := compared(getattr(r, name), up)) != "same"]
+    return ", ".join(said) or NO_DIFFERENCE
+
+
 def with_interval(value: str, iv: str) -> str:
     return f"{value} {iv}".strip()
 
@@ -91,7 +132,7 @@ def decode_speed(m: ModelRecord) -> float | None:
 
 
 def gate_status(results: RunRecord, m: ModelRecord) -> str:
-    if not isinstance(m, CandidateRecord):
+    if not isinstance(m, CandidateRecord) or m.aa_check:
         return "reference"
     return "pass" if m.gate.passed else "fail"
 
@@ -147,7 +188,7 @@ def _candidate_cells(c: CandidateRecord, metric: str, is_rec: bool) -> tuple[str
         f"{vs.flips.correct_to_wrong} / {vs.flips.wrong_to_correct}",
         with_interval(pct(vs.flips.rate), interval(o and o.flip_rate_ci, as_pct=True)),
         sig(vs.kld_mean), sig(vs.kld_p99), pct(vs.top1_agreement),
-        num(c.perplexity, 2), ("pass ★" if is_rec else "pass") if c.gate.passed else "fail",
+        num(c.perplexity, 2), AA if c.aa_check else ("pass ★" if is_rec else "pass") if c.gate.passed else "fail",
     )
 
 
@@ -190,13 +231,14 @@ def too_small(t: TaskStats, floor: float | None) -> bool:
     return t.flips.rate >= allowed and t.min_detectable_drop > allowed
 
 
-ECONOMICS_HEADERS = ("model", "engine", "artifact MB", "peak RSS MB", "prefill tok/s", "decode tok/s (request range)",
+ECONOMICS_HEADERS = ("model", "engine", "artifact MB", "peak RSS MB", "prefill tok/s", "decode tok/s",
                      "latency p50 / p95 / p99", "roofline", "$ / 1M tokens", "monthly", "saving / month", "worth it")
 
 
 def economics_table(results: RunRecord) -> Table | None:
-    """One row per model with economics; None when no model has any. Speed-derived cells of a
-    simulated model (fake quantization) are not shown as speed: its decode cell reads SIMULATED."""
+    """One row per model with economics; None when no model has any. Speeds are medians over
+    the rounds with their intervals. Speed-derived cells of a simulated model (fake
+    quantization) are not shown as speed: its decode cell reads SIMULATED."""
     rows = [_economics_row(results, m) for m in results.models if m.economics]
     if not rows:
         return None
@@ -204,17 +246,34 @@ def economics_table(results: RunRecord) -> Table | None:
     return Table(ECONOMICS_HEADERS, tuple(rows), numeric)
 
 
-LOAD_HEADERS = ("model", "batch size", "served", "latency p50 / p95 / p99", "tokens/s")
+RATIO_HEADERS = ("candidate", "decode", "prefill", "latency p50", "latency p99", "peak RSS", "tokens/s under load",
+                 "in words")
+
+
+def ratios_table(results: RunRecord) -> Table | None:
+    """Each measured candidate over the baseline, paired, with intervals, and what those
+    intervals allow saying in words; None when no candidate has ratios."""
+    rows = tuple(Row((c.name, ratio_cell(r.decode), ratio_cell(r.prefill), ratio_cell(r.latency_s.get("p50")),
+                      ratio_cell(r.latency_s.get("p99")), ratio_cell(r.peak_rss), ratio_cell(r.under_load),
+                      in_words(r)), gate_status(results, c), c.name == results.recommended)
+                 for c in results.candidates if c.economics and (r := c.economics.vs_baseline))
+    return Table(RATIO_HEADERS, rows, (False, *[True] * 6, False)) if rows else None
+
+
+LOAD_HEADERS = ("model", "batch size", "served", "latency p50 / p95 / p99", "tokens/s", "vs baseline")
 
 
 def load_table(results: RunRecord) -> Table | None:
     """The request mix at each batch size, per model with a measured (not simulated) sweep:
-    latency percentiles and throughput under that load; None when no model has one."""
+    latency percentiles and throughput (median of the rounds, interval) under that load, and
+    the throughput over the baseline's; None when no model has one."""
     rows = tuple(Row((m.name, str(level.batch_size), "batched" if level.batched else "queued",
-                      latencies(level.latency_s), rate(level.tokens_per_s)), gate_status(results, m))
+                      latencies(level.latency_s), with_interval(rate(level.tokens_per_s), interval(level.tokens_per_s_ci, fmt=rate)),
+                      ratio_cell(level.vs_baseline) if m is not results.baseline else "reference"),
+                     gate_status(results, m))
                  for m in results.models if m.economics and not m.economics.simulated
                  for level in sorted(m.economics.load, key=lambda r: r.batch_size))
-    return Table(LOAD_HEADERS, rows, (False, True, False, True, True)) if rows else None
+    return Table(LOAD_HEADERS, rows, (False, True, False, True, True, True)) if rows else None
 
 
 def economics_notes(results: RunRecord) -> list[str]:
@@ -241,14 +300,26 @@ def latencies(lat: dict[str, float | None] | None) -> str:
 
 def _economics_row(results: RunRecord, m: ModelRecord) -> Row:
     e, price = m.economics, cost(m)
+    decode = (with_interval(rate(e.decode_tokens_per_s), interval(e.decode_tokens_per_s_ci, fmt=rate))
+              if e.decode_tokens_per_s_ci else decode_cell(e.decode_tokens_per_s, e.decode_tokens_per_s_range))
     speed = ((DASH, UNSERVABLE if m.unservable else SIMULATED, DASH, DASH) if e.simulated else
-             (rate(e.prefill_tokens_per_s), decode_cell(e.decode_tokens_per_s, e.decode_tokens_per_s_range),
+             (with_interval(rate(e.prefill_tokens_per_s), interval(e.prefill_tokens_per_s_ci, fmt=rate)), decode,
               latencies(e.latency_s), pct(e.roofline_fraction, 0)))
     money_cells = ((DASH, DASH, DASH, DASH) if e.simulated or price is None else
-                   (money(price.per_million_tokens), money(price.monthly, cents=False),
-                    money(price.monthly_saving, cents=False), _yes_no(price.worth_it)))
+                   (with_interval(money(price.per_million_tokens), interval(price.per_million_tokens_ci, fmt=money)),
+                    money(price.monthly, cents=False),
+                    with_interval(money(price.monthly_saving, cents=False),
+                                  interval(price.monthly_saving_ci, fmt=lambda v: money(v, cents=False)))
+                    if m is not results.baseline else DASH,
+                    _worth(price.worth_it, m is results.baseline)))
     cells = (m.name, e.engine, megabytes(e.artifact_bytes), megabytes(e.peak_rss_bytes), *speed, *money_cells)
     return Row(cells, gate_status(results, m), m.name == results.recommended, e.simulated)
+
+
+def _worth(v: bool | None, reference: bool) -> str:
+    if reference:
+        return DASH
+    return "can't tell" if v is None else _yes_no(v)
 
 
 def _yes_no(v: bool | None) -> str:
@@ -320,6 +391,69 @@ def noise_floor(results: RunRecord) -> str:
             f"below this are the engine's, not the compression's.")
 
 
+def aa_check(results: RunRecord) -> tuple[bool, str] | None:
+    """(the A/A pair agrees, one sentence) for the run's A/A check (a candidate that is the
+    baseline served again); None when its speed was not measured. Its decode ratio interval must
+    contain 1; its half-width is the noise this run's speed verdicts are read against."""
+    pair = next((c for c in results.candidates if c.aa_check and c.economics and c.economics.vs_baseline), None)
+    if pair is None:
+        return None
+    r = pair.economics.vs_baseline.decode
+    if r.value is None or not r.ci or None in r.ci:
+        return None
+    lo, hi = r.ci
+    width = f"±{(hi - lo) / 2:.1%}"
+    if lo <= 1.0 <= hi:
+        return True, (f"A/A check: {pair.name} (the baseline served again) vs the baseline, decode {ratio_cell(r)}: "
+                      f"the interval contains 1, so the pair is called \"{NO_DIFFERENCE}\". Speed noise in this run: "
+                      f"{width}; differences inside it are not differences.")
+    return False, (f"A/A check failed: {pair.name} (the baseline served again) vs the baseline, decode "
+                   f"{ratio_cell(r)}: the interval excludes 1, so this run's noise is larger than its intervals "
+                   f"say (the machine's load changed during the rounds?). Read its speed verdicts as unreliable; "
+                   f"rerun on a quieter machine or with more economics.rounds.")
+
+
+def speed_lines(results: RunRecord) -> list[str]:
+    """How speed was measured, and the nudge toward an A/A check when there is none."""
+    return [line for line in (conditions_line(results.conditions), aa_hint(results)) if line]
+
+
+def speed_checks(results: RunRecord) -> list[tuple[bool, str]]:
+    """(all right, sentence): the A/A check's outcome and the overload warning, where they apply."""
+    checks = [aa_check(results)]
+    warning = overload_warning(results.conditions)
+    checks.append((False, warning) if warning else None)
+    return [c for c in checks if c]
+
+
+def aa_hint(results: RunRecord) -> str | None:
+    """A nudge when speed was measured without an A/A check."""
+    if results.conditions is None or any(c.aa_check for c in results.candidates):
+        return None
+    return ("No A/A check in this run: add a candidate {method: none} (the baseline served again) to see how wide "
+            "this machine's speed noise is.")
+
+
+def conditions_line(c: Conditions | None) -> str | None:
+    """How speed was measured: rounds, threads, cores, CPU, load before and during."""
+    if c is None:
+        return None
+    during = [v for v in c.load_during if v is not None]
+    load = f"load average {c.load_before[0]:.1f} before" + (f", {min(during):.1f}–{max(during):.1f} during"
+                                                             if during else "")
+    threads = "the server's own threads" if c.threads is None else f"{c.threads} thread{'s' * (c.threads != 1)}"
+    return (f"Speed measured in {c.rounds} interleaved round{'s' * (c.rounds != 1)} (baseline, A, B, baseline, ...), "
+            f"{threads} on {c.cores} core{'s' * (c.cores != 1)} ({c.cpu}); {load}.")
+
+
+def overload_warning(c: Conditions | None) -> str | None:
+    if c is None or c.peak_load <= c.cores:
+        return None
+    return (f"The load average reached {c.peak_load:.1f} on {c.cores} cores while speed was measured: other "
+            "work shared the CPU, so speeds are low and noisy. Compare within this run (the intervals and the A/A "
+            "check say how far); measure on a quiet machine for absolute numbers.")
+
+
 def ladder_line(results: RunRecord) -> str | None:
     """"ladder: a ✓ → b ✗ quality broke here → c not measured"; None for a run that is no ladder."""
     if results.ladder is None:
@@ -355,6 +489,8 @@ def manifest(results: RunRecord) -> list[tuple[str, str]]:
         pairs.append(("memory bandwidth (measured copy)", f"{bandwidth / 1e9:.1f} GB/s"))
     if results.economics_config:
         pairs.append(("economics", economics_assumptions(results.economics_config)))
+    if results.conditions:
+        pairs.append(("speed measured", conditions_line(results.conditions)))
     return pairs
 
 
