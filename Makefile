@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install system-deps demo test test-fast bench bench-methods bench-llamacpp bench-prune bench-onnx clean
+.PHONY: install system-deps demo test test-fast bench bench-methods bench-llamacpp bench-prune bench-onnx bench-threads clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench-prune: $(TEST_STAMP)
 # ONNX Runtime vs torch (and llama.cpp when installed): decode/prefill speed, memory, size, KLD.
 bench-onnx: $(TEST_STAMP)
 	$(PY) bench/bench_onnx.py
+
+# Decode speed by serving thread count (ORT, llama.cpp) in interleaved rounds: serving.threads' default.
+bench-threads: $(TEST_STAMP)
+	$(PY) bench/bench_threads.py
 
 clean:
 	rm -rf $(VENV) quantgate-results .pytest_cache

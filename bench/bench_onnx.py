@@ -1,7 +1,7 @@
 """ONNX Runtime on the default model, side by side with torch float32 (and llama.cpp when
 llama-cpp-python is installed): file size, KLD against the torch float32 baseline over the held-out
 windows, and batch-1 decode / prefill speed and peak RSS, each measured in a fresh engine process
-(quantgate's own path: EngineProcess + economics.measure over a fixed request mix). Models are
+(quantgate's own path: EngineProcess + economics.measure_round over a fixed request mix). Models are
 timed in interleaved rounds (order reversed every other round); medians are shown.
 
 ORT candidates carry quantgate's codes: rtn-w8 (per channel) and gptq-w4-g32, each at MatMulNBits
@@ -90,9 +90,10 @@ def llamacpp_rows(baseline, windows, reference, n_ctx: int) -> list[Row]:
 
 def timed(row: Row, prompts, new_tokens: int, log: Path) -> dict:
     with EngineProcess(row.kind, label=row.name, log=log, **row.options) as e:
-        result, _ = e.measure(prompts, new_tokens)
-        result["peak_rss_bytes"] = e.close()["peak_rss_bytes"]
-    return result
+        r = e.measure_round(prompts, new_tokens)  # medians over the round's requests
+        return {"decode_tokens_per_s": float(np.nanmedian(r.decode_rates())),
+                "prefill_tokens_per_s": float(np.nanmedian(r.prefill_rates())),
+                "peak_rss_bytes": e.close()["peak_rss_bytes"]}
 
 
 def main() -> int:

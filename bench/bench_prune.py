@@ -6,7 +6,7 @@
    windows, top-1 agreement, recovery on the default suite and on PIQA items from ../shared/data.
 2. Speed (llama.cpp): the baseline and the structurally pruned models written to GGUF F32 with
    quantgate's writer; batch-1 decode tokens/s through quantgate's llama.cpp engine and
-   economics.measure, the models measured in alternation for several rounds (the median is
+   economics.measure_round, the models measured in alternation for several rounds (the median is
    reported) so that load from other processes hits them alike. llama.cpp runs one thread by
    default: on a shared machine a descheduled worker stalls every token of a multi-thread decode.
 
@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from quantgate.methods.registry import candidate
-from quantgate.economics import measure
+from quantgate.economics import measure_round
 from quantgate.engines.llamacpp import LlamaCppEngine
 from quantgate.engines.torch import TorchEngine
 from quantgate.evals.tasks import kl_divergence, make_windows
@@ -82,7 +82,7 @@ def speed(args, baseline, models: dict[str, torch.nn.Module], windows: list[list
     for name, model in models.items():
         paths[name] = write_gguf(model, baseline.arch, meta, OUT / f"prune-{name}-F32.gguf")
     reference = list(TorchEngine(baseline.model).token_logprobs(windows))
-    engines = {name: LlamaCppEngine(path, n_ctx=512, n_threads=args.threads) for name, path in paths.items()}
+    engines = {name: LlamaCppEngine(path, n_ctx=512, threads=args.threads) for name, path in paths.items()}
     kld = {name: np.concatenate([kl_divergence(r, lp) for r, lp in zip(reference, e.token_logprobs(windows))]).mean()
            for name, e in engines.items()}
     prompts = [w[:64] for w in windows[: args.prompts]]
@@ -90,9 +90,9 @@ def speed(args, baseline, models: dict[str, torch.nn.Module], windows: list[list
     prefill = {name: [] for name in engines}
     for _ in range(args.rounds):
         for name, engine in engines.items():
-            t = measure(engine, prompts, args.new_tokens)
-            decode[name].append(t.decode_tokens_per_s)
-            prefill[name].append(t.prefill_tokens_per_s)
+            r = measure_round(engine, prompts, args.new_tokens, sizes=[1])
+            decode[name].append(float(np.nanmedian(r.decode_rates())))
+            prefill[name].append(float(np.nanmedian(r.prefill_rates())))
         print(f"speed round {len(decode['baseline'])}/{args.rounds}", file=sys.stderr, flush=True)
     return [(n, paths[n].stat().st_size, decode[n], statistics.median(prefill[n]), kld[n]) for n in engines]
 
@@ -135,7 +135,7 @@ def main() -> int:
     base_decode = statistics.median(measured[0][2])
     table = Table(title=f"llama.cpp, GGUF F32, batch 1, {args.threads} thread(s): decode after {args.prompts} "
                         f"64-token prompts ({args.new_tokens} new tokens each), {args.rounds} alternating rounds "
-                        f"(LlamaCppEngine + economics.measure)")
+                        f"(LlamaCppEngine + economics.measure_round)")
     for col in ("model", "GGUF MB", "decode tok/s (median)", "per round", "decode / baseline", "prefill tok/s",
                 "KLD vs torch baseline"):
         table.add_column(col, justify="left" if col == "model" else "right")

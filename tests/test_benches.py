@@ -20,13 +20,16 @@ BENCHES = {
                          "calibrated PTQ vs RTN"),
     "bench_prune.py": (["--only", "wanda-mlp25", "--piqa", "8", "--samples", "2", "--seq-len", "32",
                         "--rounds", "1", "--prompts", "1", "--new-tokens", "4"], "decode / baseline"),
-    "bench_llamacpp.py": (["--types", "Q8_0", "--rounds", "1", "--new-tokens", "4"], "harness / bare"),
+    "bench_llamacpp.py": (["--types", "Q8_0", "Q4_K_M", "--rounds", "2", "--requests", "1", "--new-tokens", "4",
+                           "--samples", "2", "--seq-len", "32", "--boot", "200"], "Q4_K_M+imatrix vs Q4_K_M"),
+    "bench_threads.py": (["--rounds", "2", "--requests", "1", "--new-tokens", "4", "--max-threads", "2",
+                          "--boot", "200"], "decode tokens/s by thread count"),
 }
 
 
 @pytest.mark.parametrize("script", BENCHES)
 def test_bench_runs_and_prints_its_table(script):
-    if not (DATA / "piqa.jsonl").is_file() and script != "bench_llamacpp.py":
+    if not (DATA / "piqa.jsonl").is_file() and script not in ("bench_llamacpp.py", "bench_threads.py"):
         pytest.skip(f"{DATA} is absent")
     if script in ("bench_prune.py", "bench_llamacpp.py"):
         pytest.importorskip("llama_cpp")

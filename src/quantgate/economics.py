@@ -157,7 +157,8 @@ def queued_load(latencies: Sequence[float], tokens: Sequence[int], sizes: Sequen
     for b in sizes:
         picked = [i % len(latencies) for i in range(b)]
         waited = np.cumsum([latencies[i] for i in picked])
-        levels.append(LoadSample(b, False, tuple(map(float, waited)), sum(tokens[i] for i in picked), float(waited[-1])))
+        levels.append(LoadSample(b, False, tuple(map(float, waited)), sum(tokens[i] for i in picked),
+                                 float(waited[-1])))
     return levels
 
 
@@ -264,8 +265,6 @@ def interleaved(openers: Mapping[str, Opener], *, rounds: int, warm: bool, promp
     every round); warm=True opens each once and keeps it (a server that is up anyway). A model
     whose engine fails (a crash, a server error) is dropped from the later rounds and named in
     `failed`; the others go on."""
-    from quantgate.engines.process import EngineCrashed
-
     before = os.getloadavg()
     samples: dict[str, list[RoundSample]] = {label: [] for label in openers}
     failed: dict[str, str] = {}
@@ -291,7 +290,7 @@ def interleaved(openers: Mapping[str, Opener], *, rounds: int, warm: bool, promp
                     with engine(label) as s:
                         sample = s.measure_round(prompts, new_tokens, sizes)
                         samples[label].append(_with_rss(sample, s.peak_rss_bytes()))
-                except (EngineCrashed, OSError, RuntimeError) as e:
+                except (OSError, RuntimeError) as e:  # an engine process that ended (EngineCrashed), a lost server
                     failed[label] = str(e)
                 on_round(1)
             during.append(os.getloadavg()[0])
@@ -320,13 +319,20 @@ class Estimate:
         object.__setattr__(self, "ci", tuple(self.ci))
 
     def compared(self, higher_is_better: bool = True) -> Literal["better", "worse", "same"]:
-        """For a ratio to the baseline: "better" / "worse" only when the whole interval is on
-        that side of 1; "same" (no measurable difference at this noise) when it contains 1 or
-        is unknown."""
-        lo, hi = self.ci
-        if math.isnan(lo) or math.isnan(hi) or lo <= 1.0 <= hi:
-            return "same"
-        return "better" if (lo > 1.0) == higher_is_better else "worse"
+        """For a ratio to the baseline: see `compared`."""
+        return compared(self.ci, higher_is_better)
+
+
+def compared(ci: Sequence[float | None] | None, higher_is_better: bool = True) -> Literal["better", "worse", "same"]:
+    """What a ratio's interval allows saying: "better" / "worse" only when the whole interval is
+    on that side of 1; "same" (no measurable difference at this noise) when it contains 1 or is
+    unknown (None, NaN)."""
+    if not ci or any(v is None or math.isnan(v) for v in ci):
+        return "same"
+    lo, hi = ci
+    if lo <= 1.0 <= hi:
+        return "same"
+    return "better" if (lo > 1.0) == higher_is_better else "worse"
 
 
 @dataclass(frozen=True)

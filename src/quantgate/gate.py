@@ -156,31 +156,30 @@ def judge(name: str, weight_bytes: int, cmp: Comparison, gate: QualityGateConfig
 
 def judge_economics(verdict: CandidateVerdict, e: Economics | None, gate: QualityGateConfig) -> CandidateVerdict:
     """The verdict with the gate's economics rules added (none configured: unchanged) and its
-    cost key set. A candidate whose speed was not measured fails each rule as not measured."""
-    priced = e is not None and e.cost is not None and not e.simulated
-    cost_key = (e.cost.per_million_tokens.value if priced else 1 / e.tokens_per_s_under_load.value
-                if e is not None and not e.simulated and e.tokens_per_s_under_load else None)
-    rules = [*verdict.rules]
+    cost key set. A rule whose figure was not measured fails, saying why."""
     measured = e is not None and not e.simulated and e.throughput is not None
     why = "" if measured else f" (not measured: {_unmeasured(e)})"
     ratios = e.vs_baseline if measured else None
-    if gate.min_decode_speedup is not None:
-        what = f"decode speedup >= {gate.min_decode_speedup}"
-        rules.append(at_least(RuleKind.DECODE_SPEEDUP, what, ratios.decode.value, ratios.decode.ci,
-                              gate.min_decode_speedup) if ratios else failing(RuleKind.DECODE_SPEEDUP, what + why))
-    if gate.max_peak_rss_mb is not None:
-        what = f"peak RSS <= {gate.max_peak_rss_mb} MB"
-        rules.append(at_most_estimate(RuleKind.PEAK_RSS, what, e.peak_rss_bytes, gate.max_peak_rss_mb, 1e6)
-                     if measured and e.peak_rss_bytes else failing(RuleKind.PEAK_RSS, what + (why or " (not seen)")))
-    if gate.max_p99_latency_s is not None:
-        what = f"p99 latency <= {gate.max_p99_latency_s} s"
-        rules.append(at_most_estimate(RuleKind.P99_LATENCY, what, e.throughput.latency_s["p99"], gate.max_p99_latency_s)
-                     if measured else failing(RuleKind.P99_LATENCY, what + why))
-    if gate.max_cost_per_1m_tokens is not None:
-        what = f"cost per 1M tokens <= {gate.max_cost_per_1m_tokens}"
-        rules.append(at_most_estimate(RuleKind.COST, what, e.cost.per_million_tokens, gate.max_cost_per_1m_tokens)
-                     if measured and e.cost else failing(RuleKind.COST, what + (why or " (not priced)")))
-    return dataclasses.replace(verdict, rules=tuple(rules), cost_key=cost_key)
+    checks = (  # (threshold, kind, rule, the figure or None, how it is judged)
+        (gate.min_decode_speedup, RuleKind.DECODE_SPEEDUP, "decode speedup >= {}", ratios and ratios.decode,
+         lambda kind, rule, x, t: at_least(kind, rule, x.value, x.ci, t)),
+        (gate.max_peak_rss_mb, RuleKind.PEAK_RSS, "peak RSS <= {} MB", measured and e.peak_rss_bytes,
+         lambda kind, rule, x, t: at_most_estimate(kind, rule, x, t, 1e6)),
+        (gate.max_p99_latency_s, RuleKind.P99_LATENCY, "p99 latency <= {} s",
+         measured and e.throughput.latency_s["p99"], at_most_estimate),
+        (gate.max_cost_per_1m_tokens, RuleKind.COST, "cost per 1M tokens <= {}",
+         measured and e.cost and e.cost.per_million_tokens, at_most_estimate),
+    )
+    rules = [judged(kind, rule.format(t), x, t) if x else failing(kind, rule.format(t) + (why or " (not measured)"))
+             for t, kind, rule, x, judged in checks if t is not None]
+    return dataclasses.replace(verdict, rules=(*verdict.rules, *rules), cost_key=_cost_key(e) if measured else None)
+
+
+def _cost_key(e: Economics) -> float | None:
+    """Lower is cheaper: cost per 1M tokens when priced, else seconds per token under load."""
+    if e.cost is not None:
+        return e.cost.per_million_tokens.value
+    return 1 / e.tokens_per_s_under_load.value if e.tokens_per_s_under_load else None
 
 
 def _unmeasured(e: Economics | None) -> str:

@@ -26,8 +26,8 @@ import torch
 from sqlalchemy.engine import Engine as Store
 
 import quantgate
-from quantgate.config import MethodConfig, RunConfig, check_supported
 from quantgate import economics as econ_stage
+from quantgate.config import MethodConfig, QualityGateConfig, RunConfig, check_supported
 from quantgate.economics import Conditions, Economics, Estimate, Opener, cost_at_volume, memory_bandwidth
 from quantgate.engines import registry as backends
 from quantgate.engines.process import EngineCrashed
@@ -222,7 +222,7 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
 
 
 def _economics_verdict(verdict: CandidateVerdict, results: list[ModelResult], broke: dict[str, str],
-                       gate) -> CandidateVerdict:
+                       gate: QualityGateConfig) -> CandidateVerdict:
     """The verdict with the gate's economics rules, and failed when its serving engine broke."""
     m = next((r for r in results if r.name == verdict.name), None)
     if m is None:  # its engine crashed while it was scored

@@ -274,8 +274,8 @@ class TorchEngine:
         return results
 
 
-def open_engine(path: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                batch_tokens: int = DEFAULT_BATCH_TOKENS, onednn: bool = True, threads: int | None = None) -> TorchEngine:
+def open_engine(path: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                onednn: bool = True, threads: int | None = None) -> TorchEngine:
     """A TorchEngine over a local Hugging Face directory of safetensors weights (float32): how
     an engine process (engines/process.py) opens the torch engine. onednn=False serves with
     plain PyTorch linears: no packed second copy of the weights. threads: torch's intra-op

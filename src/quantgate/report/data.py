@@ -98,7 +98,8 @@ def economics(e: Economics | None) -> rec.Economics | None:
     return rec.Economics(
         engine=e.engine, simulated=e.simulated, artifact_bytes=e.artifact_bytes,
         peak_rss_bytes=e.peak_rss_bytes and round(e.peak_rss_bytes.value), peak_rss_bytes_ci=_ci(e.peak_rss_bytes),
-        prefill_tokens_per_s=t and t.prefill_tokens_per_s.value, prefill_tokens_per_s_ci=_ci(t and t.prefill_tokens_per_s),
+        prefill_tokens_per_s=t and t.prefill_tokens_per_s.value,
+        prefill_tokens_per_s_ci=_ci(t and t.prefill_tokens_per_s),
         decode_tokens_per_s=t and t.decode_tokens_per_s.value, decode_tokens_per_s_ci=_ci(t and t.decode_tokens_per_s),
         decode_tokens_per_s_range=t and t.decode_range,
         latency_s={k: v.value for k, v in latency.items()} or None,
@@ -127,7 +128,8 @@ def _level(level: LoadLevel) -> rec.LoadLevel:
     return rec.LoadLevel(
         batch_size=level.batch_size, batched=level.batched, tokens_per_s=level.tokens_per_s.value,
         tokens_per_s_ci=level.tokens_per_s.ci, latency_s={k: v.value for k, v in level.latency_s.items()},
-        latency_s_ci={k: v.ci for k, v in level.latency_s.items()}, ttft_s={k: v.value for k, v in ttft.items()} or None,
+        latency_s_ci={k: v.ci for k, v in level.latency_s.items()},
+        ttft_s={k: v.value for k, v in ttft.items()} or None,
         requests=level.requests, vs_baseline=_ratio(level.vs_baseline))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from quantgate.economics import compared
 from quantgate.record import (
     CandidateRecord, Comparison, Conditions, Cost, EconomicsSettings, ModelRecord, Ratio, Rule, RunRecord,
     SpeedRatios, TaskStats,
@@ -83,16 +84,6 @@ def ratio_cell(r: Ratio | None) -> str:
     return with_interval(f"×{r.value:.2f}", interval(r.ci, fmt=lambda v: f"{v:.2f}"))
 
 
-def compared(r: Ratio | None, higher_is_better: bool = True) -> str:
-    """better / worse only when the whole interval is on that side of 1; else same."""
-    if r is None or not r.ci or None in r.ci:
-        return "same"
-    lo, hi = r.ci
-    if lo <= 1.0 <= hi:
-        return "same"
-    return "better" if (lo > 1.0) == higher_is_better else "worse"
-
-
 WORDS = (  # (ratio, higher is better, word when better, word when worse)
     ("decode", True, "faster", "slower"),
     ("peak_rss", False, "smaller in memory", "larger in memory"),
@@ -105,9 +96,9 @@ def in_words(r: SpeedRatios | None) -> str:
     interval excludes 1."""
     if r is None:
         return DASH
-    said = [(good if how == "better" else bad) for name, up, good, bad in WORDS
-            if (how := compared(getattr(r, name), up)) != "same"]
-    return ", ".join(said) or NO_DIFFERENCE
+    hows = [(compared(ratio.ci if (ratio := getattr(r, name)) else None, up), good, bad)
+            for name, up, good, bad in WORDS]
+    return ", ".join(good if how == "better" else bad for how, good, bad in hows if how != "same") or NO_DIFFERENCE
 
 
 def with_interval(value: str, iv: str) -> str:
@@ -268,7 +259,8 @@ def load_table(results: RunRecord) -> Table | None:
     latency percentiles and throughput (median of the rounds, interval) under that load, and
     the throughput over the baseline's; None when no model has one."""
     rows = tuple(Row((m.name, str(level.batch_size), "batched" if level.batched else "queued",
-                      latencies(level.latency_s), with_interval(rate(level.tokens_per_s), interval(level.tokens_per_s_ci, fmt=rate)),
+                      latencies(level.latency_s),
+                      with_interval(rate(level.tokens_per_s), interval(level.tokens_per_s_ci, fmt=rate)),
                       ratio_cell(level.vs_baseline) if m is not results.baseline else "reference"),
                      gate_status(results, m))
                  for m in results.models if m.economics and not m.economics.simulated
@@ -403,7 +395,7 @@ def aa_check(results: RunRecord) -> tuple[bool, str] | None:
         return None
     lo, hi = r.ci
     width = f"±{(hi - lo) / 2:.1%}"
-    if lo <= 1.0 <= hi:
+    if compared(r.ci) == "same":
         return True, (f"A/A check: {pair.name} (the baseline served again) vs the baseline, decode {ratio_cell(r)}: "
                       f"the interval contains 1, so the pair is called \"{NO_DIFFERENCE}\". Speed noise in this run: "
                       f"{width}; differences inside it are not differences.")
