@@ -41,10 +41,14 @@ class FakeEngine:
         self.clock, self.rng = clock, rng
         self.decode_rate, self.prefill_rate = decode_rate, prefill_rate
 
-    def generate(self, prompts, max_new_tokens, stop_ids=()):
+    def generate(self, prompts, max_new_tokens, stop_ids=(), on_token=None):
         for p in prompts:
             noise = math.exp(self.rng.normal(0.0, SIGMA))
-            self.clock.now += noise * (len(p) / self.prefill_rate + (max_new_tokens - 1) / self.decode_rate)
+            self.clock.now += noise * len(p) / self.prefill_rate
+            for i in range(max_new_tokens):
+                self.clock.now += noise / self.decode_rate if i else 0.0
+                if on_token is not None:
+                    on_token()
         return [[7] * max_new_tokens for _ in prompts]
 
 
@@ -143,6 +147,14 @@ def test_rounds_are_interleaved_and_a_failing_engine_is_dropped_not_fatal():
     assert "killed by signal 9" in out.failed["broken"] and "broken" not in out.samples
     c = out.conditions
     assert (c.threads, c.rounds, len(c.load_during)) == (2, 3, 3) and c.cores >= 1 and c.cpu
+
+
+def test_too_few_measurements_give_no_interval_and_no_claim():
+    boot = ec.Bootstrap(0.95, 200, 0)
+    one = boot.ratio([100.0, float("nan")], [300.0, 310.0])  # one usable pair: 3x, but no interval
+    assert one.value == 3.0 and all(math.isnan(v) for v in one.ci) and one.compared() == "same"
+    assert all(math.isnan(v) for v in boot.quantile([5.0, 6.0]).ci)
+    assert boot.quantile([5.0, 6.0, 7.0]).ci[0] <= 6.0
 
 
 def test_paired_quantile_ratio_pairs_units_and_checks_its_input():

@@ -16,6 +16,8 @@ from quantgate.config import RunConfig
 from quantgate.gate import RuleKind
 from quantgate.record import build_record, dump_record, load_record
 from quantgate.report import terminal, view
+from quantgate.report.html import render_html
+from quantgate.report.markdown import render_markdown
 from quantgate.run import execute
 from test_export import char_tokenizer_files
 
@@ -70,6 +72,9 @@ def test_a_speed_rule_on_the_torch_engine_recommends_nothing_and_says_why(tiny_m
     terminal.render(record, console)
     text = console.export_text()
     assert "speed vs baseline: paired ratios" in text and "A/A check" in text and "interleaved round" in text
+    md, page = render_markdown(record), render_html(record)
+    assert "A/A check" in md and "interleaved round" in md and "| candidate | decode |" in md
+    assert "Against the baseline" in page and "A/A check" in page
 
 
 def _written(result, tmp_path: Path) -> Path:

@@ -71,9 +71,9 @@ class LoadSample:
 @dataclass(frozen=True)
 class RoundSample:
     """One model in one round. Per request of the fixed mix at batch 1 ([requests] each): its
-    prompt tokens, the time to the first new token (prefill), the time after it (the request's
-    time less a separate 1-token request's) and the tokens generated after the first (decode),
-    and the whole request's latency. Then the load sweep."""
+    prompt tokens, the time to the first new token (prefill), the time from it to the last token
+    and the tokens generated after the first (decode), and the whole request's latency. Then the
+    load sweep."""
 
     prompt_tokens: tuple[int, ...]
     prefill_s: tuple[float, ...]
@@ -91,8 +91,7 @@ class RoundSample:
 
     def decode_rates(self) -> np.ndarray:
         """Decode tokens/s per request, float64 [requests]; NaN where nothing followed the first
-        token, or where the request took no longer than its first token alone (a few tokens on a
-        busy machine: the difference of two timings is then noise, not a speed)."""
+        token."""
         return np.array([n / t if n > 0 and t > 0 else math.nan for n, t in zip(self.decoded, self.decode_s)])
 
     def prefill_rates(self) -> np.ndarray:
@@ -103,23 +102,20 @@ class RoundSample:
 def measure_round(engine: Engine, prompts: Sequence[Sequence[int]], new_tokens: int, sizes: Sequence[int],
                   clock: Clock = time.perf_counter) -> RoundSample:
     """One round on `engine`: one untimed request first (a serving engine is warm: its mapped
-    weights paged in, its threads started), then each prompt greedily twice at batch 1 — 1 token
-    (prefill) and `new_tokens` (the request; decode = the extra tokens over the extra time) —
-    then the load sweep over `sizes` (`batched_load`, or `queued_load` for an engine that serves
-    one request at a time)."""
+    weights paged in, its threads started), then each prompt greedily at batch 1 for `new_tokens`
+    tokens, timed as each token is known (Engine.generate's on_token): prefill = the time to the
+    first token, decode = the time from the first token to the last; then the load sweep over
+    `sizes` (`batched_load`, or `queued_load` for an engine that serves one request at a time)."""
     engine.generate([prompts[0]], 2)
     prefill, decode, decoded, latency = [], [], [], []
     for prompt in prompts:
+        marks: list[float] = []
         t0 = clock()
-        engine.generate([prompt], 1)
-        first = clock() - t0
-        t0 = clock()
-        out = engine.generate([prompt], new_tokens)[0]
-        whole = clock() - t0
-        prefill.append(first)
-        decode.append(whole - first)  # (<= 0: not measurable; see RoundSample.decode_rates)
-        decoded.append(len(out) - 1)
-        latency.append(whole)
+        engine.generate([prompt], new_tokens, on_token=lambda: marks.append(clock()))
+        latency.append(clock() - t0)
+        prefill.append(marks[0] - t0)
+        decode.append(marks[-1] - marks[0])
+        decoded.append(len(marks) - 1)
     load = (batched_load(engine, prompts, new_tokens, sizes, clock) if hasattr(engine, "generate_batch")
             else queued_load(latency, [n + 1 for n in decoded], sizes))
     return RoundSample(tuple(map(len, prompts)), tuple(prefill), tuple(decode), tuple(decoded), tuple(latency),
@@ -236,8 +232,9 @@ def serving_threads(threads: int | None, cores: int | None = None, load: float |
     """Threads an engine quantgate runs serves with: `threads` when set (serving.threads), else
     the cores that are idle now: the cores this process may use less the 1-minute load average,
     rounded, at least 1. On a busy shared machine extra threads only wait on each other (on this
-    project's 2-core machine at load ~3, ORT and llama.cpp decoded faster on 1 thread than on 2:
-    see README, "Measuring speed honestly"); on an idle one every core is used."""
+    project's 2-core machine at a load average of 8-10, ORT and llama.cpp decoded 1.6x to 11x
+    faster on 1 thread than on 2: `make bench-threads`, README "Measuring speed honestly"); on an
+    idle one every core is used."""
     if threads is not None:
         return threads
     cores = cores or cores_available()
@@ -260,11 +257,10 @@ def interleaved(openers: Mapping[str, Opener], *, rounds: int, warm: bool, promp
                 on_round: Callable[[int], None] = lambda n: None) -> Rounds:
     """Measure every model of `openers` (label -> how to open its serving engine with `threads`
     threads; the baseline first) in `rounds` interleaved rounds: baseline, A, B, baseline, A, B,
-    ... warm=False opens a
-    fresh engine for every measurement (an engine process: its start, its memory, its luck are in
-    every round); warm=True opens each once and keeps it (a server that is up anyway). A model
-    whose engine fails (a crash, a server error) is dropped from the later rounds and named in
-    `failed`; the others go on."""
+    ... warm=False opens a fresh engine for every measurement (an engine process: its start, its
+    memory, its luck are in every round); warm=True opens each once and keeps it (a server that
+    is up anyway). A model whose engine fails (a crash, a server error) is dropped, its rounds
+    with it, and named in `failed`; the others go on."""
     before = os.getloadavg()
     samples: dict[str, list[RoundSample]] = {label: [] for label in openers}
     failed: dict[str, str] = {}
@@ -411,6 +407,11 @@ class Economics:
         return self.load[-1].tokens_per_s if self.load else None
 
 
+# Fewer measured units than this give no interval (NaN): a bootstrap over one or two values would
+# draw a zero-width or all-or-nothing interval and call a single lucky measurement "faster".
+MIN_UNITS = 3
+
+
 @dataclass(frozen=True)
 class Bootstrap:
     """How intervals are computed: confidence, replicates, seed (the run's)."""
@@ -423,8 +424,8 @@ class Bootstrap:
         """The q-quantile of `values` (NaN dropped) and its bootstrap interval."""
         x = np.asarray(values, dtype=np.float64)
         x = x[np.isfinite(x)]
-        if not x.size:
-            return Estimate(math.nan, (math.nan, math.nan))
+        if x.size < MIN_UNITS:
+            return Estimate(float(np.quantile(x, q)) if x.size else math.nan, (math.nan, math.nan))
         r = stats.bootstrap_mean_quantile(x, q=q, n_boot=self.n_boot, confidence=self.confidence, seed=self.seed)
         return Estimate(r.quantile, r.quantile_ci)
 
@@ -433,8 +434,9 @@ class Bootstrap:
         """quantile(cand) / quantile(base) over paired units (NaN in either drops the pair)."""
         b, c = np.asarray(base, dtype=np.float64), np.asarray(cand, dtype=np.float64)
         keep = np.isfinite(b) & np.isfinite(c) & (b > 0) & (c > 0)
-        if not keep.any():
-            return Estimate(math.nan, (math.nan, math.nan))
+        if keep.sum() < MIN_UNITS:
+            point = np.quantile(c[keep], q) / np.quantile(b[keep], q) if keep.any() else math.nan
+            return Estimate(float(point), (math.nan, math.nan))
         r = stats.paired_quantile_ratio(b[keep], c[keep], q=q, n_boot=self.n_boot, confidence=self.confidence,
                                         seed=self.seed)
         return Estimate(r.ratio, r.ratio_ci)

@@ -7,7 +7,7 @@ so every engine scores exactly the same tokens.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -100,10 +100,13 @@ class Engine(Protocol):
         ...
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
+        on_token: Callable[[], None] | None = None,
     ) -> list[list[int]]:
         """Greedy continuation token ids of each prompt; stops after end-of-sequence or any of
-        stop_ids (the stop token is included)."""
+        stop_ids (the stop token is included). on_token, when given, is called as each token is
+        known (economics.measure_round times the first token and the rest of a request from
+        these calls; engines it measures in their own process take it)."""
         ...
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,8 +86,10 @@ class LlamaCppEngine:
             yield torch.from_numpy(self.window_logprobs(w))
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
+        on_token: Callable[[], None] | None = None,
     ) -> list[list[int]]:
+        """Greedy continuation ids (engines/base.py); on_token: called as each token is known."""
         ends, stops = {self.llm.token_eos()}, set(stop_ids)
         results = []
         for prompt in prompts:
@@ -97,6 +99,8 @@ class LlamaCppEngine:
                 for _ in range(max_new_tokens):
                     token = int(np.argmax(logits))
                     out.append(token)
+                    if on_token is not None:
+                        on_token()
                     if stop_after(token, out, ends, stops):
                         break
                     logits = self._eval_from(self.llm.n_tokens, [token])[-1]

@@ -315,8 +315,9 @@ class OnnxRuntimeEngine:
         for w in windows:
             yield torch.from_numpy(self.window_logprobs(w))
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 stop_ids: Sequence[int] = ()) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
+                 on_token: Callable[[], None] | None = None) -> list[list[int]]:
+        """Greedy continuation ids (engines/base.py); on_token: called as each token is known."""
         stops, results = set(stop_ids), []
         for prompt in prompts:
             out: list[int] = []
@@ -326,6 +327,8 @@ class OnnxRuntimeEngine:
                 for _ in range(max_new_tokens):
                     token = int(np.argmax(logits[-1]))
                     out.append(token)
+                    if on_token is not None:
+                        on_token()
                     if stop_after(token, out, self.ends, stops):
                         break
                     logits, cache = self._forward([token], cache, position)

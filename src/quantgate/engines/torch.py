@@ -247,12 +247,13 @@ class TorchEngine:
         return torch.cat(out, dim=1).tolist()
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
+        on_token: Callable[[], None] | None = None,
     ) -> list[list[int]]:
         """Greedy decoding with a key/value cache, one prompt at a time (no padding, so a prompt's
         output does not depend on its neighbours). Stops after end-of-sequence, or after a token of
         stop_ids once some other token has been generated (leading stop tokens, e.g. newlines
-        before the answer, are kept and skipped over)."""
+        before the answer, are kept and skipped over). on_token: called as each token is known."""
         eos = self.model.generation_config.eos_token_id
         ends = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         stops = set(stop_ids)
@@ -266,6 +267,8 @@ class TorchEngine:
                     logits = self.model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1).logits
                     token = int(logits[0, -1].argmax())
                     out.append(token)
+                    if on_token is not None:
+                        on_token()
                     if stop_after(token, out, ends, stops):
                         break
                     step = torch.tensor([[token]])
