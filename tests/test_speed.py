@@ -86,14 +86,15 @@ def covers(e: ec.Estimate, truth: float) -> bool:
 def test_intervals_cover_the_true_ratio_at_about_the_nominal_rate(speedup):
     """200 simulated runs at the default rounds: the 95% intervals of the decode ratio (units:
     requests) and of the throughput ratio at the largest batch size (units: rounds) hold the
-    true ratio about 95% of the time (a binomial 200-run estimate: +-3 points is 2 SD)."""
+    true ratio about 95% of the time (a binomial 200-run estimate: +-3 points is 2 SD; at 5
+    units the bootstrap of a median runs a little short)."""
     decode = load = 0
-    for seed in range(200):
+    for seed in range(int(speedup * 1000), int(speedup * 1000) + 200):  # (other draws for each speedup)
         r = fake_run(speedup, seed)["cand"].vs_baseline
         decode += covers(r.decode, speedup)
         load += covers(r.under_load, speedup)
     assert 0.89 <= decode / 200 <= 0.99
-    assert 0.86 <= load / 200 <= 0.99  # 5 units: the bootstrap of a median runs a little short
+    assert 0.86 <= load / 200 <= 0.99
 
 
 def test_an_a_a_pair_is_no_measurable_difference_and_a_real_speedup_is_faster():
