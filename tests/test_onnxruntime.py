@@ -5,6 +5,7 @@ and what ORT cannot serve is refused at config time, naming the nearest scheme i
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -275,4 +276,36 @@ def test_a_run_on_onnxruntime_through_the_registry(tiny, tmp_path):
         assert e.engine == "onnxruntime" and not e.simulated
         assert e.artifact_bytes == m.weight_bytes == qo.graph_bytes(Path(m.artifact).parent)
         assert e.throughput.decode_tokens_per_s > 0 and e.peak_rss_bytes > 0
-    assert "accuracy_level 4" in result.candidates[1].scheme
+    assert "ORT acc4" in result.candidates[1].scheme
+    _exports_and_verifies(result, tmp_path)
+
+
+def _exports_and_verifies(result, tmp_path):
+    """--format onnx copies the graph folder the run evaluated (sha256 as recorded), with the
+    tokenizer; verify re-measures it on onnxruntime; with the cached folder gone the export makes
+    the same graph again; a simulated candidate has no graph to export."""
+    import shutil
+
+    from quantgate.export.build import export_candidate
+    from quantgate.export.verify import verify
+    from quantgate.record import build_record, dump_record
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = build_record(result)
+    (run_dir / "results.json").write_text(dump_record(record))
+    evaluated = Path(record.candidates[0].artifact.path)
+    exported = export_candidate(run_dir, "rtn-w8", "onnx", tmp_path / "onnx")
+    assert exported.files[qo.GRAPH]["sha256"] == record.candidates[0].artifact.sha256
+    assert (exported.directory / qo.DATA).read_bytes() == (evaluated.parent / qo.DATA).read_bytes()
+    assert (exported.directory / "tokenizer_config.json").is_file()
+    doc = json.loads(exported.manifest.read_text())
+    assert doc["scheme"]["format"] == "onnx" and doc["scheme"]["block_size"] == qo.PER_CHANNEL_BLOCK
+    assert verify(exported.directory).ok
+    shutil.rmtree(evaluated.parent)
+    again = export_candidate(run_dir, "rtn-w8", "onnx", tmp_path / "onnx-again")
+    assert again.files[qo.GRAPH]["sha256"] == exported.files[qo.GRAPH]["sha256"]
+    with pytest.raises(UserError, match="no evaluated onnx artifact.*bits 3 cannot be served"):
+        export_candidate(run_dir, "rtn-w3-g32", "onnx", tmp_path / "w3")
+    with pytest.raises(UserError, match="copied as evaluated"):
+        export_candidate(run_dir, "rtn-w8", "onnx", tmp_path / "dtype", "float16")

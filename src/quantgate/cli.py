@@ -130,7 +130,7 @@ def drift(
 def export(
     results: Annotated[Path, typer.Argument(help="A run directory holding results.json")],
     candidate: Annotated[str, typer.Option(help="The candidate's name in results.json")],
-    format: Annotated[str, typer.Option("--format", help="gguf, compressed-tensors or hf")],
+    format: Annotated[str, typer.Option("--format", help="gguf, onnx, compressed-tensors or hf")],
     out: Annotated[Path | None, typer.Option(help="Directory to write (default: <run>/exports/<name>-<format>)")] = None,
     dtype: Annotated[str | None, typer.Option(help="Tensors not stored as integers: float16 or float32 (default: "
                                                    "float16 for W4A16-style compressed-tensors, else float32)")] = None,

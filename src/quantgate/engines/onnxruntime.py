@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -517,14 +517,15 @@ class OnnxRuntimeBackend(Backend):
             return self.simulated(ctx, cand, why)
         t0 = time.perf_counter()
         made, step, _ = make_with_progress(ctx, cand, later_steps=3)
-        level = cand.quantizer.accuracy_level or 0
-        weights = candidate_weights(made.model, ctx.baseline.arch, cand)
-        base = float_graph(ctx.baseline, ctx.log("onnx-builder"))
-        folder = candidate_graph(base, weights, ctx.baseline.arch.blocks, level)
+        folder = candidate_folder(ctx.baseline, made.model, cand, ctx.log("onnx-builder"))
         step(1)
-        scheme = f"{cand.scheme}, ORT acc{level}"  # MatMulNBits accuracy_level (ACCURACY_LEVELS)
-        return self._served(ctx, cand.label, folder, scheme, modules_changed=made.modules_changed,
-                            make_seconds=time.perf_counter() - t0, step=step)
+        return self._served(ctx, cand.label, folder, served_scheme(cand.scheme, cand.quantizer.accuracy_level),
+                            modules_changed=made.modules_changed, make_seconds=time.perf_counter() - t0, step=step)
+
+    def exported(self, ctx: RunContext, label: str, directory: Path, files: list[str],
+                 scheme: Mapping[str, Any]) -> Served:
+        """An exported graph folder (quantgate export --format onnx), opened as the run opened it."""
+        return self._served(ctx, label, directory, served_scheme(scheme.get("scheme", ""), scheme.get("accuracy_level")))
 
     def unmeasured(self, served: Served, simulated: bool = False) -> Economics:
         from quantgate.economics import Economics
@@ -540,6 +541,40 @@ class OnnxRuntimeBackend(Backend):
         from quantgate.engines.torch import TorchEngine
 
         return TorchEngine(ctx.baseline.model), "torch float32"
+
+
+def served_scheme(scheme: str, accuracy_level: int | None) -> str:
+    """The scheme column of a graph: the weights' scheme and MatMulNBits' accuracy level."""
+    return f"{scheme}, ORT acc{accuracy_level or 0}"  # (ACCURACY_LEVELS says what each level computes)
+
+
+def candidate_folder(baseline: Baseline, model: torch.nn.Module, cand: MethodConfig, log: Path) -> Path:
+    """The graph folder of a made candidate (its fake-quantized `model`): the baseline's fp32
+    graph with MatMulNBits over the candidate's exact codes, cached by content hash."""
+    weights = candidate_weights(model, baseline.arch, cand)
+    base = float_graph(baseline, log)
+    return candidate_graph(base, weights, baseline.arch.blocks, cand.quantizer.accuracy_level or 0)
+
+
+def export_scheme(cand: MethodConfig) -> dict[str, Any]:
+    """The manifest's scheme of a graph exported as evaluated: the weights' grid, the MatMulNBits
+    block they are served with, and the accuracy level (what the kernels compute)."""
+    q = cand.quantizer
+    return {"method": q.method, "bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric,
+            "format": "onnx", "scheme": cand.scheme, "block_size": block_size_for(q.group_size),
+            "accuracy_level": q.accuracy_level or 0, "input_activations": None}
+
+
+def copy_graph(graph: Path, out: Path, tokenizer: Any) -> Path:
+    """The evaluated graph folder (graph, data file, genai config) copied into `out`, with the
+    baseline's tokenizer files so that onnxruntime-genai opens the folder as it is. Returns the
+    copied graph file."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in graph.parent.iterdir():
+        if f.name.startswith(GRAPH) or f.name == GENAI_CONFIG:
+            shutil.copyfile(f, out / f.name)
+    tokenizer.save_pretrained(out)
+    return out / GRAPH
 
 
 def candidate_weights(model: torch.nn.Module, arch: Any, cand: MethodConfig) -> dict[str, NBitsWeight]:

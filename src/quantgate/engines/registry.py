@@ -229,7 +229,7 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
     BackendEntry("onnxruntime", frozenset({"model"}), "quantgate.engines.onnxruntime:OnnxRuntimeBackend",
                  process="quantgate.engines.onnxruntime:OnnxRuntimeEngine",
                  requires=("onnxruntime", "onnx", "onnxruntime_genai"), install="pip install 'quantgate[onnx]'",
-                 check=_onnxruntime_servable, settings=frozenset({"accuracy_level"})),
+                 check=_onnxruntime_servable, settings=frozenset({"accuracy_level"}), exports=("onnx",)),
 )}
 # The backend that makes a candidate by fake quantization (Backend.simulated).
 SIMULATOR = "torch"

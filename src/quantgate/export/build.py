@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from quantgate.engines import registry as backends
 from quantgate.errors import NotSupportedYet, UserError
 from quantgate.evals.tasks import PreparedSuite, kl_divergence
 from quantgate.export import formats, manifest
@@ -53,13 +55,17 @@ def export_candidate(run_dir: Path, name: str, fmt: str, out: Path | None = None
         raise UserError(f"{out}: already exists and is not empty (choose another --out)")
     if cand.artifact == "served" or (fmt == "gguf") != (cand.artifact == "gguf"):
         raise UserError(_wrong_format(name, cand, fmt))
-    if dtype is not None and fmt == "gguf":
-        raise UserError("--dtype applies to compressed-tensors and hf exports (a GGUF file is copied as evaluated)")
+    if fmt in formats.EVALUATED and run.config.serving.engine != backends.loader_of(fmt).name:
+        raise UserError(f"candidate {name} was evaluated on the {run.config.serving.engine} engine; --format {fmt} "
+                        f"exports the artifact the {backends.loader_of(fmt).name} engine evaluated (gate it there)")
+    if dtype is not None and fmt in formats.EVALUATED:
+        raise UserError(f"--dtype applies to compressed-tensors and hf exports (a {fmt} artifact is copied as "
+                        "evaluated)")
     if dtype is not None and dtype not in formats.DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(formats.DTYPES)}")
     try:
-        if fmt == "gguf":
-            scheme, round_trip, source, digest = _export_gguf(run, name, cand, out)
+        if fmt in formats.EVALUATED:
+            scheme, round_trip, source, digest = _export_evaluated(run, name, cand, fmt, out)
         else:
             rec = recreate(run, name)
             scheme, round_trip = _export_torch(rec, fmt, dtype or formats.default_dtype(fmt, cand), out)
@@ -79,32 +85,47 @@ def _wrong_format(name: str, cand: MethodConfig, fmt: str) -> str:
                 "the llama.cpp engine evaluated")
     if cand.artifact == "served":
         return f"candidate {name} was served by someone else's server: quantgate has no weights of it to export"
-    return (f"candidate {name} was evaluated as PyTorch weights on the torch engine; --format gguf exports "
-            "only the GGUF file a llama.cpp candidate was evaluated as (use compressed-tensors or hf)")
+    return (f"candidate {name} was evaluated as PyTorch weights; --format gguf exports only the GGUF file a "
+            "llama.cpp candidate was evaluated as (use compressed-tensors, hf, or onnx for a candidate the "
+            "onnxruntime engine evaluated)")
 
 
-# -- GGUF ------------------------------------------------------------------------------------------
+# -- artifacts exported as evaluated (gguf, onnx) ----------------------------------------------------
 
 
-def _export_gguf(run: StoredRun, name: str, cand: MethodConfig, out: Path) -> tuple[dict, dict, dict, str]:
-    """Copy the evaluated GGUF file (its recorded path; when that is gone, llama.cpp's quantizer is
-    run again the same way) after checking its sha256 against the run's record."""
+@dataclass(frozen=True)
+class _Evaluated:
+    """How one format's evaluated artifact is exported: copied into `out` (returning the copied
+    file the run recorded a sha256 of), made again the run's way when its cached copy is gone,
+    and described in the manifest."""
+
+    copy: Callable[[Path, Path, Recreated], Path]
+    remake: Callable[[StoredRun, Recreated, MethodConfig], Path]
+    scheme: Callable[[MethodConfig], dict[str, Any]]
+
+
+def _export_evaluated(run: StoredRun, name: str, cand: MethodConfig, fmt: str,
+                      out: Path) -> tuple[dict, dict, dict, str]:
+    """Copy the evaluated artifact (its recorded path; when that is gone, made again the same way)
+    after checking its sha256 against the run's record."""
+    how = _EVALUATED[fmt]
     rec = recreate(run, name, make=False)
     artifact = rec.record.artifact
     if artifact is None:
-        raise UserError(f"{run.path}: candidate {name} has no recorded artifact")
+        why = f" ({rec.record.unservable})" if rec.record.unservable else ""
+        raise UserError(f"{run.path}: candidate {name} has no evaluated {fmt} artifact{why}")
     path = Path(artifact.path)
     if not path.is_file():
-        path = _requantize(run, rec, cand)
+        path = how.remake(run, rec, cand)
     digest = file_sha256(path)
     if digest != artifact.sha256:
         raise UserError(f"{path}: sha256 {digest[:16]}… differs from the file the run evaluated "
                         f"({artifact.sha256[:16]}…); refusing to export it")
-    (copied,) = formats.copy_gguf(path, out)
+    copied = how.copy(path, out, rec)
     if file_sha256(copied) != digest:
         raise UserError(f"{copied}: the copy's sha256 differs from its source {path}")
     source = {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}
-    return formats.gguf_scheme(cand), {"bytes_identical": True, "sha256": digest}, source, rec.eval_sha256
+    return how.scheme(cand), {"bytes_identical": True, "sha256": digest}, source, rec.eval_sha256
 
 
 def _requantize(run: StoredRun, rec: Recreated, cand: MethodConfig) -> Path:
@@ -115,6 +136,31 @@ def _requantize(run: StoredRun, rec: Recreated, cand: MethodConfig) -> Path:
     if cand.imatrix:
         calib = calibration_set(rec.baseline.tokenizer, run.config.calibration, rec.prepared.suite.texts())
     return quantized_gguf(rec.baseline, cand.type, calib)
+
+
+def _regraph(run: StoredRun, rec: Recreated, cand: MethodConfig) -> Path:
+    from quantgate.engines.onnxruntime import GRAPH, candidate_folder
+
+    made = recreate(run, rec.candidate.label, sized=False).made
+    return candidate_folder(rec.baseline, made.model, cand, run.path.parent / "logs" / "onnx-builder.log") / GRAPH
+
+
+def _copy_graph(path: Path, out: Path, rec: Recreated) -> Path:
+    from quantgate.engines.onnxruntime import copy_graph
+
+    return copy_graph(path, out, rec.baseline.tokenizer)
+
+
+def _graph_scheme(cand: MethodConfig) -> dict[str, Any]:
+    from quantgate.engines.onnxruntime import export_scheme
+
+    return export_scheme(cand)
+
+
+_EVALUATED = {
+    "gguf": _Evaluated(lambda path, out, rec: formats.copy_gguf(path, out)[0], _requantize, formats.gguf_scheme),
+    "onnx": _Evaluated(_copy_graph, _regraph, _graph_scheme),
+}
 
 
 # -- compressed-tensors and hf ---------------------------------------------------------------------------

@@ -42,7 +42,10 @@ from quantgate.methods.registry import MethodConfig
 from quantgate.methods.rtn import QuantizedWeight, QuantSpec, dequantize
 from quantgate.methods.smoothquant import fake_quantize_activations
 
-FORMATS = ("gguf", "compressed-tensors", "hf")
+FORMATS = ("gguf", "onnx", "compressed-tensors", "hf")
+# Formats exported as the very artifact their engine evaluated (copied, checked by sha256); the
+# engine is the one whose registry entry loads the format (engines.registry.loader_of).
+EVALUATED = ("gguf", "onnx")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 WEIGHTS_FILE = "model.safetensors"
 # W8A8 input activations as quantgate evaluates them (methods/smoothquant.fake_quantize_activations).

@@ -109,10 +109,11 @@ class Recreated:
     made: CandidateModel | None  # None for llama.cpp candidates (their artifact is the GGUF file)
 
 
-def recreate(run: StoredRun, name: str, *, make: bool = True) -> Recreated:
+def recreate(run: StoredRun, name: str, *, make: bool = True, sized: bool = True) -> Recreated:
     """The candidate `name` made again from the stored config, after checking the baseline,
-    eval set and calibration data against the run; its size and changed-module count must match
-    the recorded ones."""
+    eval set and calibration data against the run; its changed-module count must match the
+    recorded one, and its size too when `sized` (False when the run counted another artifact's
+    bytes, which the caller checks by sha256)."""
     cfg, where = run.config, run.path
     cand, record = run.candidate(name)
     baseline = checked_baseline(cfg, run.record.model.sha256, where)
@@ -128,7 +129,7 @@ def recreate(run: StoredRun, name: str, *, make: bool = True) -> Recreated:
                 raise UserError(f"{where}: the calibration windows no longer match the run's "
                                 f"(sha256 {calib.digest[:16]}… vs recorded {str(recorded)[:16]}…)")
         made = make_candidate(baseline.model, baseline.arch, cand, calib, seed=cfg.seed)
-        got = (made.weight_bytes, made.modules_changed)
+        got = (made.weight_bytes if sized else record.weight_bytes, made.modules_changed)
         if got != (record.weight_bytes, record.modules_changed):
             raise UserError(f"{where}: candidate {name} re-created with (bytes, modules changed) {got}, "
                             f"the run recorded ({record.weight_bytes}, {record.modules_changed})")
