@@ -21,15 +21,19 @@ BENCHES = {
     "bench_prune.py": (["--only", "wanda-mlp25", "--piqa", "8", "--samples", "2", "--seq-len", "32",
                         "--rounds", "1", "--prompts", "1", "--new-tokens", "4"], "decode / baseline"),
     "bench_llamacpp.py": (["--types", "Q8_0", "--rounds", "1", "--new-tokens", "4"], "harness / bare"),
+    "bench_onnx.py": (["--rounds", "1", "--new-tokens", "4", "--samples", "2", "--seq-len", "32", "--threads", "1"],
+                      "/ ORT fp32, 1t"),
 }
 
 
 @pytest.mark.parametrize("script", BENCHES)
 def test_bench_runs_and_prints_its_table(script):
-    if not (DATA / "piqa.jsonl").is_file() and script != "bench_llamacpp.py":
+    if not (DATA / "piqa.jsonl").is_file() and script not in ("bench_llamacpp.py", "bench_onnx.py"):
         pytest.skip(f"{DATA} is absent")
     if script in ("bench_prune.py", "bench_llamacpp.py"):
         pytest.importorskip("llama_cpp")
+    if script == "bench_onnx.py":
+        pytest.importorskip("onnxruntime")
     args, title = BENCHES[script]
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
                           timeout=900, cwd=ROOT)
