@@ -82,6 +82,14 @@ class Served:
             raise ValueError(f"{self.label}: nothing to open (a resumed model whose scores are all stored)")
         return self.opener()
 
+    def meta(self) -> dict[str, Any]:
+        """What making it reported, as plain data (recorded in the store, and sent back by a model
+        made elsewhere): Backend.resumed turns it back into a Served."""
+        return {"weight_bytes": self.weight_bytes, "modules_changed": self.modules_changed,
+                "quantize_seconds": self.make_seconds, "bytes_counted": self.bytes_counted,
+                "artifact": str(self.artifact) if self.artifact else None, "unservable": self.unservable,
+                "scheme": self.scheme}
+
 
 @contextmanager
 def ready(engine: Engine) -> Iterator[Engine]:
@@ -119,10 +127,11 @@ class Backend:
         return served
 
     def resumed(self, ctx: RunContext, cand: MethodConfig, meta: Mapping[str, Any]) -> Served:
-        """A candidate whose scores a resumed run has all stored: nothing is made again."""
+        """A candidate whose scores a resumed run has all stored, or that was made elsewhere (see
+        Served.meta): nothing is made again here."""
         path = Path(meta["artifact"]) if meta.get("artifact") else None
         path = path if path and path.exists() else None
-        return Served(cand.label, meta["weight_bytes"], meta.get("bytes_counted", ""), cand.scheme,
+        return Served(cand.label, meta["weight_bytes"], meta.get("bytes_counted", ""), meta.get("scheme", cand.scheme),
                       meta["modules_changed"], meta["quantize_seconds"], path, serves_from=path,
                       unservable=meta.get("unservable"))
 

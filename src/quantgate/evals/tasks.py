@@ -6,7 +6,7 @@ identical token ids.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -204,32 +204,53 @@ def evaluate(
     step = on_step or (lambda n: None)
     before = sum(engine.timing.seconds.values()) if engine else 0.0
     known = dict(cache.known()) if cache else {}
-    todo = [i for i in range(len(prepared.suite.items)) if i not in known]
-    size = cache.chunk_items if cache else max(1, len(todo))
-    for start in range(0, len(todo), size):
-        new = _score_items(_need(engine), prepared, todo[start : start + size])
+    chunks = item_chunks(prepared, known, cache)
+    for chunk in chunks:
+        new = score_items(_need(engine), prepared, chunk)
         if cache:
             cache.record(new)
         known.update(new)
     step(1)
-    cached = cache.windows() if cache and not keep else None
-    windows, kept = (cached, []) if cached is not None else _run_windows(_need(engine), prepared, reference, keep)
+    cached = cached_windows(cache, keep)
+    windows, kept = (cached, []) if cached is not None else run_windows(_need(engine), prepared, reference, keep)
     if cache and cached is None:
         cache.record_windows(windows)
     step(1)
+    seconds = (sum(engine.timing.seconds.values()) - before) if engine else 0.0
+    scored = sum(map(len, chunks))
+    return collect_scores(prepared, known, windows, seconds, scored, engine.name if engine else "cache"), kept
+
+
+def item_chunks(prepared: PreparedSuite, known: Mapping[int, ItemOutput],
+                cache: ScoreCache | None) -> list[list[int]]:
+    """The items not in `known` (suite indices), in the pieces scored and recorded together:
+    cache.chunk_items at a time, else all at once. Every executor scores these same pieces (an
+    engine's batches, and so the low bits of its results, depend on what is scored together)."""
+    todo = [i for i in range(len(prepared.suite.items)) if i not in known]
+    size = cache.chunk_items if cache else max(1, len(todo))
+    return [todo[start : start + size] for start in range(0, len(todo), size)]
+
+
+def cached_windows(cache: ScoreCache | None, keep: bool) -> WindowOutput | None:
+    """The recorded window results, unless the model's own log-probs must be kept (keep=True)."""
+    return cache.windows() if cache and not keep else None
+
+
+def collect_scores(prepared: PreparedSuite, known: Mapping[int, ItemOutput], windows: WindowOutput,
+                   seconds: float, scored: int, engine: str) -> ModelScores:
+    """A model's scores from every item's output (known: suite index -> output, all of them) and
+    its window results; `scored` of the items were scored now, the rest reused."""
     n = len(prepared.suite.items)
     option_ll = np.array([x for i in range(n) for x in known[i].option_ll], dtype=np.float64)
     if len(option_ll):
-        _check_not_constant(option_ll, prepared.offsets, engine.name if engine else "cache")
-    scores = ModelScores(
+        _check_not_constant(option_ll, prepared.offsets, engine)
+    return ModelScores(
         option_ll=option_ll,
         option_greedy=np.array([x for i in range(n) for x in known[i].option_greedy], dtype=bool),
         generations={i: list(known[i].generation) for i in prepared.prompts},
         token_nll=windows.token_nll, kld=windows.kld, top1_agree=windows.top1_agree, window_of=windows.window_of,
-        seconds=(sum(engine.timing.seconds.values()) - before) if engine else 0.0,
-        items_scored=len(todo), items_reused=n - len(todo),
+        seconds=seconds, items_scored=scored, items_reused=n - scored,
     )
-    return scores, kept
 
 
 def _need(engine: Engine | None) -> Engine:
@@ -238,7 +259,7 @@ def _need(engine: Engine | None) -> Engine:
     return engine
 
 
-def _score_items(engine: Engine, prepared: PreparedSuite, idx: list[int]) -> dict[int, ItemOutput]:
+def score_items(engine: Engine, prepared: PreparedSuite, idx: list[int]) -> dict[int, ItemOutput]:
     """Outputs of the items `idx` (indices into the suite), in one loglikelihood call and one
     generation pass."""
     off = prepared.offsets
@@ -255,7 +276,7 @@ def _score_items(engine: Engine, prepared: PreparedSuite, idx: list[int]) -> dic
     return out
 
 
-def _run_windows(engine: Engine, prepared: PreparedSuite, reference: Sequence[torch.Tensor] | None,
+def run_windows(engine: Engine, prepared: PreparedSuite, reference: Sequence[torch.Tensor] | None,
                  keep: bool) -> tuple[WindowOutput, list[torch.Tensor]]:
     nll, kld, agree, window_of, kept = [], [], [], [], []
     for w, lp in enumerate(engine.token_logprobs(prepared.windows)):
