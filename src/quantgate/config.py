@@ -8,6 +8,7 @@ Shape (the seed's mental model, plus a list of candidates):
     serving:      {engine, max_batch_size}
     quality_gate: {verified_against, eval_set, metric, min_acceptable, drift_check}
     evaluation:   {sizes of the default suite, batching}
+    executor:     {kind: local} or {kind: ray, address, resources per model}
 
 A candidate is validated by the config model of its method (methods/registry.py); which engine
 runs which method is the backend registry's (engines/registry.py).
@@ -29,10 +30,12 @@ from pydantic import Field, ValidationError, model_validator
 
 from quantgate.engines import registry as backends
 from quantgate.errors import NotSupportedYet, UserError
+from quantgate.executors import registry as executors
+from quantgate.executors.registry import EXECUTORS, ExecutorConfig, LocalConfig
 from quantgate.methods.registry import METHODS, STEP_TYPES, Candidate, MethodConfig, RtnConfig, upgrade_candidate
 from quantgate.settings import DEFAULT_MAX_BATCH_SIZE, Frozen, ServingConfig
 
-TAGS = set(METHODS) | set(STEP_TYPES)  # the candidate unions' tags (see _without_tags)
+TAGS = set(METHODS) | set(STEP_TYPES) | set(EXECUTORS)  # the unions' tags (see _without_tags)
 __all__ = ["Candidate", "MethodConfig", "ServingConfig", "DEFAULT_MAX_BATCH_SIZE"]  # re-exported
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -169,6 +172,9 @@ class RunConfig(Frozen):
     evaluation: EvaluationConfig = EvaluationConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     economics: EconomicsConfig = EconomicsConfig()
+    # Where models are made and scored: {kind: local} (this process) or {kind: ray, ...} (a Ray
+    # cluster; executors/registry.py). Results are the same number for number either way.
+    executor: ExecutorConfig = LocalConfig()
     # "all": every candidate is measured and the smallest that holds the gate is recommended.
     # "ladder": candidates are rungs in order of aggressiveness (as listed); the run stops at the
     # first that does not hold the gate and recommends the last that did.
@@ -232,7 +238,7 @@ class RunConfig(Frozen):
 
 def check_supported(cfg: RunConfig) -> None:
     """Raise for what the config asks that cannot run: an engine that is not built (yet) or not
-    installed, a method on an engine that does not run its artifacts, a reference not built yet."""
+    installed, an executor not installed, a method on an engine that does not run its artifacts, a reference not built yet."""
     entry = backends.entry(cfg.serving.engine)
     for c in cfg.resolved_candidates:
         if c.artifact not in entry.accepts:
@@ -241,6 +247,7 @@ def check_supported(cfg: RunConfig) -> None:
             raise UserError(f"candidate {c.label}: method '{c.method}' runs on serving.engine "
                             f"{' or '.join(runs_on)}, not '{entry.name}' (there: {', '.join(theirs)})")
     entry.check_config(cfg)
+    executors.entry(cfg.executor).check()
     if cfg.reference not in IMPLEMENTED_REFERENCES:
         raise NotSupportedYet(
             f"verified_against '{cfg.reference}': the reference is model.base as loaded (float32); "
@@ -311,10 +318,11 @@ def _describe(path: Path, text: str, err: ValidationError) -> str:
 
 
 def _without_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A validation error's key path without the method tags the candidate union adds after a
-    candidate (candidates.0.rtn.bits -> candidates.0.bits): they are not keys of the YAML."""
-    return tuple(x for i, x in enumerate(loc)
-                 if not (i and x in TAGS and (isinstance(loc[i - 1], int) or loc[i - 1] == "quantization")))
+    """A validation error's key path without the tags the candidate and executor unions add
+    (candidates.0.rtn.bits -> candidates.0.bits, executor.ray.address -> executor.address): they
+    are not keys of the YAML."""
+    return tuple(x for i, x in enumerate(loc) if not (i and x in TAGS and (
+        isinstance(loc[i - 1], int) or loc[i - 1] in ("quantization", "executor"))))
 
 
 def error_text(error: Mapping[str, Any]) -> str:

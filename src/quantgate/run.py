@@ -31,7 +31,9 @@ from quantgate.engines.process import EngineCrashed
 from quantgate.engines.registry import Backend, Progress, RunContext, Served
 from quantgate.evals.datasets import EvalSuite, load_suite
 from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
-from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_divergence, prepare, with_response_windows
+from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_divergence, prepare
+from quantgate.executors import registry as executors
+from quantgate.executors.base import Executor
 from quantgate.gate import CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge
 from quantgate.methods.calibrate import CalibrationSet, calibration_set
 from quantgate.models.load import Baseline, load_baseline
@@ -169,13 +171,15 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
     started = started or datetime.now(timezone.utc)
     cfg, gate = inputs.cfg, inputs.cfg.quality_gate
     backend = backends.entry(cfg.serving.engine).load()
-    with _workdir(workdir) as work:
+    with _workdir(workdir) as work, executors.entry(cfg.executor).open(cfg.executor) as executor:
         ctx = RunContext(cfg, inputs.baseline, inputs.calib, work, progress,
                          bench_prompts(cfg, inputs.prepared), memory_bandwidth())
         prepared, notes = backend.prepare(ctx, inputs.prepared)
-        runner = _Runner(ctx, backend, store, resume, data_digest(prepared))
+        runner = _Runner(ctx, backend, executor, store, resume, data_digest(prepared))
         base, prepared, reference = runner.baseline(prepared)
         floor = noise_floor(backend, ctx, prepared, reference)
+        if cfg.strategy == "all":  # every candidate will be measured: an executor may run them at once
+            runner.start(cfg.resolved_candidates, prepared, reference)
         results, failed, verdicts = [], [], []
         for cand in cfg.resolved_candidates:
             try:
@@ -226,37 +230,45 @@ def bench_prompts(cfg: RunConfig, prepared: PreparedSuite) -> list[list[int]]:
 
 @dataclass
 class _Runner:
-    """Scores served models through one backend, recording (and on resume reusing) their items."""
+    """Scores served models through one backend on one executor, recording (and on resume
+    reusing) their items."""
 
     ctx: RunContext
     backend: Backend
+    executor: Executor
     store: Store | None
     resume: bool
     data_digest: str
+    caches: dict[str | None, StoreCache] = field(default_factory=dict)  # by candidate label (None: baseline)
 
     def cache(self, cand: MethodConfig | None, prepared: PreparedSuite) -> StoreCache | None:
-        if self.store is None:
-            return None
+        """The model's records in the store (one object per model for the whole run)."""
+        which = cand.label if cand else None
+        if self.store is None or which in self.caches:
+            return self.caches.get(which)
         ctx = self.ctx
         calibration = ctx.calib.digest if ctx.calib is not None and cand is not None else None
         key = ItemKey(ctx.baseline.digest, settings_digest(ctx.cfg, cand, calibration), self.data_digest)
-        return StoreCache(self.store, key, prepared, ctx.cfg.evaluation.record_every,
-                          cand.label if cand else "baseline", self.resume)
+        self.caches[which] = StoreCache(self.store, key, prepared, ctx.cfg.evaluation.record_every,
+                                        which or "baseline", self.resume)
+        return self.caches[which]
 
     def baseline(self, prepared: PreparedSuite) -> tuple[ModelResult, PreparedSuite, list[torch.Tensor]]:
         """The baseline's scores, the suite extended with its responses to prompt items, and
         its log-probs over every window (text and responses): the reference of every candidate."""
         ctx = self.ctx
-        step = ctx.progress("baseline", 3)
-        served = self.backend.baseline(ctx)
-        with served.open() as engine:
-            scores, reference = evaluate(engine, prepared, keep=True, on_step=step, cache=self.cache(None, prepared))
-            prepared = with_response_windows(prepared, scores.generations)
-            reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
-        step(1)
+        served, scores, prepared, reference = self.executor.baseline(self.backend, ctx, prepared,
+                                                                     self.cache(None, prepared))
         metrics = model_metrics(scores, prepared, ctx.cfg.quality_gate.metric, ctx.baseline.tokenizer)
         result = _result(served, None, metrics, scores, None, self.backend.economics(ctx, served))
         return result, prepared, reference
+
+    def start(self, cands: tuple[MethodConfig, ...], prepared: PreparedSuite, reference: list[torch.Tensor]) -> None:
+        """Let the executor begin every candidate that is not already recorded whole."""
+        for cand in cands:
+            cache = self.cache(cand, prepared)
+            if cache is None or not cache.complete():
+                self.executor.start(self.backend, self.ctx, cand, prepared, reference, cache)
 
     def candidate(self, cand: MethodConfig, prepared: PreparedSuite, base: ModelResult,
                   reference: list[torch.Tensor]) -> ModelResult:
@@ -265,15 +277,9 @@ class _Runner:
             served = self.backend.resumed(ctx, cand, cache.meta())
             scores, _ = evaluate(None, prepared, reference, cache=cache, on_step=ctx.progress(cand.label, 2))
         else:
-            served = self.backend.candidate(ctx, cand)
-            with served.open() as engine:
-                scores, _ = evaluate(engine, prepared, reference, cache=cache,
-                                     on_step=served.step or ctx.progress(cand.label, 2))
+            served, scores = self.executor.candidate(self.backend, ctx, cand, prepared, reference, cache)
         if cache is not None:
-            cache.record_meta({"weight_bytes": served.weight_bytes, "modules_changed": served.modules_changed,
-                               "quantize_seconds": served.make_seconds, "bytes_counted": served.bytes_counted,
-                               "artifact": str(served.artifact) if served.artifact else None,
-                               "unservable": served.unservable})
+            cache.record_meta(served.meta())
         gate = ctx.cfg.quality_gate
         metrics = model_metrics(scores, prepared, gate.metric, ctx.baseline.tokenizer)
         comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
