@@ -134,6 +134,7 @@ class LoadLevel(Record):
     requests: int | None = None
     requests_per_s: Num = None
     new_tokens: int | None = None
+    replica_tokens_per_s: tuple[Num, ...] | None = None  # replicas of one server: each one's share
 
 
 class Cost(Record):

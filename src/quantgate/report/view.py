@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from quantgate.record import (
-    CandidateRecord, Comparison, Cost, EconomicsSettings, ModelRecord, Rule, RunRecord, TaskStats,
+    CandidateRecord, Comparison, Cost, EconomicsSettings, LoadLevel, ModelRecord, Rule, RunRecord, TaskStats,
 )
 
 # A candidate whose accuracy recovery holds but which is beyond either line gets a "silent loss"
@@ -211,10 +211,18 @@ def load_table(results: RunRecord) -> Table | None:
     """The request mix at each batch size, per model with a measured (not simulated) sweep:
     latency percentiles and throughput under that load; None when no model has one."""
     rows = tuple(Row((m.name, str(level.batch_size), "batched" if level.batched else "queued",
-                      latencies(level.latency_s), rate(level.tokens_per_s)), gate_status(results, m))
+                      latencies(level.latency_s), fleet_rate(level)), gate_status(results, m))
                  for m in results.models if m.economics and not m.economics.simulated
                  for level in sorted(m.economics.load, key=lambda r: r.batch_size))
     return Table(LOAD_HEADERS, rows, (False, True, False, True, True)) if rows else None
+
+
+def fleet_rate(level: LoadLevel) -> str:
+    """Tokens/s under one load level; for replicas of one server, the fleet's with each
+    replica's share ("812 (401 + 411)"); their batch size is per replica."""
+    if not level.replica_tokens_per_s:
+        return rate(level.tokens_per_s)
+    return f"{rate(level.tokens_per_s)} ({' + '.join(rate(r) for r in level.replica_tokens_per_s)})"
 
 
 def economics_notes(results: RunRecord) -> list[str]:
