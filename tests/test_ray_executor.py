@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, text
 from conftest import build_tiny_llama, single_thread
 from quantgate.config import RunConfig, load_config
 from quantgate.errors import UserError
+from quantgate.methods.registry import candidate
 from quantgate.record import build_record, dump_record
 from quantgate.store import open_store
 from test_export import char_tokenizer_files
@@ -68,7 +69,8 @@ def test_run_py_names_no_executor():
     ("executor: {kind: spark}\n", r"run.yaml:1: executor: executor kind is one of local, ray"),
     ("executor: {kind: ray, address: auto, object_store_mb: 100}\n",
      r"object_store_mb sizes a Ray instance started here; with an address the cluster has its own"),
-    ("executor:\n  kind: ray\n  num_gpus: -1\n", r"run.yaml:3: executor.num_gpus: Input should be greater than or equal to 0"),
+    ("executor:\n  kind: ray\n  num_gpus: -1\n",
+     r"run.yaml:3: executor.num_gpus: Input should be greater than or equal to 0"),
 ])
 def test_bad_executor_blocks_are_one_line_errors(tmp_path, body, message):
     with pytest.raises(UserError, match=message):
@@ -175,6 +177,23 @@ def test_a_run_cut_short_under_one_executor_resumes_under_the_other(ray_head, ti
     n = len(whole.prepared.suite.items)
     assert [m.scores.items_scored for m in [resumed.baseline, *resumed.candidates]] == [0, 0, missing]
     assert missing == n - 3
+
+
+def test_an_error_in_an_actor_is_the_error_a_local_run_gives(ray_head, tiny_model, tmp_path):
+    """A candidate whose making fails on its actor (pruning every head) ends the run with the
+    local run's own one-line error, not a Ray traceback."""
+    from quantgate.run import execute
+
+    bad = {"prune": "magnitude", "sparsity": 0.99, "structure": "heads"}
+    errors = []
+    for kind in ("local", "ray"):
+        cfg = _tiny_config(tiny_model, {"kind": kind})
+        small = cfg.evaluation.model_copy(update={"limit": 2, "cloze_items": 2, "ppl_windows": 1})
+        cfg = cfg.model_copy(update={"candidates": (candidate(**bad),), "evaluation": small})
+        with pytest.raises(UserError) as caught, single_thread():
+            execute(cfg, workdir=tmp_path / kind)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "would remove all 2 heads units of a block" in errors[0]
 
 
 def test_a_model_no_node_can_hold_is_refused_at_once(ray_head, tiny_model, tmp_path):

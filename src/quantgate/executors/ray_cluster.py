@@ -13,7 +13,9 @@ What runs where:
 The baseline runs first; its log-probs over every window go into Ray's object store once and
 every candidate's actor reads them from there (KL divergence and top-1 agreement are computed
 next to the candidate). With strategy "all" every candidate starts at once and Ray runs as many
-as the cluster's resources hold; a ladder runs its rungs one at a time.
+as the cluster's resources hold; a ladder runs its rungs one at a time. Each actor ends once its
+answers are in, and a candidate is handed back only when every model in flight is done: economics
+(measured here, after) never time a model while the run's own actors compute.
 
 Each actor gets the same inputs and runs the same code on the same pieces as the local executor,
 so the records, and everything computed from them, are the same number for number (on the same
@@ -194,6 +196,7 @@ class RayExecutor:
         self.handlers: dict[Any, tuple[_Model, Callable[[Any], None]]] = {}  # ObjectRef -> its model, what next
         self.job: Any = None  # the Job's ObjectRef
         self.reference: Any = None  # the ObjectRef of the baseline's log-probs
+        self.suite: tuple[PreparedSuite | None, Any] = (None, None)  # the suite last sent, its ObjectRef
         self.worker: Any = None  # ModelWorker as a Ray actor class
         self.engine = ""
 
@@ -260,13 +263,15 @@ class RayExecutor:
         self.job = self.ray.put(Job(ctx.cfg, quantgate.__version__, ctx.baseline.digest, ctx.calib,
                                     str(ctx.work.resolve()), ctx.bench_prompts, ctx.bandwidth))
         model = self._launch(None, ctx, prepared, cache, keep=True, extra_steps=1)
-        self._wait(model)
+        self._wait(model, close=False)
         scores = self._scores(model, prepared)
         extended = with_response_windows(prepared, scores.generations)
         self.reference = model.actor.reference.remote(extended.windows[len(prepared.windows):])
         reference = [torch.from_numpy(np.array(r)) for r in self._get(model, self.reference)]
         model.step(1)
         self._close(model)
+        if model.error is not None:
+            raise model.error
         return backend.baseline(ctx), scores, extended, reference
 
     def start(self, backend: Backend, ctx: RunContext, cand: MethodConfig, prepared: PreparedSuite,
@@ -276,12 +281,12 @@ class RayExecutor:
 
     def candidate(self, backend: Backend, ctx: RunContext, cand: MethodConfig, prepared: PreparedSuite,
                   reference: Reference, cache: ScoreCache | None) -> tuple[Served, ModelScores]:
+        """The candidate's scores once every model in flight is done (run.py times a model's
+        speed after this returns: nothing of the run computes while it does)."""
         self.start(backend, ctx, cand, prepared, reference, cache)
         model = self.models[cand.label]
-        self._wait(model)
-        scores = self._scores(model, prepared)
-        self._close(model)
-        return backend.resumed(ctx, cand, model.meta), scores
+        self._wait(model, everyone=True)
+        return backend.resumed(ctx, cand, model.meta), self._scores(model, prepared)
 
     # -- models on actors -----------------------------------------------------------------------
 
@@ -293,7 +298,9 @@ class RayExecutor:
         chunks = item_chunks(prepared, known, cache)
         stored = cached_windows(cache, keep)
         label = cand.label if cand else "baseline"
-        actor = self.worker.options(**self.cfg.actor_options()).remote(self.job, self.ray.put(prepared), cand)
+        if self.suite[0] is not prepared:  # once for the baseline, once for every candidate
+            self.suite = (prepared, self.ray.put(prepared))
+        actor = self.worker.options(**self.cfg.actor_options()).remote(self.job, self.suite[1], cand)
         step = ctx.progress(label, 1 + len(chunks) + (stored is None) + extra_steps)
         model = _Model(label, actor, cache, known, step, scored=sum(map(len, chunks)), windows=stored)
         self.models[cand.label if cand else None] = model
@@ -308,10 +315,11 @@ class RayExecutor:
         model.pending.add(ref)
         self.handlers[ref] = (model, then)
 
-    def _wait(self, model: _Model) -> None:
-        """Collect answers from every model in flight as they come (each recorded on arrival)
-        until this model's are all in. A model's error is raised when that model is waited for."""
-        while model.pending and model.error is None:
+    def _wait(self, model: _Model, everyone: bool = False, close: bool = True) -> None:
+        """Collect answers from every model in flight as they come (each recorded on arrival,
+        each model's actor closed once its answers are in) until this model's are all in, or
+        with everyone=True every model's. A model's error is raised when that model is waited for."""
+        while (self.handlers if everyone else model.pending) and model.error is None:
             (ref,), _ = self.ray.wait(list(self.handlers), num_returns=1)
             owner, then = self.handlers.pop(ref)
             owner.pending.discard(ref)
@@ -322,6 +330,8 @@ class RayExecutor:
                 self._kill(owner)
                 continue
             then(answer)
+            if not owner.pending and (close or owner is not model):
+                self._close(owner)
         if model.error is not None:
             raise model.error
 
@@ -342,9 +352,12 @@ class RayExecutor:
         return collect_scores(prepared, model.known, model.windows, model.seconds, model.scored, self.engine)
 
     def _close(self, model: _Model) -> None:
-        """Close the model's engine (and its engine process, if any), then end its actor."""
+        """Close the model's engine (and its engine process, if any), then end its actor; an
+        error closing it is the model's."""
         try:
             self._get(model, model.actor.close.remote())
+        except Exception as e:  # noqa: BLE001 - kept for the model's turn, like any of its errors
+            model.error = e
         finally:
             self._kill(model)
 
