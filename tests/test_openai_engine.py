@@ -389,7 +389,8 @@ def test_load_on_replicas_reports_each_replica_and_the_fleet(tiny_llama, char_to
     from quantgate.report.view import fleet_rate
 
     prompts = [char_tokenizer.encode(p) for p in ("Once upon a", "The cat sat")]
-    with serve(_streaming(TinyServer(tiny_llama))) as (url_a, _), serve(_streaming(TinyServer(tiny_llama))) as (url_b, _):
+    replica_a, replica_b = _streaming(TinyServer(tiny_llama)), _streaming(TinyServer(tiny_llama))
+    with serve(replica_a) as (url_a, _), serve(replica_b) as (url_b, _):
         levels = measure_load(_engine([url_a, url_b], char_tokenizer), prompts, new_tokens=4, max_batch_size=2)
         (alone,) = measure_load(_engine(url_a, char_tokenizer), prompts, new_tokens=4, max_batch_size=1)
     assert [lv.batch_size for lv in levels] == [1, 2]

@@ -238,7 +238,8 @@ class RunConfig(Frozen):
 
 def check_supported(cfg: RunConfig) -> None:
     """Raise for what the config asks that cannot run: an engine that is not built (yet) or not
-    installed, an executor not installed, a method on an engine that does not run its artifacts, a reference not built yet."""
+    installed, a method on an engine that does not run its artifacts, an executor whose package is
+    not installed, a reference not built yet."""
     entry = backends.entry(cfg.serving.engine)
     for c in cfg.resolved_candidates:
         if c.artifact not in entry.accepts:

@@ -160,9 +160,10 @@ class OpenAIEngine:
         """base_url: the API root (".../v1"), or several: replicas of one model, over which
         requests are spread with at most max_concurrency in flight on each (every replica is
         probed; requests_served counts each one's answers). model: the served name (None: the
-        only one listed). tokenizer (the baseline's): needed for text-only servers, to name top-k tokens a server
-        gives as text, for the probe prompt unless probe_ids is given, and for the end-of-sequence
-        id. vocab_size: width of token_logprobs rows (default: the tokenizer's length)."""
+        only one listed). tokenizer (the baseline's): needed for text-only servers, to name top-k
+        tokens a server gives as text, for the probe prompt unless probe_ids is given, and for the
+        end-of-sequence id. vocab_size: width of token_logprobs rows (default: the tokenizer's
+        length)."""
         if tokenizer is None and probe_ids is None:
             raise UserError("the openai engine needs the baseline's tokenizer or probe_ids")
         urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)

@@ -131,9 +131,9 @@ class Backend:
         Served.meta): nothing is made again here."""
         path = Path(meta["artifact"]) if meta.get("artifact") else None
         path = path if path and path.exists() else None
-        return Served(cand.label, meta["weight_bytes"], meta.get("bytes_counted", ""), meta.get("scheme", cand.scheme),
-                      meta["modules_changed"], meta["quantize_seconds"], path, serves_from=path,
-                      unservable=meta.get("unservable"))
+        return Served(cand.label, meta["weight_bytes"], meta.get("bytes_counted", ""),
+                      meta.get("scheme", cand.scheme), meta["modules_changed"], meta["quantize_seconds"], path,
+                      serves_from=path, unservable=meta.get("unservable"))
 
     def exported(self, ctx: RunContext, label: str, directory: Path, files: list[str],
                  scheme: Mapping[str, Any]) -> Served:
