@@ -46,6 +46,7 @@ from quantgate.engines.base import Engine, Request, Timing, stop_after
 from quantgate.engines.registry import Backend, RunContext, Served, ready
 from quantgate.engines.topk import kld_topk, fill_row
 from quantgate.errors import UserError
+from quantgate.evals.tasks import text_prefix
 
 if TYPE_CHECKING:
     from quantgate.economics import Economics
@@ -188,6 +189,7 @@ class OpenAIEngine:
         self._form: _Form | None = None
         self._problem: str | None = None
         self._ids_by_text: dict[str, int] | None = None
+        self._prefix: list[int] | None = None  # the tokenizer's text prefix (prompt_text)
 
     @staticmethod
     def kl_divergence(reference: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
@@ -317,8 +319,21 @@ class OpenAIEngine:
     # -----------------------------------------------------------------------------------------
     # Requests.
 
+    def prompt_text(self, ids: Sequence[int]) -> str:
+        """Token ids as the text a server tokenizes with the model's own rule: the tokenizer's
+        text prefix (its BOS) is left out when the ids start with it, as the server adds it
+        itself (sent as text too, it would be doubled). The echo checks refuse a server whose
+        tokens then differ from `ids`."""
+        ids = list(ids)
+        if self._prefix is None:
+            self._prefix = list(text_prefix(self.tokenizer))
+        prefix = self._prefix
+        if prefix and ids[: len(prefix)] == prefix:
+            ids = ids[len(prefix):]
+        return self.tokenizer.decode(ids)
+
     def _payload(self, ids: Sequence[int], form: _Form, **fields: Any) -> dict[str, Any]:
-        prompt: Any = self.tokenizer.decode(list(ids)) if form.text else list(ids)
+        prompt: Any = self.prompt_text(ids) if form.text else list(ids)
         extras = EXTRAS if form.extras else {}
         return {"model": self.model, "prompt": prompt, "temperature": 0, **extras, **fields}
 
