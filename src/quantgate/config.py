@@ -40,10 +40,10 @@ __all__ = ["Candidate", "MethodConfig", "ServingConfig", "DEFAULT_MAX_BATCH_SIZE
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_BATCH_TOKENS = 1024  # ~1k tokens per forward keeps activations in this CPU's caches
-# The reference the candidates are compared with. "baseline" is model.base exactly as loaded
-# (float32); fp32/float32 are synonyms. bf16/fp16 references parse but are not implemented.
+# The reference the candidates are compared with: model.base evaluated in this precision
+# ("baseline", "fp32" and "float32" are float32; bf16 and fp16 load the weights in that dtype).
 Reference = Literal["baseline", "fp32", "float32", "bf16", "fp16"]
-IMPLEMENTED_REFERENCES = ("baseline", "fp32", "float32")
+PRECISION_OF = {"baseline": "fp32", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
 class ModelConfig(Frozen):
@@ -226,6 +226,11 @@ class RunConfig(Frozen):
         return self.quality_gate.verified_against
 
     @property
+    def precision(self) -> str:
+        """The precision the baseline is evaluated in: fp32, bf16 or fp16."""
+        return PRECISION_OF[self.reference]
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether making any candidate needs the calibration text."""
         return any(c.needs_calibration for c in self.resolved_candidates)
@@ -239,7 +244,7 @@ class RunConfig(Frozen):
 def check_supported(cfg: RunConfig) -> None:
     """Raise for what the config asks that cannot run: an engine that is not built (yet) or not
     installed, a method on an engine that does not run its artifacts, an executor whose package is
-    not installed, a reference not built yet."""
+    not installed, a baseline precision the engine does not evaluate."""
     entry = backends.entry(cfg.serving.engine)
     for c in cfg.resolved_candidates:
         if c.artifact not in entry.accepts:
@@ -247,13 +252,12 @@ def check_supported(cfg: RunConfig) -> None:
             theirs = [m for m, spec in METHODS.items() if spec.artifact in entry.accepts]
             raise UserError(f"candidate {c.label}: method '{c.method}' runs on serving.engine "
                             f"{' or '.join(runs_on)}, not '{entry.name}' (there: {', '.join(theirs)})")
+    if cfg.precision not in entry.precisions:
+        others = [e.name for e in backends.BACKENDS.values() if cfg.precision in e.precisions]
+        raise NotSupportedYet(f"verified_against '{cfg.reference}' on serving.engine {entry.name} (it evaluates "
+                              f"{', '.join(sorted(entry.precisions))} baselines; {cfg.precision}: {', '.join(others)})")
     entry.check_config(cfg)
     executors.entry(cfg.executor).check()
-    if cfg.reference not in IMPLEMENTED_REFERENCES:
-        raise NotSupportedYet(
-            f"verified_against '{cfg.reference}': the reference is model.base as loaded (float32); "
-            "use 'baseline'"
-        )
 
 
 def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from quantgate.methods.registry import upgrade_candidate
 if TYPE_CHECKING:
     from quantgate.run import RunResult
 
-SCHEMA_VERSION = 1  # results.json without a schema_version is version 0
+SCHEMA_VERSION = 2  # results.json without a schema_version is version 0
 OVERALL = "overall"  # the pooled task of a comparison (quantgate.evals.metrics.OVERALL)
 
 
@@ -57,6 +57,7 @@ class ModelInfo(Record):
     source: str
     sha256: str
     description: str
+    precision: Literal["fp32", "bf16", "fp16"]  # what the baseline was evaluated in (fp32 before version 2)
 
 
 class Duplicate(Record):
@@ -333,6 +334,9 @@ class RunRecord(Record):
     ladder: tuple[Rung, ...] | None
     recommendation: Recommendation
     exit_code: int
+    # A bf16/fp16 baseline: the checkpoint in fp32 scored against it like a candidate (never
+    # recommended); None for an fp32 baseline.
+    full_precision: CandidateRecord | None
 
     @property
     def models(self) -> tuple[ModelRecord, ...]:
@@ -419,7 +423,8 @@ REQUIRED = ("baseline", "candidates", "recommendation")  # what makes a dict a r
 def upgrade(data: dict[str, Any], where: str = "results") -> dict[str, Any]:
     """Any results.json content (a parsed dict) in the current schema's shape, not yet validated.
     Version 0 (no schema_version): every results.json before the record, and older files still
-    that lack parts added since (noise floor, economics, rule kinds, settings ...). The run's
+    that lack parts added since (noise floor, economics, rule kinds, settings ...). Version 1:
+    before the baseline's precision was recorded (it was float32). The run's
     config is converted by config.py (upgrade_config). UserError for a newer schema or for a
     dict that is no results file."""
     version = data.get("schema_version", 0)
@@ -431,7 +436,17 @@ def upgrade(data: dict[str, Any], where: str = "results") -> dict[str, Any]:
         raise UserError(f"{where}: missing key '{missing[0]}' (not a quantgate results file?)")
     if version == 0:
         data = _from_v0(data)
+    if data["schema_version"] == 1:
+        data = _from_v1(data)
     return data
+
+
+def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2: the baseline's precision (always float32 before), no full-precision row."""
+    out = {**data, "schema_version": 2, "full_precision": None}
+    if isinstance(out.get("model"), dict):
+        out["model"] = {"precision": "fp32", **out["model"]}
+    return out
 
 
 def _from_v0(data: dict[str, Any]) -> dict[str, Any]:
@@ -441,7 +456,7 @@ def _from_v0(data: dict[str, Any]) -> dict[str, Any]:
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     gate = config.get("quality_gate") if isinstance(config.get("quality_gate"), dict) else {}
     out = {"calibration": None, "noise_floor": None, "notes": [], "machine": {}, "economics_config": None,
-           "failed_candidates": [], "strategy": "all", "ladder": None, **data, "schema_version": SCHEMA_VERSION}
+           "failed_candidates": [], "strategy": "all", "ladder": None, **data, "schema_version": 1}
     out["quality_gate"] = {k: gate.get(k) for k in GateSettings.model_fields}
     out["seed"] = config.get("seed")
     out["machine"] = {"memory_bandwidth_bytes_per_s": None, **(out["machine"] or {})}

@@ -149,6 +149,11 @@ class Backend:
         differences are the engines', not the compression's."""
         raise NotImplementedError
 
+    def full_precision(self, ctx: RunContext) -> Served:
+        """The checkpoint in float32, served beside a bf16/fp16 baseline and scored against it like
+        a candidate (only engines whose entry lists more precisions than fp32 have it)."""
+        raise NotImplementedError
+
     def unmeasured(self, served: Served, simulated: bool = False) -> Economics:
         """Economics with nothing timed (economics.measure is off, or the model is simulated)."""
         from quantgate.economics import Economics
@@ -191,6 +196,8 @@ class BackendEntry:
     exports: tuple[str, ...] = ()  # export formats (export/formats.py) that it loads back for verify
     # Candidate settings that only some engines use (MethodConfig.engine_settings) which this one does.
     settings: frozenset[str] = frozenset()
+    # Precisions it evaluates a baseline in (quality_gate.verified_against; models/load.PRECISIONS).
+    precisions: frozenset[str] = frozenset({"fp32"})
 
     def load(self) -> Backend:
         module, cls = self.backend.split(":")
@@ -229,7 +236,8 @@ def _onnxruntime_servable(cfg: RunConfig) -> None:
 
 BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
     BackendEntry("torch", frozenset({"model"}), "quantgate.engines.torch:TorchBackend",
-                 process="quantgate.engines.torch:open_engine", exports=("compressed-tensors", "hf")),
+                 process="quantgate.engines.torch:open_engine", exports=("compressed-tensors", "hf"),
+                 precisions=frozenset({"fp32", "bf16", "fp16"})),
     BackendEntry("llamacpp", frozenset({"gguf"}), "quantgate.engines.llamacpp:LlamaCppBackend",
                  process="quantgate.engines.llamacpp:LlamaCppEngine", requires=("llama_cpp",),
                  install="pip install 'quantgate[llamacpp]'", exports=("gguf",)),

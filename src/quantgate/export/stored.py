@@ -76,7 +76,7 @@ def load_stored_run(run_dir: Path) -> StoredRun:
 
 def checked_baseline(cfg: RunConfig, model_sha256: str, where: Path) -> Baseline:
     """model.base loaded, refused when its weights are not the ones the run measured."""
-    baseline = load_baseline(cfg.model.base)
+    baseline = load_baseline(cfg.model.base, cfg.precision)
     if baseline.digest != model_sha256:
         raise UserError(f"{where}: model.base '{cfg.model.base}' now has sha256 {baseline.digest[:16]}…, "
                         f"the run measured {model_sha256[:16]}…")

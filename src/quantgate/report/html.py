@@ -99,8 +99,8 @@ def _section(sid: str, title: str, inner: str, lead: str = "") -> str:
 
 
 def _header(results: RunRecord) -> str:
-    model, ev = results.model, results.eval
-    meta = (f"{model.description or model.base} · eval set {ev.eval_set} ({ev.items} items) · run {results.run_id} · "
+    ev = results.eval
+    meta = (f"{view.model_line(results)} · eval set {ev.eval_set} ({ev.items} items) · run {results.run_id} · "
             f"{results.started.isoformat()[:19]}")
     links = "".join(f'<a href="#{sid}">{escape(name)}</a>' for sid, name in SECTIONS)
     return (f'<header><h1>quantgate report</h1><div class="meta">{escape(meta)}</div></header>'
