@@ -220,3 +220,30 @@ def test_bos_on_the_llamacpp_and_openai_paths(model_type, tmp_path):
     engine = OpenAIEngine("http://127.0.0.1:9/v1", tokenizer=tok, probe_ids=own)  # never contacted
     sent = engine.prompt_text(own)
     assert tok(sent)["input_ids"] == own and llm.tokenize(sent.encode(), add_bos=True, special=True) == own
+
+
+@pytest.mark.parametrize("window, refused", [(6, True), (4096, False)])
+def test_llamacpp_refuses_sequences_past_a_sliding_window_it_does_not_run(tmp_path, window, refused):
+    """llama.cpp runs Mistral without its sliding window: an eval set with longer sequences would
+    be scored by a different function than the model's; within the window it is the same."""
+    pytest.importorskip("llama_cpp")
+    from quantgate.config import RunConfig
+    from quantgate.engines.llamacpp import LlamaCppBackend, longest_sequence
+    from quantgate.engines.registry import BACKENDS, RunContext
+    from quantgate.evals.datasets import default_suite
+    from quantgate.evals.tasks import prepare
+    from quantgate.models.load import load_baseline
+
+    folder = tmp_path / "mistral"
+    tiny_model("mistral", sliding_window=window).save_pretrained(folder)
+    tiny_tokenizer("mistral").save_pretrained(folder)
+    baseline = load_baseline(str(folder))
+    prepared = prepare(default_suite(limit=2, cloze_items=2, seed=0), baseline.tokenizer, window_tokens=32, n_windows=1)
+    assert 6 < longest_sequence(prepared) < 4096
+    ctx = RunContext(RunConfig(), baseline, None, tmp_path, lambda d, n: (lambda k: None), [], None)
+    backend = LlamaCppBackend(BACKENDS["llamacpp"])
+    if refused:
+        with pytest.raises(UserError, match="without its sliding window of 6 tokens"):
+            backend.prepare(ctx, prepared)
+    else:
+        assert backend.prepare(ctx, prepared) == (prepared, [])
