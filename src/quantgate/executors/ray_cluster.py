@@ -106,7 +106,7 @@ class ModelWorker:
             raise UserError(f"executor ray: node {node} runs quantgate {quantgate.__version__}, the driver "
                             f"{job.version}: install the same version on every node")
         torch.manual_seed(job.cfg.seed)
-        baseline = load_baseline(job.cfg.model.base)
+        baseline = load_baseline(job.cfg.model.base, job.cfg.precision)
         if baseline.digest != job.model_digest:
             raise UserError(f"model.base {job.cfg.model.base}: node {node} loads weights with sha256 "
                             f"{baseline.digest[:16]}…, the driver {job.model_digest[:16]}…: give every node the "
