@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from quantgate.errors import UserError
 from quantgate.models.load import file_sha256
+from quantgate.readers import read_json
 from quantgate.record import Comparison, FlippedItem, NoiseFloor, Num, Record, RunRecord, error_line
 
 MANIFEST = "quantgate-manifest.json"
@@ -38,6 +39,13 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[key] = None
     return out
+
+
+def _loaded_here(fmt: str) -> dict[str, str | None]:
+    """The loaders that read this artifact back on this machine, with their versions: transformers
+    for the round trip of torch formats; llama.cpp (llama-cpp-python) that evaluated a GGUF file."""
+    v = versions()
+    return {"llama.cpp": v["llama_cpp"]} if fmt == "gguf" else {"transformers": v["transformers"]}
 
 
 def machine() -> dict[str, str]:
@@ -85,8 +93,12 @@ class Measured(Record):
 
 def build(*, candidate: str, fmt: str, scheme: dict[str, Any], files: dict[str, dict[str, Any]],
           record: RunRecord, results_path: Path, eval_sha256: str, round_trip: dict[str, Any] | None,
-          source: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest of one exported candidate of the run `record` (read from results_path)."""
+          source: dict[str, Any] | None = None, title: str | None = None) -> dict[str, Any]:
+    """The manifest of one exported candidate of the run `record` (read from results_path):
+    `title` is the artifact's name (model, candidate, run); "holds" says the same in fields, and
+    "loaders" the minimum versions of what loads it (export/formats.py LOADERS)."""
+    from quantgate.export.formats import loaders
+
     c = record.candidate(candidate)
     own = set(MeasuredModel.model_fields)
     measured = Measured(baseline=MeasuredModel(**record.baseline.model_dump(include=own)),
@@ -96,8 +108,12 @@ def build(*, candidate: str, fmt: str, scheme: dict[str, Any], files: dict[str, 
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(),
         "candidate": candidate,
+        "name": title,
+        "holds": {"model": record.model.base, "model_sha256": record.model.sha256, "candidate": candidate,
+                  "scheme": c.scheme, "format": fmt, "run_id": record.run_id},
         "format": fmt,
         "scheme": scheme,
+        "loaders": loaders(fmt, _loaded_here(fmt)),
         "settings": c.settings,
         "files": files,
         "source_artifact": source,
@@ -133,10 +149,9 @@ def read(path: Path) -> tuple[Path, dict[str, Any]]:
     where = directory / MANIFEST
     if not where.is_file():
         raise UserError(f"{where}: no quantgate manifest beside the artifact (export it with quantgate export)")
-    try:
-        manifest = json.loads(where.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
+    manifest = read_json(where, "manifest")
+    if not isinstance(manifest, dict):
+        raise UserError(f"{where}: expected a JSON object")
     missing = [k for k in ("manifest_version", "format", "scheme", "files", "config", "measured") if k not in manifest]
     if missing:
         raise UserError(f"{where}: missing key '{missing[0]}'")
