@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -23,6 +24,9 @@ from quantgate.methods.calibrate import calibration_set
 from quantgate.methods.registry import MethodConfig
 from quantgate.models.load import Baseline, load_baseline
 from quantgate.record import CandidateRecord, RunRecord
+
+if TYPE_CHECKING:
+    from quantgate.engines.registry import Progress
 
 
 @dataclass(frozen=True)
@@ -109,26 +113,34 @@ class Recreated:
     made: CandidateModel | None  # None for llama.cpp candidates (their artifact is the GGUF file)
 
 
-def recreate(run: StoredRun, name: str, *, make: bool = True, sized: bool = True) -> Recreated:
+def recreate(run: StoredRun, name: str, *, make: bool = True, sized: bool = True, progress: Progress | None = None,
+             say: Callable[[str], None] = lambda text: None) -> Recreated:
     """The candidate `name` made again from the stored config, after checking the baseline,
-    eval set and calibration data against the run; its changed-module count must match the
-    recorded one, and its size too when `sized` (False when the run counted another artifact's
-    bytes, which the caller checks by sha256)."""
+    eval set and calibration data against the run; its size and changed-module count must match
+    the recorded ones. `progress` sees the making block by block; `say` hears each step."""
     cfg, where = run.config, run.path
     cand, record = run.candidate(name)
+    say(f"loading the baseline {cfg.model.base} and checking its sha256 against the run's")
     baseline = checked_baseline(cfg, run.record.model.sha256, where)
     prepared = prepared_suite(cfg, baseline.tokenizer)
     digest = checked_eval(prepared, run.record.eval.sha256, where)
+    say(f"eval set matches the run's ({len(prepared.suite.items)} items)")
     made = None
     if make:
         calib = None
+        say(f"making {name} again from the stored config (seed {cfg.seed}"
+            + (", calibration windows checked against the run's sha256)" if cand.needs_calibration else ")"))
         if cand.needs_calibration:  # the one answer the run gave too (MethodConfig.calibration_needs)
             calib = calibration_set(baseline.tokenizer, cfg.calibration, prepared.suite.texts())
             recorded = run.record.calibration and run.record.calibration.sha256
             if recorded != calib.digest:
                 raise UserError(f"{where}: the calibration windows no longer match the run's "
                                 f"(sha256 {calib.digest[:16]}… vs recorded {str(recorded)[:16]}…)")
-        made = make_candidate(baseline.model, baseline.arch, cand, calib, seed=cfg.seed)
+        blocks = len(baseline.model.get_submodule(baseline.arch.blocks)) if calib is not None else 1
+        step = progress(name, blocks) if progress is not None else (lambda n: None)  # one step per calibrated block
+        made = make_candidate(baseline.model, baseline.arch, cand, calib, seed=cfg.seed, on_block=lambda i: step(1))
+        if calib is None:
+            step(1)
         got = (made.weight_bytes if sized else record.weight_bytes, made.modules_changed)
         if got != (record.weight_bytes, record.modules_changed):
             raise UserError(f"{where}: candidate {name} re-created with (bytes, modules changed) {got}, "
