@@ -84,12 +84,17 @@ def _silent(description: str, total: int):
     return lambda n: None
 
 
-def results_root(path: Path) -> Path:
-    """The results directory, made if missing; UserError when it (or a folder above it) is a file
-    or cannot be made."""
+def check_results_root(path: Path) -> None:
+    """UserError when the results directory (or a folder above it) is a file."""
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             raise UserError(f"results_dir {path}: {part} is a file, not a directory")
+
+
+def results_root(path: Path) -> Path:
+    """The results directory, made if missing; UserError when it (or a folder above it) is a file
+    or cannot be made."""
+    check_results_root(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

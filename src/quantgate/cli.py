@@ -41,7 +41,8 @@ EvalSet = Annotated[str | None, typer.Option("--eval-set", help="quality_gate.ev
 Limit = Annotated[int | None, typer.Option("--limit", help="evaluation.limit: the first N items of each task")]
 Seed = Annotated[int | None, typer.Option("--seed", help="seed")]
 Output = Annotated[Path | None, typer.Option("--output", "-o", "--results-dir",
-                                             help="results_dir: where run directories go")]
+                                             help="Where run directories go (overrides results_dir; not a setting: "
+                                                  "the run's config digest is the same wherever it is written)")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Any key: KEY=VALUE with VALUE in YAML "
                                                               "(evaluation.cloze_items=20, economics.measure=false)")]
 Store = Annotated[str | None, typer.Option(help=STORE_HELP)]
@@ -62,11 +63,10 @@ def _root(version: Annotated[bool, typer.Option("--version", "-V", callback=_ver
 
 
 def _config(config: Path | None, model: str | None, candidate: list[str] | None, eval_set: str | None,
-            limit: int | None, seed: int | None, output: Path | None, sets: list[str] | None):
+            limit: int | None, seed: int | None, sets: list[str] | None):
     from quantgate.config import flag_overrides, load_config
 
-    flags = {"--model": model, "--candidate": candidate, "--eval-set": eval_set, "--limit": limit, "--seed": seed,
-             "--output": output}
+    flags = {"--model": model, "--candidate": candidate, "--eval-set": eval_set, "--limit": limit, "--seed": seed}
     return load_config(config, flag_overrides(flags, sets or ()))
 
 
@@ -86,9 +86,9 @@ def run(config: ConfigArg = None, model: Model = None, candidate: Candidates = N
     from quantgate.report.progress import Feedback
     from quantgate.report.summary import dumps, run_summary
 
-    cfg = _config(config, model, candidate, eval_set, limit, seed, output, set_)
+    cfg = _config(config, model, candidate, eval_set, limit, seed, set_)
     with Feedback(quiet) as feedback:
-        out = run_to_files(cfg, store=store, resume=resume, progress=feedback)
+        out = run_to_files(cfg, results_dir=output, store=store, resume=resume, progress=feedback)
     if json_out:
         print(dumps(run_summary(out.record, out.files, out.store)))
     elif not quiet:
@@ -109,7 +109,7 @@ def check(config: ConfigArg = None, model: Model = None, candidate: Candidates =
     from quantgate.plan import make_plan
     from quantgate.report.summary import dumps, plan_summary, render_plan
 
-    plan = make_plan(_config(config, model, candidate, eval_set, limit, seed, output, set_))
+    plan = make_plan(_config(config, model, candidate, eval_set, limit, seed, set_), results_dir=output)
     if json_out:
         print(dumps(plan_summary(plan)))
     else:
@@ -250,7 +250,7 @@ def verify(
 
 def main() -> None:
     if not sys.stderr.isatty() or "--quiet" in sys.argv or "-q" in sys.argv:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars, in logs
+        _no_library_bars()
     try:
         code = app(standalone_mode=False)
     except UserError as e:
@@ -266,6 +266,14 @@ def main() -> None:
         e.show()
         sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _no_library_bars() -> None:
+    """No progress bars from transformers / huggingface_hub (weights loading) in a log or with
+    --quiet: they would be redrawn as many lines. (Read at their import; set on a loaded one too.)"""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _one_line(e: BaseException) -> str:

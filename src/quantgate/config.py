@@ -100,7 +100,7 @@ class QualityGateConfig(Frozen):
     max_kld_p99: float | None = Field(None, ge=0.0)
     # Two-sided confidence of the intervals a rule is judged on.
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    bootstrap_samples: int = Field(2000, ge=100)
+    bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)
     # A rule whose interval straddles its threshold is inconclusive, which fails unless "pass".
     inconclusive: Literal["fail", "pass"] = "fail"
     # Fewer labeled items than this: the run measures but calls no candidate shippable.
@@ -121,7 +121,7 @@ class EvaluationConfig(Frozen):
     # task has its own size, cloze_items (capped by limit too).
     limit: int | None = Field(None, ge=1)
     cloze_items: int = Field(200, ge=0)
-    ppl_windows: int = Field(8, ge=1)
+    ppl_windows: int = Field(8, ge=1, le=100_000)
     window_tokens: int = Field(256, ge=16, le=8192)
     # Sequences in one forward pass while scoring, and an upper bound on its tokens (together
     # they bound memory).
@@ -139,8 +139,8 @@ class EconomicsConfig(Frozen):
     # False: quality only, no speed or memory measured (faster; the report says so).
     measure: bool = True
     requests: int = Field(4, ge=1, le=1024)
-    prompt_tokens: int = Field(64, ge=1)
-    new_tokens: int = Field(32, ge=2)
+    prompt_tokens: int = Field(64, ge=1, le=8192)
+    new_tokens: int = Field(32, ge=2, le=4096)
     # Cost at volume: price of the serving machine per hour and tokens served per month.
     hardware_cost_per_hour: float | None = Field(None, gt=0)
     tokens_per_month: float | None = Field(None, gt=0)
@@ -295,10 +295,12 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
 # Flags are a second way to write the same config: each sets one key of the YAML mapping
 # (replacing what a file gave there), and the merged mapping is validated as one RunConfig.
 
-# The named flags of `quantgate run` and `quantgate check`, and the key each sets.
+# The named flags of `quantgate run` and `quantgate check`, and the key each sets. (--output is
+# where run directories go: it overrides results_dir for the run without being a setting of it,
+# so the run's config and digest are the same wherever its files are written.)
 FLAG_KEYS: dict[str, str] = {
     "--model": "model.base", "--candidate": "candidates", "--eval-set": "quality_gate.eval_set",
-    "--limit": "evaluation.limit", "--seed": "seed", "--output": "results_dir",
+    "--limit": "evaluation.limit", "--seed": "seed",
 }
 # Keys that a key set by a flag makes void (one form of a thing at a time).
 VOIDS: dict[str, tuple[str, ...]] = {"candidates": ("quantization",),
@@ -448,7 +450,7 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     line = None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if k.value == part]
+            match = [(k, v) for k, v in node.value if str(k.value) == str(part)]
             if not match:
                 break
             key_node, node = match[0]

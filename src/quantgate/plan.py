@@ -66,8 +66,12 @@ class Plan:
         return None if any(t is None for t in times) else float(sum(times))
 
 
-def make_plan(cfg: RunConfig) -> Plan:
-    """Check every input of `cfg` as the run would, and plan it (no model work)."""
+def make_plan(cfg: RunConfig, results_dir: Path | None = None) -> Plan:
+    """Check every input of `cfg` as the run would, and plan it (no model work). `results_dir`:
+    where the run's directories would go, when not the config's."""
+    from quantgate.api import check_results_root
+
+    check_results_root(Path(results_dir or cfg.results_dir))
     from quantgate.gate import check_tasks
     from quantgate.evals.datasets import load_suite
 
@@ -84,7 +88,7 @@ def make_plan(cfg: RunConfig) -> Plan:
     steps = _steps(cfg, model, params, tokens, generated)
     made = tuple((c.label, c.scheme, _how_made(c, cfg)) for c in cfg.resolved_candidates)
     return Plan(cfg, model, params, _engine_words(cfg), made, suite.name, suite.tasks, tokens, generated,
-                tuple(steps), cfg.results_dir, tuple(warnings))
+                tuple(steps), str(results_dir or cfg.results_dir), tuple(warnings))
 
 
 def scorer_warnings(cfg: RunConfig) -> list[str]:

@@ -413,6 +413,7 @@ def load_record(source: Path | Mapping[str, Any], *, where: str | None = None,
         where, data = where or "results", source
     if not isinstance(data, Mapping):
         raise UserError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    _require(data, REQUIRED + (("config", "config_digest") if check_config else ()), where)
     if check_config and _digest(data.get("config")) != data.get("config_digest"):
         raise UserError(f"{where}: the stored config does not match its config_digest (edited?)")
     try:
@@ -457,9 +458,7 @@ def upgrade(data: dict[str, Any], where: str = "results") -> dict[str, Any]:
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise UserError(f"{where}: schema_version {version!r}: written by a newer quantgate (this one reads up to "
                         f"{SCHEMA_VERSION})")
-    missing = [k for k in REQUIRED if k not in data]
-    if missing:
-        raise UserError(f"{where}: missing key '{missing[0]}' (not a quantgate results file?)")
+    _require(data, REQUIRED, where)
     if version == 0:
         data = _from_v0(data)
     if data["schema_version"] == 1:
@@ -473,6 +472,12 @@ def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("model"), dict):
         out["model"] = {"precision": "fp32", **out["model"]}
     return out
+
+
+def _require(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise UserError(f"{where}: missing key '{missing[0]}' (not a quantgate results file?)")
 
 
 def _from_v0(data: dict[str, Any]) -> dict[str, Any]:

@@ -141,6 +141,13 @@ class Backend:
         `quantgate verify` re-measures. Only engines whose entry lists export formats have it."""
         raise NotImplementedError
 
+    def stored_weights(self, artifact: Path, baseline: Baseline) -> dict[str, Any] | None:
+        """The evaluated candidate's linear weights as its artifact stores them (full name ->
+        float32 tensor [out, in], exactly the evaluated values), read back instead of making the
+        candidate again (quantgate export); None when this engine's artifacts do not hold them
+        exactly, or the artifact is gone or changed."""
+        return None
+
     def economics(self, ctx: RunContext, served: Served) -> Economics | None:
         raise NotImplementedError
 

@@ -157,7 +157,7 @@ def _requantize(run: StoredRun, rec: Recreated, cand: MethodConfig) -> Path:
 def _regraph(run: StoredRun, rec: Recreated, cand: MethodConfig) -> Path:
     from quantgate.engines.onnxruntime import GRAPH, candidate_folder
 
-    made = recreate(run, rec.candidate.label, sized=False).made
+    made = recreate(run, rec.candidate.label).made  # (its size is the graph's: checked by sha256)
     return candidate_folder(rec.baseline, made.model, cand, run.path.parent / "logs" / "onnx-builder.log") / GRAPH
 
 

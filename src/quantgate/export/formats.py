@@ -128,6 +128,8 @@ LOADERS: dict[str, dict[str, tuple[str | None, str]]] = {
                                   "plain safetensors weights")},
     "gguf": {"llama.cpp": (None, "the build that evaluated it (llama-cpp-python version below) or newer; older "
                                  "builds may lack its file type or its tokenizer's pre-tokenizer")},
+    "onnx": {"onnxruntime": (None, "the release that evaluated it or newer (MatMulNBits with accuracy_level, "
+                                   "GroupQueryAttention: com.microsoft contrib operators)")},
 }
 
 

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from quantgate.errors import UserError
 from quantgate.models.load import file_sha256
@@ -27,7 +27,7 @@ MANIFEST = "quantgate-manifest.json"
 MANIFEST_VERSION = 1
 _DISTRIBUTIONS = {"quantgate": "quantgate", "torch": "torch", "transformers": "transformers",
                   "compressed-tensors": "compressed-tensors", "llama_cpp": "llama-cpp-python", "gguf": "gguf",
-                  "safetensors": "safetensors"}
+                  "safetensors": "safetensors", "onnxruntime": "onnxruntime"}
 
 
 def versions() -> dict[str, str | None]:
@@ -43,9 +43,11 @@ def versions() -> dict[str, str | None]:
 
 def _loaded_here(fmt: str) -> dict[str, str | None]:
     """The loaders that read this artifact back on this machine, with their versions: transformers
-    for the round trip of torch formats; llama.cpp (llama-cpp-python) that evaluated a GGUF file."""
+    for the round trip of torch formats; the llama.cpp (llama-cpp-python) or ONNX Runtime that
+    evaluated a GGUF file or an ONNX graph."""
     v = versions()
-    return {"llama.cpp": v["llama_cpp"]} if fmt == "gguf" else {"transformers": v["transformers"]}
+    return {"gguf": {"llama.cpp": v["llama_cpp"]}, "onnx": {"onnxruntime": v["onnxruntime"]}}.get(
+        fmt, {"transformers": v["transformers"]})
 
 
 def machine() -> dict[str, str]:
@@ -65,6 +67,31 @@ def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
     """{path relative to `directory`: {"sha256", "bytes"}} for every file of the artifact."""
     return {name: {"sha256": file_sha256(directory / name), "bytes": (directory / name).stat().st_size}
             for name in artifact_files(directory)}
+
+
+class FileEntry(Record):
+    sha256: str
+    bytes: int
+
+
+class Digest(BaseModel):
+    sha256: str | None
+
+
+class Head(BaseModel):
+    """The keys verify reads before anything else, typed (the rest: Measured, read_config)."""
+
+    model_config = ConfigDict(extra="allow")
+    manifest_version: int
+    candidate: str
+    format: str
+    scheme: dict[str, Any]
+    files: dict[str, FileEntry]
+    config: dict[str, Any]
+    config_digest: str
+    model: Digest
+    eval: Digest
+    measured: dict[str, Any]
 
 
 class MeasuredModel(Record):
@@ -152,9 +179,10 @@ def read(path: Path) -> tuple[Path, dict[str, Any]]:
     manifest = read_json(where, "manifest")
     if not isinstance(manifest, dict):
         raise UserError(f"{where}: expected a JSON object")
-    missing = [k for k in ("manifest_version", "format", "scheme", "files", "config", "measured") if k not in manifest]
-    if missing:
-        raise UserError(f"{where}: missing key '{missing[0]}'")
+    try:
+        Head.model_validate(manifest)
+    except ValidationError as e:
+        raise UserError(f"{where}: {error_line(e)}") from None
     if manifest["manifest_version"] != MANIFEST_VERSION:
         raise UserError(f"{where}: manifest_version {manifest['manifest_version']}; this quantgate reads "
                         f"{MANIFEST_VERSION}")

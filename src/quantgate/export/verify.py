@@ -83,8 +83,8 @@ def verify(path: Path, feedback: Feedback | None = None) -> Verification:
     it. `feedback` hears what is being done (report.progress.Feedback; default: nothing)."""
     say = feedback.say if feedback is not None else _quiet
     directory, doc = manifest.read(path)
-    say(f"checking the {len(doc['files'])} files of {directory} against {manifest.MANIFEST} (sha256)")
     manifest.check_files(directory, doc)
+    say(f"the {len(doc['files'])} files of {directory} match {manifest.MANIFEST} (sizes and sha256)")
     where = directory / manifest.MANIFEST
     cfg = read_config(doc["config"], doc["config_digest"], where)
     recorded = manifest.measured(doc, where)

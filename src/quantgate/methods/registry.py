@@ -48,7 +48,7 @@ SERVED_SCHEMES = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "w8a8
 class MethodConfig(BaseModel):
     """What every candidate config has: its method, an optional name, and the derived facts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str | None = None
     # Set by each subclass: its registry entry's artifact kind (see module docstring).
     artifact: ClassVar[Artifact] = "model"
@@ -77,6 +77,16 @@ class MethodConfig(BaseModel):
         """Settings this candidate gives that only some engines use (accuracy_level); each
         backend entry says which it uses (engines/registry.py) and refuses the others."""
         return frozenset()
+
+    # Whether making it changes tensors besides its target linears' weights (scales folded into
+    # the norms or linears that feed them): then those weights alone, as an engine's artifact
+    # stores them, do not rebuild the candidate (export makes it again instead).
+    FOLDS_INTO_FEEDERS: ClassVar[bool] = False
+
+    @property
+    def weights_alone(self) -> bool:
+        """Its linears' weights are everything it changed (see FOLDS_INTO_FEEDERS)."""
+        return not self.FOLDS_INTO_FEEDERS
 
     @property
     def needs_calibration(self) -> bool:
@@ -239,6 +249,7 @@ class AwqConfig(_Quantizer):
     method: Literal["awq"] = "awq"
     # Points of the scale-exponent grid searched per group of linears.
     grid: int = Field(20, ge=1, le=100)
+    FOLDS_INTO_FEEDERS = True
 
     def calibration_needs(self) -> frozenset[str]:
         return frozenset({"rows"})
@@ -276,6 +287,7 @@ class SmoothQuantConfig(_W8A8):
     """SmoothQuant (methods/smoothquant.py): activation outliers migrated into the weights."""
 
     method: Literal["smoothquant"] = "smoothquant"
+    FOLDS_INTO_FEEDERS = True
     # Migration strength (0: all difficulty stays on activations, 1: all on weights).
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     POSITIONAL = ("alpha",)
@@ -435,6 +447,10 @@ class ComposeConfig(MethodConfig):
         return frozenset().union(*(s.engine_settings() for s in self.steps))
 
     @property
+    def weights_alone(self) -> bool:
+        return all(s.weights_alone for s in self.steps)
+
+    @property
     def quantized_bits(self) -> int | None:
         return self.quantizer and self.quantizer.bits
 
@@ -464,7 +480,8 @@ class ServedConfig(MethodConfig):
     # What the server runs: one of SERVED_SCHEMES, and/or its bits per weight.
     scheme_name: str | None = Field(None, alias="scheme")
     bits: int | None = Field(None, ge=1, le=32)
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True,
+                              serialize_by_alias=True)
 
     @model_validator(mode="after")
     def _declared(self) -> ServedConfig:
