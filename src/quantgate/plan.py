@@ -22,6 +22,7 @@ from pathlib import Path
 
 from quantgate.config import RunConfig, check_supported
 from quantgate.engines import registry as backends
+from quantgate.errors import UserError
 from quantgate.evals.datasets import ChoiceItem, ClozeItem, EvalSuite
 from quantgate.methods.registry import MethodConfig
 
@@ -125,14 +126,14 @@ def describe_model(base: str) -> tuple[str, float | None]:
         path = locate_packaged(base)
         return f"{PACKAGED[base].description} (packaged: {path.name})", files.gguf_params(path)
     path = Path(base)
-    if path.suffix == ".gguf" and path.is_file():
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model.base: GGUF file not found: {base}")
         return f"GGUF file {path} ({path.stat().st_size / 1e6:,.0f} MB), dequantized to float32", files.gguf_params(path)
     if path.is_dir():
         files.check_hf_dir(path)
         return f"Hugging Face directory {path}, as float32", files.safetensors_params(path)
-    if path.exists() or base.startswith((".", "/")) or path.suffix == ".gguf":
-        from quantgate.errors import UserError
-
+    if path.exists() or base.startswith((".", "/")):
         raise UserError(f"model.base: '{base}' is neither a directory nor a .gguf file")
     return f"hub id {base} (needs the network or a filled Hugging Face cache)", None
 

@@ -76,7 +76,7 @@ def runs_summary(rows: Sequence[RunRow]) -> list[dict[str, Any]]:
 
 def render_plan(plan: Plan, console: Console) -> None:
     """The plan as `quantgate check` prints it."""
-    console.print(f"[bold]config is valid.[/] A run would:")
+    console.print("[bold]config is valid.[/] A run would:")
     console.print(f"[bold]load[/] {escape(plan.model)}"
                   + (f" ({plan.params / 1e6:,.1f}M parameters)" if plan.params else ""))
     console.print(f"[bold]serve on[/] {escape(plan.engine)}")
