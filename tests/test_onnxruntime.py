@@ -309,3 +309,45 @@ def _exports_and_verifies(result, tmp_path):
         export_candidate(run_dir, "rtn-w3-g32", "onnx", tmp_path / "w3")
     with pytest.raises(UserError, match="copied as evaluated"):
         export_candidate(run_dir, "rtn-w8", "onnx", tmp_path / "dtype", "float16")
+
+
+def test_export_reuses_the_codes_of_the_evaluated_graph(tiny, tmp_path, monkeypatch):
+    """An ONNX-evaluated candidate is exported from the codes its graph holds: nothing is made
+    again (make_candidate is not called), and the exported integer weights equal those of the
+    candidate made independently from the config, bit for bit."""
+    import io
+
+    from quantgate.export import stored
+    from quantgate.export.build import export_candidate
+    from quantgate.export.formats import load_torch_artifact
+    from quantgate.methods.apply import make_candidate
+    from quantgate.record import build_record, dump_record
+    from quantgate.report.progress import Feedback
+    from quantgate.run import execute
+
+    baseline, _ = tiny
+    folder = tmp_path / "tiny"
+    baseline.model.save_pretrained(folder)
+    baseline.tokenizer.save_pretrained(folder)
+    cand = {"method": "rtn", "bits": 4, "group_size": 32}
+    cfg = RunConfig.model_validate({
+        "model": {"base": str(folder)}, "serving": {"engine": "onnxruntime", "max_batch_size": 1},
+        "candidates": [cand], "evaluation": {"limit": 6, "cloze_items": 4, "ppl_windows": 1, "window_tokens": 32},
+        "economics": {"measure": False}, "quality_gate": {"min_items": 4},
+    })
+    with single_thread():
+        result = execute(cfg, workdir=tmp_path / "work")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(dump_record(build_record(result)))
+    with single_thread():
+        independent = make_candidate(baseline.model, baseline.arch, cfg.resolved_candidates[0]).model
+    monkeypatch.setattr(stored, "make_candidate", lambda *a, **k: pytest.fail("the candidate was made again"))
+    said = io.StringIO()
+    with single_thread(), Feedback(stream=said) as feedback:
+        exported = export_candidate(run_dir, "rtn-w4-g32", "compressed-tensors", tmp_path / "ct", feedback=feedback)
+    assert "reusing rtn-w4-g32's codes" in said.getvalue()
+    scheme = json.loads(exported.manifest.read_text())["scheme"]
+    loaded = load_torch_artifact(exported.directory, scheme)
+    for name in scheme["targets"]:
+        assert torch.equal(loaded.get_submodule(name).weight, independent.get_submodule(name).weight), name

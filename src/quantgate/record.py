@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -26,6 +26,7 @@ from quantgate.config import upgrade_config
 from quantgate.errors import UserError
 from quantgate.gate import RuleKind, RuleResult
 from quantgate.methods.registry import upgrade_candidate
+from quantgate.readers import read_json
 
 if TYPE_CHECKING:
     from quantgate.run import RunResult
@@ -350,6 +351,36 @@ class RunRecord(Record):
         return next((c for c in self.candidates if c.name == name), None)
 
 
+# ---- per-item records (items.jsonl beside results.json) -------------------------------------------
+
+class ItemScore(Record):
+    """One model's outcome on one item."""
+
+    answer: str | None  # the answer it gave: the option chosen, a generation's first line, ...
+    score: Num  # under the gate metric, in [0, 1]; None: unlabeled (a prompt item)
+    correct: bool | None  # score >= 0.5; None: unlabeled
+    option_ll: tuple[Num, ...] | None = None  # each option's summed log-likelihood (None: -inf)
+    greedy: tuple[bool, ...] | None = None  # each option's continuation was the greedy choice
+
+
+class ItemRecord(Record):
+    """One eval item with every model's outcome (one line of items.jsonl), like lm-eval's
+    --log_samples: all items, not only the flipped ones."""
+
+    index: int  # position in the eval suite
+    id: str
+    task: str
+    kind: Literal["choice", "cloze", "generation", "prompt"]
+    prompt: str
+    gold: str | None  # None: unlabeled
+    models: dict[str, ItemScore]  # "baseline" and each candidate, by name
+
+
+def dump_items(items: Iterable[ItemRecord]) -> str:
+    """items.jsonl's text: one JSON object per line."""
+    return "".join(i.model_dump_json() + "\n" for i in items)
+
+
 # ---- building, writing, reading ---------------------------------------------------------------
 
 def build_record(result: RunResult) -> RunRecord:
@@ -382,6 +413,7 @@ def load_record(source: Path | Mapping[str, Any], *, where: str | None = None,
         where, data = where or "results", source
     if not isinstance(data, Mapping):
         raise UserError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    _require(data, REQUIRED + (("config", "config_digest") if check_config else ()), where)
     if check_config and _digest(data.get("config")) != data.get("config_digest"):
         raise UserError(f"{where}: the stored config does not match its config_digest (edited?)")
     try:
@@ -391,12 +423,7 @@ def load_record(source: Path | Mapping[str, Any], *, where: str | None = None,
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
+    return read_json(path, "results file")
 
 
 def _digest(config: Any) -> str:
@@ -431,9 +458,7 @@ def upgrade(data: dict[str, Any], where: str = "results") -> dict[str, Any]:
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise UserError(f"{where}: schema_version {version!r}: written by a newer quantgate (this one reads up to "
                         f"{SCHEMA_VERSION})")
-    missing = [k for k in REQUIRED if k not in data]
-    if missing:
-        raise UserError(f"{where}: missing key '{missing[0]}' (not a quantgate results file?)")
+    _require(data, REQUIRED, where)
     if version == 0:
         data = _from_v0(data)
     if data["schema_version"] == 1:
@@ -447,6 +472,12 @@ def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("model"), dict):
         out["model"] = {"precision": "fp32", **out["model"]}
     return out
+
+
+def _require(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise UserError(f"{where}: missing key '{missing[0]}' (not a quantgate results file?)")
 
 
 def _from_v0(data: dict[str, Any]) -> dict[str, Any]:

@@ -27,8 +27,8 @@ import quantgate
 from quantgate.config import MethodConfig, RunConfig, check_supported
 from quantgate.economics import Economics, cost_at_volume, memory_bandwidth
 from quantgate.engines import registry as backends
-from quantgate.engines.process import EngineCrashed
 from quantgate.engines.registry import Backend, Progress, RunContext, Served
+from quantgate.errors import EngineFault
 from quantgate.evals.datasets import EvalSuite, load_suite
 from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
 from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_divergence, prepare
@@ -195,7 +195,7 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
         for cand in cfg.resolved_candidates:
             try:
                 result = runner.candidate(cand, prepared, base, reference)
-            except EngineCrashed as e:
+            except EngineFault as e:  # a crash, or NaN scores: this candidate fails, the run goes on
                 failed.append(FailedCandidate(cand.label, cand, str(e)))
                 verdicts.append(_crashed_verdict(cand.label, str(e)))
                 if cfg.strategy == "ladder":
@@ -287,7 +287,8 @@ class _Runner:
         ctx, cache = self.ctx, self.cache(cand, prepared)
         if cache is not None and cache.complete():  # a resumed run: nothing of this candidate is left to do
             served = self.backend.resumed(ctx, cand, cache.meta())
-            scores, _ = evaluate(None, prepared, reference, cache=cache, on_step=ctx.progress(cand.label, 2))
+            scores, _ = evaluate(None, prepared, reference, cache=cache, on_step=ctx.progress(cand.label, 2),
+                                 model=cand.label)
         else:
             served, scores = self.executor.candidate(self.backend, ctx, cand, prepared, reference, cache)
         if cache is not None:

@@ -466,6 +466,34 @@ def content_key(base: Path, weights: dict[str, NBitsWeight], accuracy_level: int
     return h.hexdigest()
 
 
+def graph_weights(folder: Path, model: Any, blocks: str) -> tuple[dict[str, NBitsWeight], int]:
+    """A candidate graph's MatMulNBits weights per Hugging Face linear (a fused node's rows split
+    back by each linear's out_features in `model`), and their accuracy level: what
+    quantized_graph wrote."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(folder / GRAPH), load_external_data=True).graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = {n.name.removesuffix("NBits"): n for n in graph.node if n.op_type == "MatMulNBits"}
+    weights, level = {}, 0
+    for node_name, linears in block_weights(list(nodes), blocks).items():
+        node = nodes[node_name]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        level = attrs.get("accuracy_level", 0)
+        arrays = [numpy_helper.to_array(inits[name]) for name in node.input[1:]]
+        n, bits, block, k = attrs["N"], attrs["bits"], attrs["block_size"], attrs["K"]
+        packed, scales = arrays[0], arrays[1].reshape(n, -1)
+        zeros = arrays[2].reshape(n, -1) if len(arrays) > 2 else None
+        start = 0
+        for name in linears:
+            rows = model.get_submodule(name).out_features
+            part = slice(start, start + rows)
+            weights[name] = NBitsWeight(packed[part], scales[part], None if zeros is None else zeros[part], bits, block, k)
+            start += rows
+    return weights, level
+
+
 def candidate_graph(base: Path, weights: dict[str, NBitsWeight], blocks: str, accuracy_level: int) -> Path:
     """The baseline graph folder `base` with MatMulNBits over `weights`, cached by content hash."""
     out = base.parent / f"nbits-{content_key(base, weights, accuracy_level)[:24]}"
@@ -526,6 +554,20 @@ class OnnxRuntimeBackend(Backend):
                  scheme: Mapping[str, Any]) -> Served:
         """An exported graph folder (quantgate export --format onnx), opened as the run opened it."""
         return self._served(ctx, label, directory, served_scheme(scheme.get("scheme", ""), scheme.get("accuracy_level")))
+
+    def stored_weights(self, artifact: Path, baseline: Any) -> dict[str, Any] | None:
+        """The candidate's block linears from its graph's MatMulNBits nodes (its exact codes),
+        dequantized; None when the graph is gone or its weights no longer give the folder's
+        content key (the folder is named by the hash of what it holds)."""
+        import torch
+
+        folder = artifact.parent
+        if not (folder / GRAPH).is_file() or not folder.name.startswith("nbits-"):
+            return None
+        weights, level = graph_weights(folder, baseline.model, baseline.arch.blocks)
+        if content_key(folder.parent / "fp32", weights, level)[:24] != folder.name.removeprefix("nbits-"):
+            return None
+        return {name: torch.from_numpy(dequantize_nbits(w)) for name, w in weights.items()}
 
     def unmeasured(self, served: Served, simulated: bool = False) -> Economics:
         from quantgate.economics import Economics

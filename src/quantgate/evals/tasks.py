@@ -10,6 +10,7 @@ template's rendering is taken with the special tokens it writes itself (as
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from quantgate.engines.base import Engine, Request
-from quantgate.errors import NothingHappened, UserError
+from quantgate.errors import BadEngineOutput, NothingHappened, UserError
 from quantgate.evals.datasets import ChoiceItem, ClozeItem, EvalSuite, GenerationItem, PromptItem, TaskSpec
 
 
@@ -236,25 +237,30 @@ def evaluate(
     keep: bool = False,
     on_step: Callable[[int], None] | None = None,
     cache: ScoreCache | None = None,
+    model: str = "model",
 ) -> tuple[ModelScores, list[torch.Tensor]]:
     """Score every option, generate for every generation/prompt item, and run every window. With
     `reference` (the baseline's per-window log-probs), also per-position KL divergence and top-1
     agreement. With keep=True the model's own per-window log-probs are returned (to serve as the
     reference of later models). With a `cache`, items it knows are not scored again, new ones are
     recorded every `cache.chunk_items` items, and window results are reused unless keep=True.
-    `engine` may be None only when the cache holds everything."""
+    `engine` may be None only when the cache holds everything. A NaN or +inf from the engine
+    raises BadEngineOutput naming `model` and the item, after the chunk's good items are recorded."""
     step = on_step or (lambda n: None)
     before = sum(engine.timing.seconds.values()) if engine else 0.0
     known = dict(cache.known()) if cache else {}
     chunks = item_chunks(prepared, known, cache)
     for chunk in chunks:
-        new = score_items(_need(engine), prepared, chunk)
+        new, bad = split_finite(score_items(_need(engine), prepared, chunk), prepared, model, engine.name)
         if cache:
-            cache.record(new)
+            cache.record(new)  # what was computed is kept, the bad item's neighbours included
+        if bad is not None:
+            raise bad
         known.update(new)
     step(1)
     cached = cached_windows(cache, keep)
-    windows, kept = (cached, []) if cached is not None else run_windows(_need(engine), prepared, reference, keep)
+    windows, kept = (cached, []) if cached is not None else run_windows(_need(engine), prepared, reference, keep,
+                                                                         model)
     if cache and cached is None:
         cache.record_windows(windows)
     step(1)
@@ -295,6 +301,21 @@ def collect_scores(prepared: PreparedSuite, known: Mapping[int, ItemOutput], win
     )
 
 
+def split_finite(outputs: dict[int, ItemOutput], prepared: PreparedSuite, model: str,
+                 engine: str) -> tuple[dict[int, ItemOutput], BadEngineOutput | None]:
+    """A scored piece's outputs whose log-likelihoods are log-probabilities (finite, or -inf:
+    probability zero), and the error naming the model, the engine and the first item that had a
+    NaN or +inf (None: none had). Every executor records the first part before raising the second."""
+    bad = [i for i, o in outputs.items() if any(math.isnan(v) or v == math.inf for v in o.option_ll)]
+    if not bad:
+        return outputs, None
+    item = prepared.suite.items[bad[0]]
+    error = BadEngineOutput(f"engine '{engine}' returned log-likelihoods {list(outputs[bad[0]].option_ll)} for model "
+                            f"'{model}' on item '{item.id}' (task {item.task}): NaN or +inf is no log-probability "
+                            "(items scored before it are kept in the store; --resume reuses them)")
+    return {i: o for i, o in outputs.items() if i not in bad}, error
+
+
 def _need(engine: Engine | None) -> Engine:
     if engine is None:
         raise ValueError("evaluate: work is left but no engine was given")
@@ -319,9 +340,15 @@ def score_items(engine: Engine, prepared: PreparedSuite, idx: list[int]) -> dict
 
 
 def run_windows(engine: Engine, prepared: PreparedSuite, reference: Sequence[torch.Tensor] | None,
-                 keep: bool) -> tuple[WindowOutput, list[torch.Tensor]]:
+                keep: bool, model: str = "model") -> tuple[WindowOutput, list[torch.Tensor]]:
     nll, kld, agree, window_of, kept = [], [], [], [], []
     for w, lp in enumerate(engine.token_logprobs(prepared.windows)):
+        if bool(torch.isnan(lp).any() or torch.isposinf(lp).any()):
+            what = (f"held-out text window {w}" if w < prepared.n_text_windows
+                    else f"the response window {w - prepared.n_text_windows} of a prompt item")
+            raise BadEngineOutput(f"engine '{engine.name}' returned a NaN or +inf log-probability for model "
+                                  f"'{model}' on {what}: no distribution to compare (items scored so far are "
+                                  "kept in the store; --resume reuses them)")
         targets = torch.tensor(prepared.windows[w][1:])
         if w < prepared.n_text_windows:
             nll.append(-lp[torch.arange(len(targets)), targets].double())

@@ -21,7 +21,6 @@ element of the model's dtype, MICRO_BATCH = m):
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from quantgate import readers
 from quantgate.config import CalibrationConfig
 from quantgate.errors import UserError
 from quantgate.evals import prose
@@ -53,18 +53,14 @@ def calibration_text(cfg: CalibrationConfig) -> tuple[str, str]:
     if cfg.data == "default":
         return prose.pool_text("calibration"), "offline prose, calibration pool (pydoc_data topics)"
     path = Path(cfg.data)
-    if not path.is_file():
-        raise UserError(f"calibration.data: file not found: {path}")
     if path.suffix == ".jsonl":
         texts = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' string") from None
+        for lineno, obj in readers.read_jsonl(path, "calibration data"):
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' string")
+            texts.append(obj["text"])
         return "\n\n".join(texts), str(path)
-    return path.read_text(encoding="utf-8"), str(path)
+    return readers.read_text(path, "calibration data"), str(path)
 
 
 def check_disjoint(calibration: str, eval_texts: Iterable[str]) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from quantgate.errors import UserError
 from quantgate.models.arch import ArchInfo, arch_for
+from quantgate.models.files import check_gguf, check_hf_dir
 
 # The precisions a baseline is evaluated in (quality_gate.verified_against names one).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -141,6 +142,7 @@ def _convert_gguf(path: Path, target: Path) -> None:
     """Dequantize a GGUF file to a float32 safetensors HF directory, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -174,6 +176,7 @@ def _load_hf_dir(where: str | Path, *, source: str, description: str, precision:
             pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
             hint = f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
             raise UserError(f"model.base: {directory} has no .safetensors weights{hint}")
+        check_hf_dir(directory)
         digest = hashlib.sha256("".join(file_sha256(w) for w in weights).encode()).hexdigest()
     else:
         digest = "unknown"

@@ -10,6 +10,7 @@ import numpy as np
 
 from quantgate import record as rec
 from quantgate.economics import Economics
+from quantgate.evals.datasets import ChoiceItem, ClozeItem, GenerationItem, PromptItem
 from quantgate.evals.digest import eval_digest
 from quantgate.evals.metrics import TaskComparison
 from quantgate.gate import CandidateVerdict
@@ -166,3 +167,24 @@ def flipped_items(result: RunResult, m: ModelResult) -> tuple[rec.FlippedItem, .
         )
         for i in changed
     )
+
+
+KINDS = {ChoiceItem: "choice", ClozeItem: "cloze", GenerationItem: "generation", PromptItem: "prompt"}
+
+
+def item_records(result: RunResult) -> list[rec.ItemRecord]:
+    """Every item of the run's suite with the baseline's and each candidate's outcome."""
+    prepared, items = result.prepared, result.prepared.suite.items
+    models = [result.baseline, *result.candidates]
+    out = []
+    for i, item in enumerate(items):
+        a, b = int(prepared.offsets[i]), int(prepared.offsets[i + 1])
+        labeled = not isinstance(item, PromptItem)
+        scores = {m.name: rec.ItemScore(
+            answer=m.metrics.answers[i], score=m.metrics.score[i] if labeled else None,
+            correct=bool(m.metrics.correct[i]) if labeled else None,
+            option_ll=tuple(m.scores.option_ll[a:b].tolist()) if b > a else None,
+            greedy=tuple(m.scores.option_greedy[a:b].tolist()) if b > a else None) for m in models}
+        out.append(rec.ItemRecord(index=i, id=item.id, task=item.task, kind=KINDS[type(item)], prompt=item.prompt,
+                                  gold=item.gold_answer if labeled else None, models=scores))
+    return out
