@@ -208,8 +208,9 @@ def test_the_fp32_graph_reproduces_torch(tiny):
     {"method": "rtn", "bits": 8},  # per channel, symmetric
     {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": True},  # 576 = 4.5 x 128
     {"method": "gptq", "bits": 4, "group_size": 64},
+    {"method": "awq", "bits": 4, "group_size": 64},  # its scales folded into the norms the graph holds
 ])
-def test_a_candidate_on_ort_at_accuracy_level_0_matches_it_on_torch(tiny, cand):
+def test_a_candidate_on_ort_at_accuracy_level_0_matches_it_on_torch(tiny, cand, tmp_path):
     from quantgate.methods.apply import make_candidate
 
     baseline, graph = tiny
@@ -220,12 +221,14 @@ def test_a_candidate_on_ort_at_accuracy_level_0_matches_it_on_torch(tiny, cand):
         ref = next(_torch(made.model).token_logprobs([WINDOW])).numpy()
     weights = qo.candidate_weights(made.model, baseline.arch, cand)
     assert len(weights) == 2 * 7
-    folder = qo.candidate_graph(graph, weights, baseline.arch.blocks, 0)
+    changed = qo.changed_floats(baseline.model, made.model, set(weights))
+    assert bool(changed) == (cand.method == "awq") and all("norm" in n for n in changed)
+    folder = qo.candidate_folder(baseline, made.model, cand, tmp_path / "builder.log")
     lp = qo.OnnxRuntimeEngine(folder, threads=1).window_logprobs(WINDOW)
     assert _kld(ref, lp) < 1e-3
     np.testing.assert_allclose(lp, ref, atol=LOGPROB_ATOL)
     assert qo.graph_bytes(folder) < qo.graph_bytes(graph) * (0.75 if cand.bits == 4 else 0.9)
-    assert qo.candidate_graph(graph, weights, baseline.arch.blocks, 0) == folder  # cached by content
+    assert qo.candidate_graph(graph, weights, baseline.arch.blocks, 0, changed) == folder  # cached by content
 
 
 def test_accuracy_level_4_is_a_different_graph_and_measurably_different_numerics(tiny):

@@ -421,12 +421,14 @@ def nbits_node(node: onnx.NodeProto, w: NBitsWeight, accuracy_level: int) -> tup
 
 
 def quantized_graph(base: onnx.ModelProto, weights: dict[str, NBitsWeight], blocks: str,
-                    accuracy_level: int) -> int:
+                    accuracy_level: int, floats: Mapping[str, np.ndarray] | None = None) -> int:
     """Replace, in place, every block MatMul of the builder's graph `base` by a MatMulNBits node
     over `weights` (full HF linear name -> its packed weight; a fused node's linears are
-    stacked along N). Returns the nodes replaced; zero, or a block linear left unmatched, is
-    an error."""
+    stacked along N), and the float initializers named in `floats` (HF parameter name, which
+    the builder uses for norms -> the candidate's values, same shape: e.g. AWQ's folded norms).
+    Returns the nodes replaced; zero, or a block linear or float left unmatched, is an error."""
     inits = {t.name: t for t in base.graph.initializer}
+    _replace_floats(inits, floats or {})
     holders = block_weights([n.name for n in base.graph.node], blocks)
     nodes, added, dropped, used = [], [], set(), set()
     for node in base.graph.node:
@@ -453,9 +455,21 @@ def quantized_graph(base: onnx.ModelProto, weights: dict[str, NBitsWeight], bloc
     return len(used)
 
 
-def content_key(base: Path, weights: dict[str, NBitsWeight], accuracy_level: int) -> str:
+def _replace_floats(inits: dict[str, Any], floats: Mapping[str, np.ndarray]) -> None:
+    from onnx import numpy_helper
+
+    for name, value in floats.items():
+        old = inits.get(name)
+        if old is None or tuple(old.dims) != value.shape:
+            raise NotSupportedYet(f"the candidate changes {name} {value.shape}, which the ONNX graph does not hold "
+                                  "under that name and shape")
+        old.CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def content_key(base: Path, weights: dict[str, NBitsWeight], accuracy_level: int,
+                floats: Mapping[str, np.ndarray] | None = None) -> str:
     """sha256 of what a candidate graph holds: the baseline graph it starts from, the packed
-    weights and their layout, and the accuracy level."""
+    weights and their layout, the accuracy level, and the float tensors it replaces."""
     h = hashlib.sha256((base / GRAPH).read_bytes())
     h.update(json.dumps({"accuracy_level": accuracy_level}).encode())
     for name in sorted(weights):
@@ -463,6 +477,8 @@ def content_key(base: Path, weights: dict[str, NBitsWeight], accuracy_level: int
         h.update(json.dumps([name, w.bits, w.block_size, w.k]).encode())
         for a in (w.packed, w.scales, w.zeros):
             h.update(b"-" if a is None else a.tobytes())
+    for name in sorted(floats or {}):
+        h.update(name.encode() + floats[name].astype(np.float32).tobytes())
     return h.hexdigest()
 
 
@@ -494,18 +510,19 @@ def graph_weights(folder: Path, model: Any, blocks: str) -> tuple[dict[str, NBit
     return weights, level
 
 
-def candidate_graph(base: Path, weights: dict[str, NBitsWeight], blocks: str, accuracy_level: int) -> Path:
+def candidate_graph(base: Path, weights: dict[str, NBitsWeight], blocks: str, accuracy_level: int,
+                    floats: Mapping[str, np.ndarray] | None = None) -> Path:
     """The baseline graph folder `base` with MatMulNBits over `weights`, cached by content hash."""
-    out = base.parent / f"nbits-{content_key(base, weights, accuracy_level)[:24]}"
-    return _finish(lambda tmp: _write_candidate(base, weights, blocks, accuracy_level, tmp), out)
+    out = base.parent / f"nbits-{content_key(base, weights, accuracy_level, floats)[:24]}"
+    return _finish(lambda tmp: _write_candidate(base, weights, blocks, accuracy_level, tmp, floats), out)
 
 
 def _write_candidate(base: Path, weights: dict[str, NBitsWeight], blocks: str, accuracy_level: int,
-                     out: Path) -> None:
+                     out: Path, floats: Mapping[str, np.ndarray] | None = None) -> None:
     import onnx
 
     model = onnx.load(str(base / GRAPH), load_external_data=True)
-    quantized_graph(model, weights, blocks, accuracy_level)
+    quantized_graph(model, weights, blocks, accuracy_level, floats)
     onnx.save_model(model, str(out / GRAPH), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA, size_threshold=1024)
     shutil.copyfile(base / GENAI_CONFIG, out / GENAI_CONFIG)
@@ -595,7 +612,18 @@ def candidate_folder(baseline: Baseline, model: torch.nn.Module, cand: MethodCon
     graph with MatMulNBits over the candidate's exact codes, cached by content hash."""
     weights = candidate_weights(model, baseline.arch, cand)
     base = float_graph(baseline, log)
-    return candidate_graph(base, weights, baseline.arch.blocks, cand.quantizer.accuracy_level or 0)
+    return candidate_graph(base, weights, baseline.arch.blocks, cand.quantizer.accuracy_level or 0,
+                           changed_floats(baseline.model, model, set(weights)))
+
+
+def changed_floats(base: torch.nn.Module, made: torch.nn.Module, coded: set[str]) -> dict[str, np.ndarray]:
+    """Parameters of the made candidate, other than the weights of the `coded` linears, that
+    differ from the baseline's (e.g. the norms AWQ folds its scales into): HF name -> values."""
+    import torch
+
+    ref = dict(base.named_parameters())
+    return {name: p.detach().float().numpy() for name, p in made.named_parameters()
+            if name.removesuffix(".weight") not in coded and not torch.equal(p, ref[name])}
 
 
 def export_scheme(cand: MethodConfig) -> dict[str, Any]:
