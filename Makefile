@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install system-deps demo test test-fast bench bench-methods bench-llamacpp bench-prune bench-onnx bench-threads clean
+.PHONY: install system-deps demo test test-fast bench bench-methods bench-llamacpp bench-prune bench-onnx bench-threads bench-memory clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ bench-onnx: $(TEST_STAMP)
 # Decode speed by serving thread count (ORT, llama.cpp) in interleaved rounds: serving.threads' default.
 bench-threads: $(TEST_STAMP)
 	$(PY) bench/bench_threads.py
+
+# Peak memory of GPTQ on the default model loaded in fp32 and in bf16 (from fp32 and bf16 checkpoints).
+bench-memory: install
+	$(PY) bench/bench_memory.py
 
 clean:
 	rm -rf $(VENV) quantgate-results .pytest_cache

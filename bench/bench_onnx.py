@@ -7,6 +7,10 @@ timed in interleaved rounds (order reversed every other round); medians are show
 ORT candidates carry quantgate's codes: rtn-w8 (per channel) and gptq-w4-g32, each at MatMulNBits
 accuracy_level 0 (fp32 compute) and 4 (int8 activations).
 
+Every model is timed at each thread count of --threads (default: 1 and every core): the bench
+process pins itself to that many cores and each engine process, which inherits the pinning,
+uses all the cores it may run on. Ratios are to ORT fp32 at the same thread count.
+
 Run with `make bench-onnx`. Prints a table; asserts nothing. The machine's load average is
 printed beside the numbers: on a shared machine read the ratios, not the absolute tokens/s.
 """
@@ -102,6 +106,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows")
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", default="", help="comma-separated thread counts (default: 1 and every core)")
     args = ap.parse_args()
     load_before = os.getloadavg()
     baseline = load_baseline("smollm2-135m-instruct")
@@ -118,30 +123,44 @@ def main() -> int:
     rows += ort_rows(baseline, calib, windows, reference, logs)
     rows += llamacpp_rows(baseline, windows, reference, n_ctx=64 + args.new_tokens + 1)
     del baseline, reference  # the speed runs happen in their own processes
-    runs: dict[str, list[dict]] = {r.name: [] for r in rows}
-    for i in range(args.rounds):
-        for row in rows if i % 2 == 0 else rows[::-1]:
-            runs[row.name].append(timed(row, prompts, args.new_tokens, logs / f"{row.name.replace(' ', '_')}.log"))
-        print(f"round {i + 1}: done", file=sys.stderr, flush=True)
-    render(rows, runs, args, load_before, os.getloadavg())
+    cores = sorted(os.sched_getaffinity(0))
+    threads = sorted({min(int(t), len(cores)) for t in args.threads.split(",")} if args.threads else {1, len(cores)})
+    runs: dict[tuple[str, int], list[dict]] = {(r.name, t): [] for r in rows for t in threads}
+    for t in threads:
+        os.sched_setaffinity(0, cores[:t])  # engine processes inherit it and use every core they may run on
+        for i in range(args.rounds):
+            for row in rows if i % 2 == 0 else rows[::-1]:
+                log = logs / f"{row.name.replace(' ', '_')}-{t}.log"
+                runs[row.name, t].append(timed(row, prompts, args.new_tokens, log))
+            print(f"{t} thread(s), round {i + 1}: done", file=sys.stderr, flush=True)
+    os.sched_setaffinity(0, cores)
+    render(rows, runs, threads, args, load_before, os.getloadavg())
     return 0
 
 
-def render(rows: list[Row], runs: dict[str, list[dict]], args, load_before, load_after) -> None:
-    med = lambda name, key: float(np.median([r[key] for r in runs[name]]))  # noqa: E731
-    ort_fp32 = med("ORT fp32", "decode_tokens_per_s")
+def render(rows: list[Row], runs: dict[tuple[str, int], list[dict]], threads: list[int], args, load_before,
+           load_after) -> None:
+    med = lambda name, t, key: float(np.median([r[key] for r in runs[name, t]]))  # noqa: E731
+    most = threads[-1]
     table = Table(title=f"ONNX Runtime vs torch on the default model: batch-1 decode after 64-token prompts, "
-                        f"{args.new_tokens} new tokens, median of {args.rounds} interleaved rounds of fresh processes")
-    for col in ("model", "file MB", "KLD mean vs torch fp32", "KLD p99", "prefill tok/s", "decode tok/s",
-                "decode / ORT fp32", "peak RSS MB"):
+                        f"{args.new_tokens} new tokens, median of {args.rounds} interleaved rounds of fresh processes "
+                        f"at each thread count")
+    columns = ["model", "file MB", "KLD mean vs torch fp32", "KLD p99"]
+    for t in threads:
+        columns += [f"decode tok/s, {t}t", f"/ ORT fp32, {t}t"]
+    columns += [f"prefill tok/s, {most}t", f"peak RSS MB, {most}t"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "model" else "right")
     for row in rows:
-        decode = med(row.name, "decode_tokens_per_s")
         kld = "reference" if row.kld is None else f"{row.kld.mean():.2e}"
         p99 = "" if row.kld is None else f"{np.quantile(row.kld, 0.99):.2e}"
-        table.add_row(row.name, f"{row.file_bytes / 1e6:.1f}", kld, p99, f"{med(row.name, 'prefill_tokens_per_s'):.0f}",
-                      f"{decode:.1f}", f"{decode / ort_fp32:.2f}x", f"{med(row.name, 'peak_rss_bytes') / 1e6:.0f}")
-    console = Console(width=200)
+        cells = [row.name, f"{row.file_bytes / 1e6:.1f}", kld, p99]
+        for t in threads:
+            decode = med(row.name, t, "decode_tokens_per_s")
+            cells += [f"{decode:.1f}", f"{decode / med('ORT fp32', t, 'decode_tokens_per_s'):.2f}x"]
+        cells += [f"{med(row.name, most, 'prefill_tokens_per_s'):.0f}", f"{med(row.name, most, 'peak_rss_bytes') / 1e6:.0f}"]
+        table.add_row(*cells)
+    console = Console(width=220)
     console.print(table)
     console.print(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
                   f"after: {', '.join(f'{x:.2f}' for x in load_after)}; {len(os.sched_getaffinity(0))} cores")

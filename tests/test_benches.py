@@ -24,15 +24,21 @@ BENCHES = {
                            "--samples", "2", "--seq-len", "32", "--boot", "200"], "Q4_K_M+imatrix vs Q4_K_M"),
     "bench_threads.py": (["--rounds", "2", "--requests", "1", "--new-tokens", "4", "--max-threads", "2",
                           "--boot", "200"], "decode tokens/s by thread count"),
+    "bench_onnx.py": (["--rounds", "1", "--new-tokens", "4", "--samples", "2", "--seq-len", "32", "--threads", "1"],
+                      "/ ORT fp32, 1t"),
 }
+
+WITHOUT_DATA = ("bench_llamacpp.py", "bench_threads.py", "bench_onnx.py")  # benches that need no eval data
 
 
 @pytest.mark.parametrize("script", BENCHES)
 def test_bench_runs_and_prints_its_table(script):
-    if not (DATA / "piqa.jsonl").is_file() and script not in ("bench_llamacpp.py", "bench_threads.py"):
+    if not (DATA / "piqa.jsonl").is_file() and script not in WITHOUT_DATA:
         pytest.skip(f"{DATA} is absent")
     if script in ("bench_prune.py", "bench_llamacpp.py"):
         pytest.importorskip("llama_cpp")
+    if script == "bench_onnx.py":
+        pytest.importorskip("onnxruntime")
     args, title = BENCHES[script]
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
                           timeout=900, cwd=ROOT)

@@ -324,6 +324,9 @@ def test_a_version_0_run_is_read_as_a_stored_run(tmp_path):
 def test_export_refuses_what_it_cannot_reproduce(tiny_run, tmp_path):
     with pytest.raises(UserError, match="only the GGUF file"):
         export_candidate(tiny_run, "rtn-w8", "gguf", tmp_path / "a")
+    with pytest.raises(UserError, match="evaluated on the torch engine; --format onnx exports the artifact the "
+                                        "onnxruntime engine evaluated"):
+        export_candidate(tiny_run, "rtn-w8", "onnx", tmp_path / "a")
     with pytest.raises(UserError, match="no evaluated candidate 'nope'.*rtn-w8"):
         export_candidate(tiny_run, "nope", "hf", tmp_path / "b")
     for key, path in (("model", "baseline"), ("calibration", "calibration")):

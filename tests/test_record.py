@@ -15,6 +15,7 @@ from report_data import synthetic_results
 from rich.console import Console
 
 import quantgate.record
+from quantgate.config import RunConfig
 from quantgate.errors import UserError
 from quantgate.gate import RuleKind
 from quantgate.record import SCHEMA_VERSION, RunRecord, dump_record, load_record, upgrade
@@ -28,7 +29,9 @@ OLDER = DATA / "run_payload.json"  # older still: no noise floor, economics, rul
 
 def test_the_last_version_0_file_loads():
     record = load_record(V0)
-    assert record.schema_version == SCHEMA_VERSION == 2
+    assert record.schema_version == SCHEMA_VERSION
+    assert record.model.precision == "fp32" and record.full_precision is None  # every baseline was float32
+    assert record.conditions is None and not any(c.aa_check for c in record.candidates)
     assert record.run_id == "20261204T062524Z-4510db6d" and record.recommended == "rtn-w8"
     assert [c.name for c in record.candidates] == ["rtn-w8", "rtn-w4-g64"]
     w4 = record.candidate("rtn-w4-g64")
@@ -64,9 +67,10 @@ def test_rule_kinds_of_version_0_files_come_from_the_rule_text():
 
 def test_a_version_1_file_loads_without_rounds_or_intervals():
     """Economics measured once (no rounds): no measuring conditions, no intervals or ratios, no
-    A/A check; the numbers as they were."""
+    A/A check; a float32 baseline; the numbers as they were."""
     record, raw = load_record(V1), json.loads(V1.read_text())
-    assert raw["schema_version"] == 1 and record.schema_version == 2 and record.conditions is None
+    assert raw["schema_version"] == 1 and record.schema_version == SCHEMA_VERSION and record.conditions is None
+    assert record.model.precision == "fp32" and record.full_precision is None
     w8 = record.candidate("rtn-w8")
     assert not w8.aa_check and w8.economics.vs_baseline is None and w8.economics.decode_tokens_per_s_ci is None
     assert w8.economics.decode_tokens_per_s == raw["candidates"][0]["economics"]["decode_tokens_per_s"]
@@ -75,11 +79,46 @@ def test_a_version_1_file_loads_without_rounds_or_intervals():
     assert view.economics_table(record) is not None  # drawn as before, without intervals
 
 
-def test_a_record_written_now_is_version_2_and_round_trips(tmp_path):
+def _older(*drop: str, schema_version: int) -> dict:
+    """The version-0 file as a record written now, less the parts named ("model.precision", or a
+    key of every candidate: "candidates.aa_check"), labelled an older version."""
+    data = json.loads(dump_record(load_record(V0)))
+    for key in drop:
+        part, _, sub = key.partition(".")
+        for d in (data[part] if part == "candidates" else [data[part]]) if sub else [data]:
+            del d[sub or part]
+    return {**data, "schema_version": schema_version}
+
+
+def test_a_version_1_file_loads_with_a_float32_baseline():
+    """Version 1 is the current version without the baseline's precision, the full-precision
+    row, the measuring conditions and the A/A flag."""
+    record = load_record(_older("full_precision", "model.precision", "conditions", "candidates.aa_check",
+                                schema_version=1))
+    assert record.model.precision == "fp32" and record.full_precision is None
+    assert record == load_record(V0)
+    assert view.model_line(record).endswith("· baseline in fp32")
+
+
+def test_both_kinds_of_version_2_file_load():
+    """Version 2 was written with the baseline's precision and the full-precision row (issue 17)
+    or with the measuring conditions and the A/A flag (issue 18), never both: either loads, the
+    other parts at their values from before; a full-precision row gets the A/A flag too."""
+    precision = _older("conditions", "candidates.aa_check", schema_version=2)
+    conditions = _older("full_precision", "model.precision", schema_version=2)
+    assert load_record(precision) == load_record(conditions) == load_record(V0)
+    row = {k: v for k, v in precision["candidates"][0].items() if k != "aa_check"}
+    record = load_record({**precision, "model": {**precision["model"], "precision": "bf16"},
+                          "full_precision": {**row, "name": "fp32", "method": "precision"}})
+    assert record.model.precision == "bf16" and record.full_precision.name == "fp32"
+    assert not record.full_precision.aa_check
+
+
+def test_a_record_written_now_is_the_current_version_and_round_trips(tmp_path):
     record = load_record(V0)
     text = dump_record(record)
     written = json.loads(text)
-    assert written["schema_version"] == 2
+    assert written["schema_version"] == SCHEMA_VERSION
     path = tmp_path / "results.json"
     path.write_text(text, encoding="utf-8")
     assert load_record(path) == record
@@ -124,8 +163,9 @@ def test_malformed_values_and_newer_schemas_are_refused(tmp_path):
     data["extra_part"] = 1
     with pytest.raises(UserError, match="unknown key 'extra_part'"):
         load_record(data)
-    with pytest.raises(UserError, match="schema_version 3: written by a newer quantgate"):
-        load_record({**data, "schema_version": 3})
+    newer = SCHEMA_VERSION + 1
+    with pytest.raises(UserError, match=f"schema_version {newer}: written by a newer quantgate"):
+        load_record({**data, "schema_version": newer})
     path = tmp_path / "results.json"
     path.write_text("[1]")
     with pytest.raises(UserError, match="expected a JSON object"):
@@ -174,7 +214,7 @@ SMALL_RUN = (
 
 
 @pytest.mark.slow
-def test_a_real_run_writes_a_version_2_record(tmp_path):
+def test_a_real_run_writes_a_current_record(tmp_path):
     """`quantgate run` (the config results_v0.json was made with) writes a results.json that
     loads as the same record it was dumped from, the same numbers as the version-0 file."""
     config = tmp_path / "small.yaml"
@@ -183,10 +223,13 @@ def test_a_real_run_writes_a_version_2_record(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     (path,) = (tmp_path / "out").glob("*/results.json")
-    assert json.loads(path.read_text())["schema_version"] == 2
+    assert json.loads(path.read_text())["schema_version"] == SCHEMA_VERSION
     record, old = load_record(path), load_record(V0)
     assert dump_record(load_record(json.loads(dump_record(record)))) == dump_record(record)
     assert [c.vs_baseline.flips for c in record.candidates] == [c.vs_baseline.flips for c in old.candidates]
-    # the same settings: the config grew economics.rounds (old runs measured once) since
+    # the same settings: the old file's config, upgraded (new keys at their defaults; economics was
+    # measured once then), is the run's (the digests differ: a digest covers every key, and the
+    # schema has grown since)
     assert record.eval.sha256 == old.eval.sha256 and old.config["economics"]["rounds"] == 1
-    assert {**record.config, "economics": None} == {**old.config, "economics": None}
+    same = {**old.config, "economics": {**old.config["economics"], "rounds": record.config["economics"]["rounds"]}}
+    assert RunConfig.model_validate(record.config) == RunConfig.model_validate(same)

@@ -57,11 +57,13 @@ class LoadSample:
     tokens: int
     wall_s: float
     ttft_s: tuple[float, ...] | None = None  # [requests], streamed from a server
+    # Replicas of one served model: the tokens each generated of `tokens` (None: one server)
+    replica_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:  # (from JSON: lists)
-        object.__setattr__(self, "latency_s", tuple(self.latency_s))
-        if self.ttft_s is not None:
-            object.__setattr__(self, "ttft_s", tuple(self.ttft_s))
+        for name in ("latency_s", "ttft_s", "replica_tokens"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def tokens_per_s(self) -> float:
@@ -357,6 +359,9 @@ class LoadLevel:
     ttft_s: dict[str, Estimate] | None = None  # a server's time to first text
     requests: int | None = None  # requests sent per round (a server)
     vs_baseline: Estimate | None = None  # tokens/s over the baseline's at this batch size, paired by round
+    # Replicas of one served model (batch_size requests in flight on each): tokens_per_s is the
+    # fleet's, and this each replica's share of it, median over rounds (None: one server)
+    replica_tokens_per_s: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -507,7 +512,14 @@ def _level(size: int, levels: Sequence[LoadSample], boot: Bootstrap, base: Seque
         requests=len(levels[0].latency_s) if levels[0].ttft_s is not None else None,
         vs_baseline=boot.ratio([lv.tokens_per_s for lv in base[:n]], [lv.tokens_per_s for lv in levels[:n]])
         if n else None,
+        replica_tokens_per_s=_replica_shares(levels),
     )
+
+
+def _replica_shares(levels: Sequence[LoadSample]) -> tuple[float, ...] | None:
+    """Each replica's tokens/s (its tokens over the level's wall time), median over rounds."""
+    shares = [[t / lv.wall_s for t in lv.replica_tokens] for lv in levels if lv.replica_tokens]
+    return tuple(float(v) for v in np.median(shares, axis=0)) if shares else None
 
 
 def _ratios(rounds: Sequence[RoundSample], base: Sequence[RoundSample], boot: Bootstrap,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from quantgate.economics import compared
 from quantgate.record import (
-    CandidateRecord, Comparison, Conditions, Cost, EconomicsSettings, ModelRecord, Ratio, Rule, RunRecord,
-    SpeedRatios, TaskStats,
+    CandidateRecord, Comparison, Conditions, Cost, EconomicsSettings, LoadLevel, ModelRecord, Ratio, Rule,
+    RunRecord, SpeedRatios, TaskStats,
 )
 
 # A candidate whose accuracy recovery holds but which is beyond either line gets a "silent loss"
@@ -122,6 +122,12 @@ def decode_speed(m: ModelRecord) -> float | None:
     return m.economics.measured_speed if m.economics else None
 
 
+def model_line(results: RunRecord) -> str:
+    """The model and the precision its baseline was evaluated in, e.g. "SmolLM2 … · baseline in bf16"."""
+    model = results.model
+    return f"{model.description or model.base} · baseline in {model.precision}"
+
+
 def gate_status(results: RunRecord, m: ModelRecord) -> str:
     if not isinstance(m, CandidateRecord) or m.aa_check:
         return "reference"
@@ -154,6 +160,9 @@ def candidates_table(results: RunRecord) -> Table:
     base = results.baseline
     rows = [Row((base.name, base.scheme or "baseline", megabytes(base.weight_bytes), num(base.metric(metric)),
                  "1.0000", DASH, DASH, DASH, DASH, DASH, num(base.perplexity, 2), "reference"), "reference")]
+    full = results.full_precision
+    if full is not None:  # the checkpoint in fp32 against a bf16/fp16 baseline: a reference, not a candidate
+        rows.append(Row((*_candidate_cells(full, metric, False)[:-1], "reference"), "reference"))
     rec = results.recommended
     for c in results.candidates:
         rows.append(Row(_candidate_cells(c, metric, c.name == rec), gate_status(results, c), c.name == rec))
@@ -259,13 +268,21 @@ def load_table(results: RunRecord) -> Table | None:
     latency percentiles and throughput (median of the rounds, interval) under that load, and
     the throughput over the baseline's; None when no model has one."""
     rows = tuple(Row((m.name, str(level.batch_size), "batched" if level.batched else "queued",
-                      latencies(level.latency_s),
-                      with_interval(rate(level.tokens_per_s), interval(level.tokens_per_s_ci, fmt=rate)),
+                      latencies(level.latency_s), fleet_rate(level),
                       ratio_cell(level.vs_baseline) if m is not results.baseline else "reference"),
                      gate_status(results, m))
                  for m in results.models if m.economics and not m.economics.simulated
                  for level in sorted(m.economics.load, key=lambda r: r.batch_size))
     return Table(LOAD_HEADERS, rows, (False, True, False, True, True, True)) if rows else None
+
+
+def fleet_rate(level: LoadLevel) -> str:
+    """Tokens/s under one load level with its interval; for replicas of one server, the fleet's
+    with each replica's share ("812 [790, 830] (401 + 411)"); their batch size is per replica."""
+    fleet = with_interval(rate(level.tokens_per_s), interval(level.tokens_per_s_ci, fmt=rate))
+    if not level.replica_tokens_per_s:
+        return fleet
+    return f"{fleet} ({' + '.join(rate(r) for r in level.replica_tokens_per_s)})"
 
 
 def economics_notes(results: RunRecord) -> list[str]:
@@ -462,6 +479,7 @@ def manifest(results: RunRecord) -> list[tuple[str, str]]:
         ("run id", results.run_id),
         ("started / finished", f"{results.started.isoformat()} / {results.finished.isoformat()}"),
         ("model", f"{model.base} — {model.description}"),
+        ("baseline precision", model.precision),
         ("model source", model.source),
         ("model sha256", model.sha256),
         ("eval set", f"{ev.eval_set}: {ev.items} items; {tasks}"),
