@@ -86,28 +86,29 @@ def _written(result, tmp_path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime, onnx or onnxruntime-genai not installed")
 def test_on_onnxruntime_a_speed_rule_recommends_a_candidate_that_is_faster(tmp_path):
-    """The default model on ORT, a small eval subset: int8/int4 weights with int8 activations
-    decode about twice as fast as fp32 on an idle machine (`make bench-onnx`: 1.94x and 2.17x),
-    so `min_decode_speedup: 1.5` holds on the interval of at least one; the recommendation is the
-    cheapest candidate that holds every rule. (At a load average of 8 on 2 cores, one thread each,
-    rtn-w8-acc4 alone measured 1.49 [1.36, 1.69]: honestly inconclusive.)"""
+    """The default model on ORT, a small eval subset and a short speed run (3 rounds of 3
+    requests): int4 weights with int8 activations decode about twice as fast as fp32 (`make
+    bench-onnx`: 2.17x on an idle machine; at a load average of 5.5 on 2 cores, one thread, this
+    run measured 2.04 [1.72, 2.30]), so `min_decode_speedup: 1.5` holds on its interval and the
+    candidate is recommended, as faster and cheaper. (rtn-w8-acc4, 1.94x idle, measured 1.49
+    [1.36, 1.69] at a load average of 8: honestly inconclusive, so it is not the one tested; the
+    choice of the cheapest of several passing candidates is tested in test_speed.py.)"""
     cfg = RunConfig.model_validate({
-        "candidates": [{"method": "rtn", "bits": 8, "accuracy_level": 4},
-                       {"method": "rtn", "bits": 4, "group_size": 64, "accuracy_level": 4}],
+        "candidates": [{"method": "rtn", "bits": 4, "group_size": 64, "accuracy_level": 4}],
         "serving": {"engine": "onnxruntime", "max_batch_size": 1},
-        "evaluation": {"limit": 16, "cloze_items": 16, "ppl_windows": 2, "window_tokens": 128},
-        "economics": {"requests": 4, "new_tokens": 64, "hardware_cost_per_hour": 0.1, "tokens_per_month": 1e7},
+        "evaluation": {"limit": 12, "cloze_items": 12, "ppl_windows": 2, "window_tokens": 128},
+        "economics": {"rounds": 3, "requests": 3, "new_tokens": 32, "hardware_cost_per_hour": 0.1,
+                      "tokens_per_month": 1e7},
         "quality_gate": {"min_items": 10, "min_acceptable": 0.5, "inconclusive": "pass", "min_decode_speedup": 1.5},
     })
     result = execute(cfg, workdir=tmp_path / "work")
-    ratios = {c.name: c.economics.vs_baseline.decode for c in result.candidates}
-    best = result.decision.recommended
-    assert best is not None, (result.decision.reason, ratios, result.conditions)
-    assert ratios[best].ci[0] >= 1.5 and "speedup" not in result.decision.reason
-    holding = [n for n, r in ratios.items() if r.ci[0] >= 1.5]
-    costs = {c.name: c.economics.cost.per_million_tokens.value for c in result.candidates}
-    assert best == min(holding, key=costs.get)  # the cheapest that holds, not the smallest
+    (w4,) = result.candidates
+    r = w4.economics.vs_baseline.decode
+    assert w4.economics.throughput.requests == 3 * 3 and result.conditions.rounds == 3
+    assert r.ci[0] >= 1.5, (r, result.conditions)
+    assert result.decision.recommended == "rtn-w4-g64-acc4", result.decision.reason
+    assert "speedup" not in result.decision.reason
     record = load_record(_written(result, tmp_path))
     words = {row.cells[0]: row.cells[-1] for row in view.ratios_table(record).rows}
-    assert words[best].startswith("faster")
-    assert record.candidate(best).economics.cost.per_million_tokens_ci is not None
+    assert words["rtn-w4-g64-acc4"].startswith("faster") and "cheaper" in words["rtn-w4-g64-acc4"]
+    assert record.candidate("rtn-w4-g64-acc4").economics.cost.per_million_tokens_ci is not None
