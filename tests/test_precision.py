@@ -5,6 +5,7 @@ against the lower-precision baseline, and the precision in the record and every 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -74,6 +75,36 @@ def test_a_bf16_baseline_run_reports_fp32_as_a_row_and_gates_against_bf16(checkp
     assert [r.cells[0] for r in rows][:2] == ["baseline", "fp32"] and rows[1].status == "reference"
     assert "baseline in bf16" in view.model_line(record)
     assert ("baseline precision", "bf16") in view.manifest(record)
+
+
+
+def test_a_bf16_baseline_is_served_in_bf16_and_its_a_a_check_measured(checkpoint, tmp_path, torch_single_thread):
+    """Economics of a bf16 baseline: its engine processes load it in bf16 (the serving options
+    carry the precision), the A/A candidate serves the same again in every round, and the
+    full-precision row is scored, not timed."""
+    from quantgate.engines.registry import entry
+    from quantgate.engines.torch import open_engine
+    from quantgate.run import execute
+
+    cfg = RunConfig.model_validate({
+        "model": {"base": str(checkpoint)},
+        "serving": {"engine": "torch", "max_batch_size": 1, "threads": 1},
+        "candidates": [{"method": "none"}],
+        "evaluation": {"limit": 6, "cloze_items": 4, "ppl_windows": 2, "window_tokens": 32},
+        "economics": {"rounds": 2, "requests": 2, "prompt_tokens": 8, "new_tokens": 4},
+        "quality_gate": {"verified_against": "bf16", "min_items": 4},
+    })
+    result = execute(cfg, workdir=tmp_path / "work")
+    (aa,) = result.candidates
+    assert aa.comparison.kld_mean == 0.0 and aa.economics.rounds == 2 and aa.economics.vs_baseline is not None
+    assert result.baseline.economics.rounds == 2 and result.full_precision[0].economics is None
+    record = load_record(json.loads(dump_record(build_record(result))))
+    assert record.candidate("none").aa_check and not record.full_precision.aa_check
+    assert record.conditions.rounds == 2
+    served = entry("torch").load().serving_options
+    options = served(SimpleNamespace(cfg=cfg, baseline=SimpleNamespace(precision="bf16")), None)
+    assert options["precision"] == "bf16"
+    assert open_engine(str(checkpoint), **options, threads=1).model.dtype == torch.bfloat16
 
 
 SMALL_BF16_RUN = """\
