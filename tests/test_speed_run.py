@@ -77,6 +77,26 @@ def test_a_speed_rule_on_the_torch_engine_recommends_nothing_and_says_why(tiny_m
     assert "Against the baseline" in page and "A/A check" in page
 
 
+def test_a_resumed_a_a_check_is_the_baseline_served_again(tiny_model, tmp_path):
+    """A resumed run reuses the A/A candidate's stored items and still measures its speed: it is
+    the baseline served again (Backend.serve), not a made candidate restored without weights."""
+    from quantgate.store import open_store
+
+    cfg = RunConfig.model_validate({
+        "model": {"base": str(tiny_model)}, "candidates": [{"method": "none"}],
+        "serving": {"max_batch_size": 1, "threads": 1},
+        "evaluation": {"limit": 6, "cloze_items": 4, "ppl_windows": 2, "window_tokens": 32},
+        "economics": {"rounds": 2, "requests": 2, "prompt_tokens": 8, "new_tokens": 4},
+        "quality_gate": {"min_items": 4},
+    })
+    store = open_store(tmp_path / "store.db")
+    with single_thread():
+        execute(cfg, workdir=tmp_path / "first", store=store)
+        resumed = execute(cfg, workdir=tmp_path / "again", store=store, resume=True)
+    (aa,) = resumed.candidates
+    assert aa.scores.items_reused > 0 and aa.scores.items_scored == 0
+    assert not aa.economics.simulated and aa.economics.rounds == 2 and aa.economics.vs_baseline is not None
+
 def _written(result, tmp_path: Path) -> Path:
     path = tmp_path / "results.json"
     path.write_text(dump_record(build_record(result)))
