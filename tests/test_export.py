@@ -379,6 +379,7 @@ def test_real_model_w4a16_checkpoint_is_a_quarter_of_float16(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_gguf_export_is_the_evaluated_file_and_verifies(tmp_path):
     pytest.importorskip("llama_cpp")
     cfg = RunConfig.model_validate({

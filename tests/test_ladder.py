@@ -30,6 +30,7 @@ def test_ladder_is_a_config_choice():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_ladder_run_stops_at_its_third_rung(tmp_path):
     """Built to break at 4 bits: a KLD ceiling of 0.1 holds at 8 and 6 bits (KLD ~0.003 and
     ~0.03 on this model) and not at 4 (~0.3)."""
