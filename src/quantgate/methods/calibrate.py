@@ -4,7 +4,8 @@ The driver captures the first transformer block's inputs on the calibration wind
 block in turn: runs it once with forward hooks that collect what the method needs about each
 group of linears that read the same input (Hessian, sample rows, per-channel max), lets the method
 change the block, and runs the *changed* block to produce the next block's inputs. Memory stays at
-one block's activations for all samples.
+one block's activations for all samples. A method that needs the statistic "blocks" (qat's
+reconstruction) is also handed the block's inputs.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class GroupInputs:
 
 # (block, {first linear name of each group: GroupInputs}) -> number of linears changed
 BlockMethod = Callable[[torch.nn.Module, dict[str, GroupInputs]], int]
+# The block's inputs per micro-batch: (hidden states [b, L, D], the block's keyword arguments).
+BlockInputs = list[tuple[torch.Tensor, dict]]
+# With the statistic "blocks", the method also gets the block's inputs: (block, stats, inputs).
+ReconstructMethod = Callable[[torch.nn.Module, dict[str, GroupInputs], BlockInputs], int]
 
 
 class _Captured(Exception):
@@ -164,7 +169,8 @@ def collect(block: torch.nn.Module, groups: list[str], batches: list[tuple[torch
 
 
 def run_blocks(model: torch.nn.Module, arch: ArchInfo, calib: CalibrationSet, needs: set[str],
-               method: BlockMethod, seed: int, on_block: Callable[[int], None] | None = None) -> int:
+               method: BlockMethod | ReconstructMethod, seed: int,
+               on_block: Callable[[int], None] | None = None) -> int:
     """Apply `method` block by block (see the module docstring). Returns linears changed."""
     blocks = model.get_submodule(arch.blocks)
     groups = [linears[0] for _, linears in arch.scaling_groups]
@@ -173,7 +179,7 @@ def run_blocks(model: torch.nn.Module, arch: ArchInfo, calib: CalibrationSet, ne
         batches = _block_inputs(model, blocks[0], calib.windows)
         for i, block in enumerate(blocks):
             stats = collect(block, groups, batches, needs, seed + i)
-            changed += method(block, stats)
+            changed += method(block, stats, batches) if "blocks" in needs else method(block, stats)
             batches = [(_run_block(block, h, kw), kw) for h, kw in batches]  # the changed block's outputs
             if on_block:
                 on_block(i)
