@@ -32,7 +32,7 @@ from quantgate.engines.registry import Backend, Progress, RunContext, Served
 from quantgate.evals.datasets import EvalSuite, load_suite
 from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
 from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_divergence, prepare, with_response_windows
-from quantgate.gate import CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge
+from quantgate.gate import CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge, ladder_step
 from quantgate.methods.calibrate import CalibrationSet, calibration_set
 from quantgate.models.load import Baseline, load_baseline
 from quantgate.resume import StoreCache, data_digest, settings_digest
@@ -177,21 +177,24 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
         base, prepared, reference = runner.baseline(prepared)
         floor = noise_floor(backend, ctx, prepared, reference)
         results, failed, verdicts = [], [], []
+        last: tuple[str, bool] | None = None  # a ladder's last measured rung: (scheme, held)
         for cand in cfg.resolved_candidates:
+            step = ladder_step(last, cand.scheme) if cfg.strategy == "ladder" else "run"
+            if step == "stop":
+                break  # the rung where quality broke: the more aggressive ones are not measured
+            if step == "skip":
+                continue  # a cheaper method already holds this scheme
             try:
                 result = runner.candidate(cand, prepared, base, reference)
             except EngineCrashed as e:
                 failed.append(FailedCandidate(cand.label, cand, str(e)))
                 verdicts.append(_crashed_verdict(cand.label, str(e)))
-                if cfg.strategy == "ladder":
-                    break
-                continue
-            results.append(result)
-            verdicts.append(_servable(judge(cand.label, result.weight_bytes, result.comparison, gate),
-                                      backend.name, result.unservable))
-            gc.collect()
-            if cfg.strategy == "ladder" and not verdicts[-1].passed:
-                break  # the rung where quality broke: the more aggressive ones are not measured
+            else:
+                results.append(result)
+                verdicts.append(_servable(judge(cand.label, result.weight_bytes, result.comparison, gate),
+                                          backend.name, result.unservable))
+                gc.collect()
+            last = (cand.scheme, verdicts[-1].passed)
         with_costs(cfg, base, results)
     calib = inputs.calib
     return RunResult(
