@@ -330,6 +330,81 @@ def test_concurrency_levels():
 
 
 # ---------------------------------------------------------------------------------------------
+# Replicas of one model (serving.base_url as a list): requests spread over them, concurrency per
+# replica, the same scores as one server, and each replica's share of the throughput.
+
+SETUP_REQUESTS = 3  # per replica: the model list, the probe, the shorter probe
+
+
+def _workload(engine: OpenAIEngine, tok) -> tuple:
+    reqs = _requests(tok) * 3
+    windows = [tok.encode(t, add_special_tokens=False) for t in
+               ("Hello there, general Kenobi.", "The quick brown fox jumps.", "A third window of text.")]
+    prompts = [tok.encode(p) for p in ("Once upon a", "The cat", "2 + 2 =", "Hello")]
+    ll, greedy = engine.loglikelihood(reqs)
+    return ll, greedy, list(engine.token_logprobs(windows)), engine.generate(prompts, 6)
+
+
+def test_replicas_share_the_requests_and_give_the_scores_of_one_server(tiny_llama, char_tokenizer,
+                                                                       torch_single_thread):
+    one, a, b = TinyServer(tiny_llama), TinyServer(tiny_llama), TinyServer(tiny_llama)
+    with serve(one) as (url, _), serve(a) as (url_a, _), serve(b) as (url_b, _):
+        single = _workload(_engine(url, char_tokenizer, max_concurrency=2), char_tokenizer)
+        fleet = _engine([url_a, url_b], char_tokenizer, max_concurrency=2)
+        spread = _workload(fleet, char_tokenizer)
+    np.testing.assert_array_equal(spread[0], single[0])  # the same numbers, not merely close
+    np.testing.assert_array_equal(spread[1], single[1])
+    assert all(torch.equal(x, y) for x, y in zip(spread[2], single[2]))
+    assert spread[3] == single[3]
+    served = fleet.requests_served
+    assert sum(served) == one.requests - SETUP_REQUESTS == 15 + 3 + 4  # options, windows, prompts
+    assert min(served) >= 4, served  # both replicas did a real share
+    assert (a.requests, b.requests) == (SETUP_REQUESTS + served[0], SETUP_REQUESTS + served[1])
+
+
+def test_every_replica_is_probed(tiny_llama, char_tokenizer, torch_single_thread):
+    """A replica that ignores echo makes the engine refuse scoring, naming that replica."""
+    with serve(TinyServer(tiny_llama)) as (good, _), serve(TinyServer(tiny_llama, honour_echo=False)) as (bad, _):
+        engine = _engine([good, bad], char_tokenizer)
+        assert not engine.supports_prompt_logprobs
+        assert engine.prompt_logprobs_problem.startswith(bad)
+
+
+def _streaming(tiny: TinyServer) -> Callable[[str, str, dict], Answer]:
+    """The tiny server, answering stream=true requests with server-sent events (one per token,
+    then the usage) as vLLM does."""
+    def answer(method: str, path: str, body: dict) -> Answer:
+        if not body.get("stream"):
+            return tiny(method, path, body)
+        generated, _ = tiny._greedy(list(body["prompt"]), body["max_tokens"])
+        events = [{"choices": [{"text": f"<{t}>"}]} for t in generated]
+        events.append({"choices": [], "usage": {"completion_tokens": len(generated)}})
+        data = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return 200, {"Content-Type": "text/event-stream"}, data.encode()
+    return answer
+
+
+def test_load_on_replicas_reports_each_replica_and_the_fleet(tiny_llama, char_tokenizer, torch_single_thread):
+    from quantgate import record
+    from quantgate.report.view import fleet_rate
+
+    prompts = [char_tokenizer.encode(p) for p in ("Once upon a", "The cat sat")]
+    replica_a, replica_b = _streaming(TinyServer(tiny_llama)), _streaming(TinyServer(tiny_llama))
+    with serve(replica_a) as (url_a, _), serve(replica_b) as (url_b, _):
+        levels = measure_load(_engine([url_a, url_b], char_tokenizer), prompts, new_tokens=4, max_batch_size=2)
+        (alone,) = measure_load(_engine(url_a, char_tokenizer), prompts, new_tokens=4, max_batch_size=1)
+    assert [lv.batch_size for lv in levels] == [1, 2]
+    for lv in levels:
+        assert lv.requests == max(len(prompts), 2 * lv.batch_size * 2)  # in flight per replica, two replicas
+        assert len(lv.replica_tokens_per_s) == 2 and min(lv.replica_tokens_per_s) > 0
+        assert sum(lv.replica_tokens_per_s) == pytest.approx(lv.tokens_per_s, rel=1e-9)
+    assert alone.replica_tokens_per_s is None and alone.requests == 2
+    shown = fleet_rate(record.LoadLevel(batch_size=2, batched=True, latency_s=None, tokens_per_s=812.4,
+                                        replica_tokens_per_s=(401.0, 411.4)))
+    assert shown == "812.4 (401.0 + 411.4)"
+
+
+# ---------------------------------------------------------------------------------------------
 # Top-k rows and the KL divergence estimate (the bound documented in quantgate.engines.topk).
 
 

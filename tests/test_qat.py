@@ -190,6 +190,14 @@ def test_the_baseline_is_left_untouched(tiny_llama):
     assert all(p.grad is None for p in tiny_llama.parameters())
 
 
+def test_a_bf16_model_is_refused_in_one_line():
+    from quantgate.errors import NotSupportedYet
+
+    model = tiny_576().to(torch.bfloat16)
+    with pytest.raises(NotSupportedYet, match="qat trains a float32 model; this baseline is torch.bfloat16"):
+        _made(model, method="qat", bits=4, group_size=64, init="rtn", steps=1)
+
+
 # -- config ---------------------------------------------------------------------------------------
 
 

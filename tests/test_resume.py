@@ -57,6 +57,30 @@ def _summary(payload: dict) -> list[tuple]:
             for m in [payload["baseline"], *payload["candidates"]]]
 
 
+def run_killed(cfg: Path, results: Path, recorded: int) -> int:
+    """`quantgate run CONFIG` SIGKILLed once `recorded` items are in its store; returns the
+    items it left there."""
+    killed = _run(cfg, results)
+    db = results / "quantgate.db"
+    deadline = time.monotonic() + 900
+    while _recorded(db) < recorded:
+        assert killed.poll() is None, killed.stdout.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not list(results.glob("*/results.json"))  # it never finished
+    return _recorded(db)
+
+
+def run_resumed(cfg: Path, results: Path) -> dict:
+    """`quantgate run CONFIG --resume` to the end; its results.json."""
+    resumed = _run(cfg, results, "--resume")
+    out = resumed.communicate(timeout=900)[0].decode()
+    assert resumed.returncode in (0, 1), out[-2000:]
+    return _results(results)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     cfg = tmp_path / "run.yaml"
@@ -64,23 +88,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     whole = _run(cfg, tmp_path / "whole")
     assert whole.wait(900) == 0 or whole.returncode == 1, whole.stdout.read().decode()[-2000:]
 
-    killed = _run(cfg, tmp_path / "killed")
-    db = tmp_path / "killed" / "quantgate.db"
-    deadline = time.monotonic() + 900
-    while _recorded(db) < 2 * ITEMS + 4:  # baseline and first candidate done, part of the second
-        assert killed.poll() is None, killed.stdout.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    before = _recorded(db)
+    # the baseline and the first candidate done, part of the second
+    before = run_killed(cfg, tmp_path / "killed", 2 * ITEMS + 4)
     assert 2 * ITEMS + 4 <= before < 3 * ITEMS
-    assert not list((tmp_path / "killed").glob("*/results.json"))  # it never finished
-
-    resumed = _run(cfg, tmp_path / "killed", "--resume")
-    out = resumed.communicate(timeout=900)[0].decode()
-    assert resumed.returncode in (0, 1), out[-2000:]
-    payload = _results(tmp_path / "killed")
+    payload = run_resumed(cfg, tmp_path / "killed")
     assert _summary(payload) == _summary(_results(tmp_path / "whole"))
     scored = sum(m["items_scored"] for m in [payload["baseline"], *payload["candidates"]])
     assert scored == 3 * ITEMS - before  # exactly the missing items, nothing twice

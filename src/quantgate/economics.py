@@ -105,6 +105,9 @@ class LoadLevel:
     requests: int | None = None
     requests_per_s: float | None = None
     new_tokens: int | None = None
+    # Replicas of one served model: batch_size requests in flight on each; tokens_per_s is the
+    # fleet's, and this each replica's share of it (None: one server)
+    replica_tokens_per_s: tuple[float, ...] | None = None
 
 
 def batch_sizes(max_batch_size: int) -> list[int]:

@@ -27,13 +27,16 @@ import quantgate
 from quantgate.config import MethodConfig, RunConfig, check_supported
 from quantgate.economics import Economics, cost_at_volume, memory_bandwidth
 from quantgate.engines import registry as backends
-from quantgate.engines.process import EngineCrashed
 from quantgate.engines.registry import Backend, Progress, RunContext, Served
+from quantgate.errors import EngineFault
 from quantgate.evals.datasets import EvalSuite, load_suite
 from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
-from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_divergence, prepare, with_response_windows
+from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_divergence, prepare
+from quantgate.executors import registry as executors
+from quantgate.executors.base import Executor
 from quantgate.gate import CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge, ladder_step
 from quantgate.methods.calibrate import CalibrationSet, calibration_set
+from quantgate.models.arch import require_row
 from quantgate.models.load import Baseline, load_baseline
 from quantgate.resume import StoreCache, data_digest, settings_digest
 from quantgate.store import ItemKey
@@ -98,6 +101,10 @@ class RunResult:
     failed: list[FailedCandidate] = field(default_factory=list)  # candidates whose engine crashed
     memory_bandwidth: float | None = None  # bytes/s, measured when an engine's speed is
     notes: list[str] = field(default_factory=list)  # what the run could not do, and why
+    precision: str = "fp32"  # the baseline's evaluation precision (quality_gate.verified_against)
+    # With a bf16/fp16 baseline: the checkpoint in float32 scored against it, and the gate's verdict
+    # on it (a candidate-like row, never recommended).
+    full_precision: tuple[ModelResult, CandidateVerdict] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -146,7 +153,9 @@ def prepare_inputs(cfg: RunConfig, baseline: Baseline | None = None) -> Inputs:
     check_supported(cfg)
     torch.manual_seed(cfg.seed)
     suite = read_suite(cfg)  # (before the model loads: a bad eval set answers at once)
-    baseline = baseline or load_baseline(cfg.model.base)
+    baseline = baseline or load_baseline(cfg.model.base, cfg.precision)
+    if cfg.needs_calibration:  # before any model work: calibrated methods need the architecture's row
+        require_row(baseline.arch, baseline.model_type, "calibrated candidates")
     prepared = tokenized_suite(cfg, baseline.tokenizer, suite)
     calib = calibration_set(baseline.tokenizer, cfg.calibration, suite.texts()) if cfg.needs_calibration else None
     return Inputs(cfg, baseline, suite, prepared, calib)
@@ -169,13 +178,19 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
     started = started or datetime.now(timezone.utc)
     cfg, gate = inputs.cfg, inputs.cfg.quality_gate
     backend = backends.entry(cfg.serving.engine).load()
-    with _workdir(workdir) as work:
+    with _workdir(workdir) as work, executors.entry(cfg.executor).open(cfg.executor) as executor:
         ctx = RunContext(cfg, inputs.baseline, inputs.calib, work, progress,
                          bench_prompts(cfg, inputs.prepared), memory_bandwidth())
         prepared, notes = backend.prepare(ctx, inputs.prepared)
-        runner = _Runner(ctx, backend, store, resume, data_digest(prepared))
+        runner = _Runner(ctx, backend, executor, store, resume, data_digest(prepared))
         base, prepared, reference = runner.baseline(prepared)
         floor = noise_floor(backend, ctx, prepared, reference)
+        full = None
+        if inputs.baseline.precision != "fp32":  # what the baseline's own precision costs
+            full = runner.full_precision(prepared, base, reference)
+            full = (full, judge(full.name, full.weight_bytes, full.comparison, gate))
+        if cfg.strategy == "all":  # every candidate will be measured: an executor may run them at once
+            runner.start(cfg.resolved_candidates, prepared, reference)
         results, failed, verdicts = [], [], []
         last: tuple[str, bool] | None = None  # a ladder's last measured rung: (scheme, held)
         for cand in cfg.resolved_candidates:
@@ -186,7 +201,7 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
                 continue  # a cheaper method already holds this scheme
             try:
                 result = runner.candidate(cand, prepared, base, reference)
-            except EngineCrashed as e:
+            except EngineFault as e:  # a crash, or NaN scores: this candidate fails, the run goes on
                 failed.append(FailedCandidate(cand.label, cand, str(e)))
                 verdicts.append(_crashed_verdict(cand.label, str(e)))
             else:
@@ -206,6 +221,7 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
         decision=decide(verdicts, eval_items=len(inputs.suite.items), min_items=gate.min_items,
                         ladder=cfg.strategy == "ladder"),
         environment=environment(), noise_floor=floor, failed=failed, memory_bandwidth=ctx.bandwidth, notes=notes,
+        precision=inputs.baseline.precision, full_precision=full,
     )
 
 
@@ -229,60 +245,82 @@ def bench_prompts(cfg: RunConfig, prepared: PreparedSuite) -> list[list[int]]:
 
 @dataclass
 class _Runner:
-    """Scores served models through one backend, recording (and on resume reusing) their items."""
+    """Scores served models through one backend on one executor, recording (and on resume
+    reusing) their items."""
 
     ctx: RunContext
     backend: Backend
+    executor: Executor
     store: Store | None
     resume: bool
     data_digest: str
+    caches: dict[str | None, StoreCache] = field(default_factory=dict)  # by candidate label (None: baseline)
 
     def cache(self, cand: MethodConfig | None, prepared: PreparedSuite) -> StoreCache | None:
-        if self.store is None:
-            return None
+        """The model's records in the store (one object per model for the whole run)."""
+        which = cand.label if cand else None
+        if self.store is None or which in self.caches:
+            return self.caches.get(which)
         ctx = self.ctx
         calibration = ctx.calib.digest if ctx.calib is not None and cand is not None else None
         key = ItemKey(ctx.baseline.digest, settings_digest(ctx.cfg, cand, calibration), self.data_digest)
-        return StoreCache(self.store, key, prepared, ctx.cfg.evaluation.record_every,
-                          cand.label if cand else "baseline", self.resume)
+        self.caches[which] = StoreCache(self.store, key, prepared, ctx.cfg.evaluation.record_every,
+                                        which or "baseline", self.resume)
+        return self.caches[which]
 
     def baseline(self, prepared: PreparedSuite) -> tuple[ModelResult, PreparedSuite, list[torch.Tensor]]:
         """The baseline's scores, the suite extended with its responses to prompt items, and
         its log-probs over every window (text and responses): the reference of every candidate."""
         ctx = self.ctx
-        step = ctx.progress("baseline", 3)
-        served = self.backend.baseline(ctx)
-        with served.open() as engine:
-            scores, reference = evaluate(engine, prepared, keep=True, on_step=step, cache=self.cache(None, prepared))
-            prepared = with_response_windows(prepared, scores.generations)
-            reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
-        step(1)
+        served, scores, prepared, reference = self.executor.baseline(self.backend, ctx, prepared,
+                                                                     self.cache(None, prepared))
         metrics = model_metrics(scores, prepared, ctx.cfg.quality_gate.metric, ctx.baseline.tokenizer)
         result = _result(served, None, metrics, scores, None, self.backend.economics(ctx, served))
         return result, prepared, reference
+
+    def start(self, cands: tuple[MethodConfig, ...], prepared: PreparedSuite, reference: list[torch.Tensor]) -> None:
+        """Let the executor begin every candidate that is not already recorded whole."""
+        for cand in cands:
+            cache = self.cache(cand, prepared)
+            if cache is None or not cache.complete():
+                self.executor.start(self.backend, self.ctx, cand, prepared, reference, cache)
 
     def candidate(self, cand: MethodConfig, prepared: PreparedSuite, base: ModelResult,
                   reference: list[torch.Tensor]) -> ModelResult:
         ctx, cache = self.ctx, self.cache(cand, prepared)
         if cache is not None and cache.complete():  # a resumed run: nothing of this candidate is left to do
             served = self.backend.resumed(ctx, cand, cache.meta())
-            scores, _ = evaluate(None, prepared, reference, cache=cache, on_step=ctx.progress(cand.label, 2))
+            scores, _ = evaluate(None, prepared, reference, cache=cache, on_step=ctx.progress(cand.label, 2),
+                                 model=cand.label)
         else:
-            served = self.backend.candidate(ctx, cand)
-            with served.open() as engine:
-                scores, _ = evaluate(engine, prepared, reference, cache=cache,
-                                     on_step=served.step or ctx.progress(cand.label, 2))
+            served, scores = self.executor.candidate(self.backend, ctx, cand, prepared, reference, cache)
         if cache is not None:
-            cache.record_meta({"weight_bytes": served.weight_bytes, "modules_changed": served.modules_changed,
-                               "quantize_seconds": served.make_seconds, "bytes_counted": served.bytes_counted,
-                               "artifact": str(served.artifact) if served.artifact else None,
-                               "unservable": served.unservable})
-        gate = ctx.cfg.quality_gate
-        metrics = model_metrics(scores, prepared, gate.metric, ctx.baseline.tokenizer)
-        comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
-                             n_boot=gate.bootstrap_samples, seed=ctx.cfg.seed)
+            cache.record_meta(served.meta())
         economics = (self.backend.unmeasured(served, simulated=True) if served.unservable
                      else self.backend.economics(ctx, served))
+        return self._compared(served, cand, scores, prepared, base, economics)
+
+    def full_precision(self, prepared: PreparedSuite, base: ModelResult,
+                       reference: list[torch.Tensor]) -> ModelResult:
+        """The checkpoint in float32 scored against a lower-precision baseline like a candidate:
+        what evaluating in bf16/fp16 costs (not a candidate: never recommended)."""
+        served = self.backend.full_precision(self.ctx)
+        return self._compared(served, None, self._scored(served, prepared, reference, None), prepared, base, None)
+
+    def _scored(self, served: Served, prepared: PreparedSuite, reference: list[torch.Tensor],
+                cache: StoreCache | None) -> ModelScores:
+        with served.open() as engine:
+            scores, _ = evaluate(engine, prepared, reference, cache=cache,
+                                 on_step=served.step or self.ctx.progress(served.label, 2))
+        return scores
+
+    def _compared(self, served: Served, cand: MethodConfig | None, scores: ModelScores, prepared: PreparedSuite,
+                  base: ModelResult, economics: Economics | None) -> ModelResult:
+        """The model's metrics and its comparison with the baseline."""
+        gate = self.ctx.cfg.quality_gate
+        metrics = model_metrics(scores, prepared, gate.metric, self.ctx.baseline.tokenizer)
+        comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
+                             n_boot=gate.bootstrap_samples, seed=self.ctx.cfg.seed)
         return _result(served, cand, metrics, scores, comparison, economics)
 
 

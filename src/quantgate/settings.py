@@ -3,15 +3,17 @@ which must not import each other): the frozen base and where a model is served."
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MAX_BATCH_SIZE = 16
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity in a config: every number is a setting, and JSON (results.json) has none.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ServingConfig(Frozen):
@@ -28,12 +30,13 @@ class ServingConfig(Frozen):
     # The largest batch (or, for a server, the most concurrent requests) the model is served at:
     # the top of the economics load sweep (1, 2, 4, ... up to it) and the load cost is priced at.
     max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
-    # A server: requests in flight at once while the eval set is scored.
+    # A server: requests in flight at once while the eval set is scored (on each replica).
     max_concurrency: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
-    # A server: its API root as the OpenAI SDK takes it (e.g. http://host:8000/v1), the served
-    # model's name (None: the only one the server lists) and the environment variable holding
-    # the API key (None: no key sent).
-    base_url: str | None = Field(None, pattern=r"^https?://")
+    # A server: its API root as the OpenAI SDK takes it (e.g. http://host:8000/v1), or a list of
+    # them: replicas of one model (a vLLM fleet), requests spread over them, max_concurrency and
+    # the load sweep's max_batch_size per replica. Then the served model's name (None: the only one
+    # the server lists) and the environment variable holding the API key (None: no key sent).
+    base_url: str | tuple[str, ...] | None = None
     model: str | None = None
     api_key_env: str | None = None
     # A server: seconds one try of a request may take; retries after a failed try (429, 5xx,
@@ -43,3 +46,17 @@ class ServingConfig(Frozen):
     # A server: log-probabilities per position asked for (KL divergence is estimated from the
     # top k; vLLM allows up to its --max-logprobs, 20 by default).
     top_logprobs: int = Field(20, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _urls(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        urls = (value,) if isinstance(value, str) else value or ()
+        if value == ():
+            raise ValueError("an empty list of replicas: give at least one URL")
+        bad = [u for u in urls if not re.match(r"^https?://", u)]
+        if bad:
+            raise ValueError(f"'{bad[0]}' is not an http:// or https:// URL")
+        repeated = sorted({u for u in urls if urls.count(u) > 1})
+        if repeated:
+            raise ValueError(f"a replica listed twice: {repeated[0]}")
+        return value

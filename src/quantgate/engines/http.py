@@ -11,7 +11,7 @@ import asyncio
 import email.utils
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,16 +183,24 @@ async def post_stream(client: httpx.AsyncClient, url: str, payload: dict[str, An
     return await _with_retries(url, policy, attempt)
 
 
-async def bounded_gather(calls: list[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
-    """Await calls (coroutine functions) with at most `limit` running at once; results in order.
-    The first error propagates (the event loop's shutdown cancels the rest)."""
-    gate = asyncio.Semaphore(limit)
+async def spread(calls: list[Callable[[str], Awaitable[Any]]], urls: Sequence[str],
+                 per_url: int) -> tuple[list[Any], list[int]]:
+    """Await every call(url) on one of `urls` (replicas of one server), at most `per_url` in
+    flight on each: calls are dealt round-robin at first, then each goes to the first replica
+    with a free slot (a faster replica takes more). Returns the results in call order, and the
+    index of the url that answered each. The first error propagates (the event loop's shutdown
+    cancels the rest)."""
+    todo = iter(range(len(calls)))
+    results: list[Any] = [None] * len(calls)
+    served_by = [-1] * len(calls)
 
-    async def run(call: Callable[[], Awaitable[Any]]) -> Any:
-        async with gate:
-            return await call()
+    async def slot(u: int) -> None:
+        for i in todo:  # one shared iterator: each call is taken by exactly one slot
+            results[i] = await calls[i](urls[u])
+            served_by[i] = u
 
-    return await asyncio.gather(*(run(c) for c in calls))
+    await asyncio.gather(*(slot(u) for _ in range(per_url) for u in range(len(urls))))
+    return results, served_by
 
 
 def client(headers: dict[str, str], limit: int) -> httpx.AsyncClient:

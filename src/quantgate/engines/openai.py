@@ -46,6 +46,7 @@ from quantgate.engines.base import Engine, Request, Timing, stop_after
 from quantgate.engines.registry import Backend, RunContext, Served, ready
 from quantgate.engines.topk import kld_topk, fill_row
 from quantgate.errors import UserError
+from quantgate.evals.tasks import text_prefix
 
 if TYPE_CHECKING:
     from quantgate.economics import Economics
@@ -83,11 +84,14 @@ def parse_echo(body: dict[str, Any], n: int) -> Echo:
     """Map an echoed completion (OpenAI layout, see the module docstring) onto n prompt
     positions; Misaligned / NoPromptLogprobs when that cannot be done faithfully."""
     choice = first_choice(body)
-    lp = choice.get("logprobs") or {}
+    lp = logprobs_of(choice)
     keys = lp.get("tokens") or []
     values = lp.get("token_logprobs") or [None] * len(keys)
     tops = lp.get("top_logprobs") or [None] * len(keys)
     usage = body.get("usage") or {}
+    if not isinstance(usage, dict) or not all(isinstance(usage.get(k, 0), int) for k in ("prompt_tokens",
+                                                                                        "completion_tokens")):
+        raise Misaligned(f"the answer's usage is not token counts: {str(usage)[:80]}")
     if usage.get("prompt_tokens", n) != n:
         raise Misaligned(f"the server counted {usage['prompt_tokens']} prompt tokens where {n} were sent")
     n_generated = usage.get("completion_tokens", 1)
@@ -113,6 +117,28 @@ def _check_greedy(generated: tuple[str, float | None, dict[str, float] | None] |
                          f"({best!r}, {top[best]:.3f}): the entries are shifted by one position")
 
 
+def logprobs_of(choice: dict[str, Any]) -> dict[str, Any]:
+    """A choice's "logprobs", checked to be OpenAI's shape (tokens: names, token_logprobs: numbers
+    or null, top_logprobs: objects of numbers or null); Misaligned naming what is not. NaN and
+    inf pass here: they are numbers, and the evaluation refuses them naming the item."""
+    lp = choice.get("logprobs") or {}
+    if not isinstance(lp, dict):
+        raise Misaligned(f"the answer's logprobs is {type(lp).__name__} {str(lp)[:40]!r}, not an object")
+    shapes = {"tokens": lambda v: v is None or isinstance(v, str),
+              "token_logprobs": lambda v: v is None or _number(v),
+              "top_logprobs": lambda v: v is None or isinstance(v, dict) and all(map(_number, v.values()))}
+    for key, ok in shapes.items():
+        entries = lp.get(key)
+        if entries is not None and (not isinstance(entries, list) or not all(map(ok, entries))):
+            raise Misaligned(f"the answer's logprobs.{key} is not a list of the values OpenAI's layout has: "
+                             f"{str(entries)[:60]!r}")
+    return lp
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def first_choice(body: dict[str, Any]) -> dict[str, Any]:
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -135,13 +161,18 @@ class _Form:
     text: bool
     extras: bool
 
+    @property
+    def words(self) -> str:
+        extras = f"{'with' if self.extras else 'without'} {', '.join(EXTRAS)}"
+        return f"{'text' if self.text else 'token id'} prompts {extras}"
+
 
 class OpenAIEngine:
     name = "openai"
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str | None = None,
         *,
         api_key: str | None = None,
@@ -152,13 +183,22 @@ class OpenAIEngine:
         max_concurrency: int = 16,
         policy: http.RetryPolicy = DEFAULT_POLICY,
     ):
-        """base_url: the API root (".../v1"); model: the served name (None: the only one listed).
-        tokenizer (the baseline's): needed for text-only servers, to name top-k tokens a server
-        gives as text, for the probe prompt unless probe_ids is given, and for the end-of-sequence
-        id. vocab_size: width of token_logprobs rows (default: the tokenizer's length)."""
+        """base_url: the API root (".../v1"), or several: replicas of one model, over which
+        requests are spread with at most max_concurrency in flight on each (every replica is
+        probed; requests_served counts each one's answers). model: the served name (None: the
+        only one listed). tokenizer (the baseline's): needed for text-only servers, to name top-k
+        tokens a server gives as text, for the probe prompt unless probe_ids is given, and for the
+        end-of-sequence id. vocab_size: width of token_logprobs rows (default: the tokenizer's
+        length)."""
         if tokenizer is None and probe_ids is None:
             raise UserError("the openai engine needs the baseline's tokenizer or probe_ids")
-        self.url = base_url.rstrip("/")
+        urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
+        if not urls:
+            raise UserError("the openai engine needs at least one base_url")
+        self.urls = tuple(u.rstrip("/") for u in urls)
+        # the engine in messages that no one replica's answer caused
+        self.url = self.urls[0] if len(urls) == 1 else f"{self.urls[0]} (+{len(urls) - 1} replicas)"
+        self.requests_served = [0] * len(urls)  # answers from each replica
         self.model = model
         self.tokenizer = tokenizer
         self.probe_ids = list(probe_ids) if probe_ids is not None else tokenizer.encode(PROBE_TEXT)
@@ -174,6 +214,7 @@ class OpenAIEngine:
         self._form: _Form | None = None
         self._problem: str | None = None
         self._ids_by_text: dict[str, int] | None = None
+        self._prefix: list[int] | None = None  # the tokenizer's text prefix (prompt_text)
 
     @staticmethod
     def kl_divergence(reference: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
@@ -212,22 +253,31 @@ class OpenAIEngine:
             self.run(self._setup)
 
     async def _setup(self, client: httpx.AsyncClient) -> None:
-        await self._resolve_model(client)
-        form, first = await self._choose_form(client)
-        self._form = form
-        self._problem = await self._probe(client, first)
+        """Every replica checked: it serves the model, takes the same prompt form as the first,
+        and its prompt log-probabilities line up (the first problem found is the engine's)."""
+        forms, problems = [], []
+        for url in self.urls:
+            await self._resolve_model(client, url)
+            form, first = await self._choose_form(client, url)
+            if forms and form != forms[0]:
+                raise UserError(f"{url}: takes {form.words}, {self.urls[0]} {forms[0].words}: replicas of one model "
+                                "must run the same server")
+            forms.append(form)
+            problems.append(await self._probe(client, first, url, form))
+        self._problem = next((p for p in problems if p is not None), None)
+        self._form = forms[0]
 
-    async def _resolve_model(self, client: httpx.AsyncClient) -> None:
-        body = await http.get_json(client, f"{self.url}/models", self.policy)
+    async def _resolve_model(self, client: httpx.AsyncClient, url: str) -> None:
+        body = await http.get_json(client, f"{url}/models", self.policy)
         served = [m.get("id") for m in body.get("data") or () if isinstance(m, dict)]
         if self.model is None:
             if len(served) != 1:
-                raise UserError(f"{self.url}: serving.model is needed: the server lists {served or 'no models'}")
+                raise UserError(f"{url}: serving.model is needed: the server lists {served or 'no models'}")
             self.model = served[0]
         elif served and self.model not in served:
-            raise UserError(f"{self.url}: serving.model '{self.model}' is not served; it lists {served}")
+            raise UserError(f"{url}: serving.model '{self.model}' is not served; it lists {served}")
 
-    async def _choose_form(self, client: httpx.AsyncClient) -> tuple[_Form, dict[str, Any]]:
+    async def _choose_form(self, client: httpx.AsyncClient, url: str) -> tuple[_Form, dict[str, Any]]:
         """The first prompt form the server accepts (ids before text, extras before none), with
         its answer to the probe's echo request. A 5xx counts as a refusal here, not retried
         (llama-cpp-python answers an id list with 500); 429s and timeouts are still retried."""
@@ -239,43 +289,44 @@ class OpenAIEngine:
         for form in forms:
             payload = self._payload(self.probe_ids, form, echo=True, max_tokens=1, logprobs=self.logprobs_topk)
             try:
-                return form, await http.post_json(client, f"{self.url}/completions", payload, refusing_5xx)
+                return form, await http.post_json(client, f"{url}/completions", payload, refusing_5xx)
             except http.ServerRejected as e:
                 refusals.append(f"{'text' if form.text else 'token ids'}: {e}")
         hint = "" if self.tokenizer is not None else " (text prompts need the tokenizer)"
-        raise UserError(f"{self.url}: no prompt form accepted{hint}: " + " | ".join(refusals))
+        raise UserError(f"{url}: no prompt form accepted{hint}: " + " | ".join(refusals))
 
-    async def _probe(self, client: httpx.AsyncClient, answer: dict[str, Any]) -> str | None:
+    async def _probe(self, client: httpx.AsyncClient, answer: dict[str, Any], url: str, form: _Form) -> str | None:
         """None when prompt log-probabilities line up with the prompt, else why not."""
         ids = self.probe_ids
         try:
-            echo = self._echo(answer, ids)
+            echo = self._echo(answer, ids, url)
         except UserError as e:
             return str(e)
-        body = await self._post(client, self._score_payload(ids[:-1], self.logprobs_topk))
+        body = await self._post(client, self._score_payload(ids[:-1], self.logprobs_topk, form), url)
         try:
-            shorter = self._echo(body, ids[:-1])
+            shorter = self._echo(body, ids[:-1], url)
         except UserError as e:
             return str(e)
         prompt_side, generation_side = echo.tops[-1], shorter.generated and shorter.generated[2]
         if not prompt_side or not generation_side:
-            return f"{self.url}: the server reports no top log-probabilities (logprobs={self.logprobs_topk})"
+            return f"{url}: the server reports no top log-probabilities (logprobs={self.logprobs_topk})"
         if not same_distribution(prompt_side, generation_side):
-            return (f"{self.url}: the distribution the server reports at the prompt's last position is not the "
+            return (f"{url}: the distribution the server reports at the prompt's last position is not the "
                     "one it generates from there: its prompt log-probabilities are misplaced")
         return None
 
-    def _echo(self, body: dict[str, Any], ids: Sequence[int]) -> Echo:
-        """parse_echo with the server's URL in errors, and the token names checked against ids."""
+    def _echo(self, body: dict[str, Any], ids: Sequence[int], url: str) -> Echo:
+        """parse_echo with the answering server's URL in errors, and the token names checked
+        against ids."""
         try:
             echo = parse_echo(body, len(ids))
         except NoPromptLogprobs as e:
-            raise UserError(f"{self.url}: {e}: multiple-choice scores would sit exactly at chance") from None
+            raise UserError(f"{url}: {e}: multiple-choice scores would sit exactly at chance") from None
         except Misaligned as e:
-            raise UserError(f"{self.url}: prompt log-probabilities do not line up with the prompt: {e}") from None
+            raise UserError(f"{url}: prompt log-probabilities do not line up with the prompt: {e}") from None
         bad = next((p for p, key in enumerate(echo.keys) if not self._names(key, ids[p])), None)
         if bad is not None:
-            raise UserError(f"{self.url}: the server's token at prompt position {bad} is {echo.keys[bad]!r}, "
+            raise UserError(f"{url}: the server's token at prompt position {bad} is {echo.keys[bad]!r}, "
                             f"not token id {ids[bad]}: it tokenized the prompt differently")
         return echo
 
@@ -293,40 +344,62 @@ class OpenAIEngine:
     # -----------------------------------------------------------------------------------------
     # Requests.
 
+    def prompt_text(self, ids: Sequence[int]) -> str:
+        """Token ids as the text a server tokenizes with the model's own rule: the tokenizer's
+        text prefix (its BOS) is left out when the ids start with it, as the server adds it
+        itself (sent as text too, it would be doubled). The echo checks refuse a server whose
+        tokens then differ from `ids`."""
+        ids = list(ids)
+        if self._prefix is None:
+            self._prefix = list(text_prefix(self.tokenizer))
+        prefix = self._prefix
+        if prefix and ids[: len(prefix)] == prefix:
+            ids = ids[len(prefix):]
+        return self.tokenizer.decode(ids)
+
     def _payload(self, ids: Sequence[int], form: _Form, **fields: Any) -> dict[str, Any]:
-        prompt: Any = self.tokenizer.decode(list(ids)) if form.text else list(ids)
+        prompt: Any = self.prompt_text(ids) if form.text else list(ids)
         extras = EXTRAS if form.extras else {}
         return {"model": self.model, "prompt": prompt, "temperature": 0, **extras, **fields}
 
-    def _score_payload(self, ids: Sequence[int], logprobs: int) -> dict[str, Any]:
-        return self._payload(ids, self._form, echo=True, max_tokens=1, logprobs=logprobs)
+    def _score_payload(self, ids: Sequence[int], logprobs: int, form: _Form | None = None) -> dict[str, Any]:
+        return self._payload(ids, form or self._form, echo=True, max_tokens=1, logprobs=logprobs)
 
-    async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> dict[str, Any]:
-        return await http.post_json(client, f"{self.url}/completions", payload, self.policy)
+    async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any], url: str) -> dict[str, Any]:
+        return await http.post_json(client, f"{url}/completions", payload, self.policy)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight at most, over every replica."""
+        return self.max_concurrency * len(self.urls)
 
     def run(self, work: Callable[[httpx.AsyncClient], Awaitable[Any]]) -> Any:
         """work(client) on a fresh event loop, with a client carrying this engine's headers."""
 
         async def main() -> Any:
-            async with http.client(self.headers, self.max_concurrency) as client:
+            async with http.client(self.headers, self.in_flight) as client:
                 return await work(client)
 
         return asyncio.run(main())
 
-    def _complete_many(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Answers to the payloads, at most max_concurrency requests in flight, in order."""
+    def _complete_many(self, payloads: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+        """(answer, the replica's url) for each payload, in order; spread over the replicas with
+        at most max_concurrency requests in flight on each."""
 
-        async def work(client: httpx.AsyncClient) -> list[dict[str, Any]]:
-            calls = [lambda p=p: self._post(client, p) for p in payloads]
-            return await http.bounded_gather(calls, self.max_concurrency)
+        async def work(client: httpx.AsyncClient) -> list[tuple[dict[str, Any], str]]:
+            calls = [lambda url, p=p: self._post(client, p, url) for p in payloads]
+            bodies, served_by = await http.spread(calls, self.urls, self.max_concurrency)
+            for u in served_by:
+                self.requests_served[u] += 1
+            return [(body, self.urls[u]) for body, u in zip(bodies, served_by)]
 
         return self.run(work)
 
     def _scored(self, seqs: Sequence[Sequence[int]], logprobs: int) -> list[Echo]:
         if not self.supports_prompt_logprobs:
             raise UserError(f"scoring tasks refused: {self._problem}; only generation tasks can run on this server")
-        bodies = self._complete_many([self._score_payload(s, logprobs) for s in seqs])
-        return [self._echo(b, s) for b, s in zip(bodies, seqs)]
+        answers = self._complete_many([self._score_payload(s, logprobs) for s in seqs])
+        return [self._echo(body, s, url) for (body, url), s in zip(answers, seqs)]
 
     # -----------------------------------------------------------------------------------------
     # The Engine interface.
@@ -350,7 +423,7 @@ class OpenAIEngine:
         exact); the rest of each row filled by quantgate.engines.topk.fill_row."""
         if self.vocab_size is None:
             raise UserError("the openai engine needs vocab_size (or the tokenizer) for token_logprobs")
-        step = self.max_concurrency
+        step = self.in_flight
         for start in range(0, len(windows), step):
             chunk = windows[start : start + step]
             with self.timing.timed("token_logprobs", sum(map(len, chunk))):
@@ -390,11 +463,11 @@ class OpenAIEngine:
         self._ready()
         payloads = [self._payload(p, self._form, max_tokens=max_new_tokens, **self._id_fields()) for p in prompts]
         with self.timing.timed("generate", sum(map(len, prompts))):
-            bodies = self._complete_many(payloads)
+            answers = self._complete_many(payloads)
         ends, stops = {self.eos_id} - {None}, set(stop_ids)
         results = []
-        for body in bodies:
-            ids = self._generated_ids(body)
+        for body, url in answers:
+            ids = self._generated_ids(body, url)
             out: list[int] = []
             for token in ids[:max_new_tokens]:
                 out.append(token)
@@ -408,20 +481,20 @@ class OpenAIEngine:
         """Ask for generated tokens' names when the server names them by id."""
         return {"logprobs": 1} if self._form.extras and not self._form.text else {}
 
-    def _generated_ids(self, body: dict[str, Any]) -> list[int]:
+    def _generated_ids(self, body: dict[str, Any], url: str) -> list[int]:
         """The generated ids: from "token_id:N" names, else the text re-encoded with the
         tokenizer; the end-of-sequence token appended when the server stopped at it."""
         try:
             choice = first_choice(body)
+            keys = logprobs_of(choice).get("tokens") or []
         except Misaligned as e:
-            raise UserError(f"{self.url}: {e}") from None
-        keys = (choice.get("logprobs") or {}).get("tokens") or []
+            raise UserError(f"{url}: {e}") from None
         if keys and all(k.startswith("token_id:") for k in keys):
             ids = [int(k[len("token_id:"):]) for k in keys]
         elif self.tokenizer is not None:
             ids = self.tokenizer.encode(choice.get("text") or "", add_special_tokens=False)
         else:
-            raise UserError(f"{self.url}: the server does not name generated tokens by id; the tokenizer is needed")
+            raise UserError(f"{url}: the server does not name generated tokens by id; the tokenizer is needed")
         if choice.get("finish_reason") == "stop" and self.eos_id is not None and ids[-1:] != [self.eos_id]:
             ids.append(self.eos_id)
         return ids
@@ -449,29 +522,33 @@ def _streamed_tokens(result: http.StreamResult) -> int:
 
 def measure_load(engine: OpenAIEngine, prompts: Sequence[Sequence[int]], new_tokens: int,
                  max_batch_size: int, rounds: int = 2) -> list[LoadLevel]:
-    """At each concurrency level c (concurrency_levels), send max(len(prompts), rounds * c)
-    streamed greedy requests (prompts in turn) with at most c in flight; measure each request's
-    latency and time to first text, and the level's throughput. One unmeasured request first
-    warms the server up. Plain data, one per level."""
-    url = f"{engine.url}/completions"
+    """At each concurrency level c (concurrency_levels) per replica, send max(len(prompts),
+    rounds * c * replicas) streamed greedy requests (prompts in turn) with at most c in flight on
+    each replica; measure each request's latency and time to first text, and the level's
+    throughput: the fleet's, and with several replicas each one's (its tokens over the same wall
+    time). One unmeasured request per replica first warms the servers up. Plain data, one per level."""
+    n = len(engine.urls)
 
-    async def send(payloads: list[dict[str, Any]], c: int) -> tuple[list[http.StreamResult], float]:
+    async def send(payloads: list[dict[str, Any]], c: int) -> tuple[list[http.StreamResult], list[int], float]:
         start = time.perf_counter()
-        async with http.client(engine.headers, c) as client:
-            calls = [lambda p=p: http.post_stream(client, url, p, engine.policy) for p in payloads]
-            results = await http.bounded_gather(calls, c)
-        return results, time.perf_counter() - start
+        async with http.client(engine.headers, c * n) as client:
+            calls = [lambda url, p=p: http.post_stream(client, f"{url}/completions", p, engine.policy)
+                     for p in payloads]
+            results, served_by = await http.spread(calls, engine.urls, c)
+        return results, served_by, time.perf_counter() - start
 
-    asyncio.run(send([engine.stream_payload(prompts[0], new_tokens)], 1))
+    asyncio.run(send([engine.stream_payload(prompts[0], new_tokens)] * n, 1))
     levels = []
     for c in batch_sizes(max_batch_size):
-        batch = [prompts[i % len(prompts)] for i in range(max(len(prompts), rounds * c))]
-        results, wall = asyncio.run(send([engine.stream_payload(p, new_tokens) for p in batch], c))
-        tokens = sum(_streamed_tokens(r) for r in results)
+        batch = [prompts[i % len(prompts)] for i in range(max(len(prompts), rounds * c * n))]
+        results, served_by, wall = asyncio.run(send([engine.stream_payload(p, new_tokens) for p in batch], c))
+        tokens = [_streamed_tokens(r) for r in results]
+        per_replica = tuple(sum(t for t, u in zip(tokens, served_by) if u == k) / wall for k in range(n))
         levels.append(LoadLevel(
             batch_size=c, batched=True, requests=len(results), latency_s=percentiles([r.total_s for r in results]),
-            ttft_s=percentiles([r.first_event_s for r in results]), tokens_per_s=tokens / wall,
-            requests_per_s=len(results) / wall, new_tokens=tokens,
+            ttft_s=percentiles([r.first_event_s for r in results]), tokens_per_s=sum(tokens) / wall,
+            requests_per_s=len(results) / wall, new_tokens=sum(tokens),
+            replica_tokens_per_s=per_replica if n > 1 else None,
         ))
     return levels
 
@@ -495,7 +572,10 @@ class OpenAIBackend(Backend):
         problems = [p for s in servings if (p := self._engine(ctx, s).prompt_logprobs_problem)]
         if not problems or not (prepared.requests or prepared.windows):
             return prepared, []
-        prepared, refused = generation_only(prepared)
+        try:
+            prepared, refused = generation_only(prepared)
+        except UserError as e:  # nothing left to run: say why the server's log-probabilities were refused
+            raise UserError(f"{e} ({problems[0]})") from None
         return prepared, [f"refused: {', '.join(refused) or 'perplexity/KLD windows'} (they need prompt "
                           f"log-probabilities): {problems[0]}; only the generation tasks ran"]
 
@@ -513,8 +593,9 @@ class OpenAIBackend(Backend):
         return dataclasses.replace(super().resumed(ctx, cand, meta), opener=lambda: ready(self._engine(ctx, cand.serving)))
 
     def economics(self, ctx: RunContext, served: Served) -> Economics:
-        """Latency, time to first token and throughput at each concurrency up to
-        serving.max_batch_size, streamed; concurrency 1 gives the single-request numbers."""
+        """Latency, time to first token and throughput at each concurrency (per replica) up to
+        serving.max_batch_size, streamed; concurrency 1 gives the single-request numbers (decode
+        speed: one replica's share of the fleet's tokens/s)."""
         from quantgate.economics import Economics, Throughput
 
         econ = ctx.cfg.economics
@@ -522,10 +603,11 @@ class OpenAIBackend(Backend):
             return self.unmeasured(served)
         with served.open() as engine:
             levels = measure_load(engine, ctx.bench_prompts, econ.new_tokens, ctx.cfg.serving.max_batch_size)
+            replicas = len(engine.urls)
         one = levels[0]
         prompt_tokens = sum(map(len, ctx.bench_prompts)) / len(ctx.bench_prompts)
         throughput = Throughput(prefill_tokens_per_s=prompt_tokens / one.ttft_s["p50"],
-                                decode_tokens_per_s=one.tokens_per_s, latency_s=one.latency_s,
+                                decode_tokens_per_s=one.tokens_per_s / replicas, latency_s=one.latency_s,
                                 new_tokens=one.new_tokens)
         return Economics(self.name, False, None, None, throughput, None, tuple(levels))
 

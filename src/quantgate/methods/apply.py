@@ -13,14 +13,14 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from quantgate.errors import NothingHappened, UserError
+from quantgate.errors import NothingHappened, NotSupportedYet, UserError
 from quantgate.export.codes import recover_codes
 from quantgate.methods import awq, gptq, prune, qat, smoothquant
 from quantgate.methods.registry import (
@@ -31,7 +31,7 @@ from quantgate.methods.calibrate import (
     MICRO_BATCH, BlockInputs, BlockMethod, CalibrationSet, GroupInputs, ReconstructMethod, run_blocks,
 )
 from quantgate.methods.rtn import QuantSpec, dequantize, fake_quantize, packed_bytes
-from quantgate.models.arch import ArchInfo, Units
+from quantgate.models.arch import ArchInfo, Group, Units, part_rows
 
 
 @dataclass(frozen=True)
@@ -98,15 +98,15 @@ def apply_rtn(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed: 
 
 
 def apply_gptq(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
-    return _quantize(model, arch, cand, _calibrated(gptq_block(cand, arch, keep_zeros), cand, calib, seed, on_block))
+    return _quantize(model, arch, cand, _calibrated(gptq_block(cand, arch, keep_zeros=keep_zeros), cand, calib, seed, on_block))
 
 
 def apply_awq(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
-    return _quantize(model, arch, cand, _calibrated(awq_block(cand, arch), cand, calib, seed, on_block))
+    return _quantize(model, arch, cand, _calibrated(awq_block(cand, arch, model.config), cand, calib, seed, on_block))
 
 
 def apply_smoothquant(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
-    return _quantize(model, arch, cand, _calibrated(_smoothquant_block(cand, arch), cand, calib, seed, on_block))
+    return _quantize(model, arch, cand, _calibrated(_smoothquant_block(cand, arch, model.config), cand, calib, seed, on_block))
 
 
 def apply_w8a8(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
@@ -174,25 +174,66 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _groups(arch: ArchInfo, block: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, list[str]]]:
-    """(the module feeding them, names of the linears that read the same input), per group."""
-    for feeder, linears in arch.scaling_groups:
-        yield block.get_submodule(feeder), list(linears)
+def _linear_groups(arch: ArchInfo, block: torch.nn.Module) -> list[tuple[str, ...]]:
+    """Names of the linears that read one tensor, per group: the row's groups, or (an architecture
+    without a row) every Linear of the block on its own."""
+    if arch.groups:
+        return [g.linears for g in arch.groups]
+    return [(n,) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _inputs(stats: dict[str, GroupInputs], linears: list[str]) -> GroupInputs:
+def _inputs(stats: dict[str, GroupInputs], linears: Sequence[str]) -> GroupInputs:
     s = stats[linears[0]]
     if s.n_rows == 0 and s.absmax is None and not s.rows:
         raise NothingHappened(f"no calibration inputs reached {linears[0]}")
     return s
 
 
-def gptq_block(cand: GptqConfig, arch: ArchInfo, keep_zeros: bool = False) -> BlockMethod:
+@dataclass(frozen=True)
+class _Feeder:
+    """Where a group's input scales fold: the feeder module's rows `rows`; `offset` is the
+    architecture's norm offset for a norm (Gemma's 1 + w), 0 for a linear."""
+
+    module: torch.nn.Module
+    rows: slice
+    offset: float
+
+    @property
+    def is_norm(self) -> bool:
+        return self.module.weight.dim() == 1
+
+    def fold(self, scales: torch.Tensor) -> None:
+        """Divide what the feeder produces (its rows) by scales [rows]: the group then reads x / s."""
+        weight, bias = self.module.weight, getattr(self.module, "bias", None)
+        _write_rows(weight, self.rows, awq.fold_into_previous(weight.data[self.rows], scales, self.offset))
+        if bias is not None:
+            _write_rows(bias, self.rows, awq.fold_into_previous(bias.data[self.rows], scales))
+
+
+def _feeder(arch: ArchInfo, config, block: torch.nn.Module, group: Group) -> _Feeder | None:
+    """The group's feeder, or None when it has none or its width is not the linears' input width
+    (e.g. grouped-query v_proj -> o_proj)."""
+    if group.feeder is None:
+        return None
+    module = block.get_submodule(group.feeder)
+    rows = part_rows(arch, group.feeder, group.part, config) if group.part else slice(None)
+    width = module.weight[rows].shape[0]
+    if width != block.get_submodule(group.linears[0]).weight.shape[1]:
+        return None
+    return _Feeder(module, rows, arch.norm_offset if module.weight.dim() == 1 else 0.0)
+
+
+def _write_rows(param: torch.nn.Parameter, rows: slice, new: torch.Tensor) -> None:
+    param.data[rows] = new.to(param.dtype)
+
+
+def gptq_block(cand: GptqConfig, arch: ArchInfo, config: object = None, keep_zeros: bool = False) -> BlockMethod:
+    """(config: the model's, unused; the block_pass contract of methods/registry.MethodSpec.)"""
     spec = spec_of(cand)
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
-        for _, linears in _groups(arch, block):
+        for linears in _linear_groups(arch, block):
             hessian = _inputs(stats, linears).hessian
             for name in linears:
                 weight = block.get_submodule(name).weight
@@ -205,25 +246,27 @@ def gptq_block(cand: GptqConfig, arch: ArchInfo, keep_zeros: bool = False) -> Bl
     return apply
 
 
-def awq_block(cand: AwqConfig, arch: ArchInfo) -> BlockMethod:
-    """(A pruned zero needs nothing here: scaling and RTN map 0 to 0.)"""
+def awq_block(cand: AwqConfig, arch: ArchInfo, config, quantize: bool = True) -> BlockMethod:
+    """Scales searched and folded (the float function unchanged), then, when `quantize`, clip
+    search and RTN. Returns linears changed (by scaling alone when not quantizing).
+    (A pruned zero needs nothing here: scaling and RTN map 0 to 0.)"""
     spec = spec_of(cand)
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         scales: dict[str, torch.Tensor] = {}  # linear name -> the scales its input now carries
-        for feeder, linears in _groups(arch, block):  # 1. scales, folded so the float model is unchanged
-            weights = [block.get_submodule(n).weight for n in linears]
-            if feeder.weight.shape[0] != weights[0].shape[1]:
-                continue  # e.g. grouped-query v_proj -> o_proj: nothing to fold into
-            found = awq.search_scales(_inputs(stats, linears).sample, [w.data for w in weights], spec, grid=cand.grid)
-            _write(feeder.weight, awq.fold_into_previous(feeder.weight.data, found.scales))
-            if getattr(feeder, "bias", None) is not None:
-                _write(feeder.bias, awq.fold_into_previous(feeder.bias.data, found.scales))
-            for name, w in zip(linears, weights):
-                _write(w, awq.apply_scales(w.data, found.scales))
-                scales[name] = found.scales
         changed = 0
-        for _, linears in _groups(arch, block):  # 2. clip search and quantize every linear
+        for group in arch.groups:  # 1. scales, folded so the float model is unchanged
+            feeder = _feeder(arch, config, block, group)
+            if feeder is None:
+                continue
+            weights = [block.get_submodule(n).weight for n in group.linears]
+            found = awq.search_scales(_inputs(stats, group.linears).sample, [w.data for w in weights], spec,
+                                      grid=cand.grid)
+            feeder.fold(found.scales)
+            for name, w in zip(group.linears, weights):
+                changed += _write(w, awq.apply_scales(w.data, found.scales)) * (not quantize)
+                scales[name] = found.scales
+        for linears in _linear_groups(arch, block) if quantize else ():  # 2. clip search and quantize
             x = _inputs(stats, linears).sample
             for name in linears:
                 weight = block.get_submodule(name).weight
@@ -233,7 +276,7 @@ def awq_block(cand: AwqConfig, arch: ArchInfo) -> BlockMethod:
     return apply
 
 
-def _smoothquant_block(cand: SmoothQuantConfig, arch: ArchInfo, quantize: bool = True) -> BlockMethod:
+def _smoothquant_block(cand: SmoothQuantConfig, arch: ArchInfo, config, quantize: bool = True) -> BlockMethod:
     """Smoothing folded into norm-fed groups, then (when `quantize`) int8 weights. Returns the
     count of linears changed (smoothing alone changes the function by rounding only).
     (A pruned zero needs nothing here: scaling and RTN map 0 to 0.)"""
@@ -241,12 +284,13 @@ def _smoothquant_block(cand: SmoothQuantConfig, arch: ArchInfo, quantize: bool =
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
-        for feeder, linears in _groups(arch, block):
-            weights = [block.get_submodule(n).weight for n in linears]
-            if feeder.weight.dim() == 1:  # smooth only inputs that come from a norm
-                s = smoothquant.smoothing_scales(_inputs(stats, linears).absmax,
+        for group in arch.groups:
+            weights = [block.get_submodule(n).weight for n in group.linears]
+            feeder = _feeder(arch, config, block, group)
+            if feeder is not None and feeder.is_norm:  # smooth only inputs that come from a norm
+                s = smoothquant.smoothing_scales(_inputs(stats, group.linears).absmax,
                                                  smoothquant.weight_absmax([w.data for w in weights]), cand.alpha)
-                _write(feeder.weight, awq.fold_into_previous(feeder.weight.data, s))
+                feeder.fold(s)
                 for w in weights:
                     changed += _write(w, awq.apply_scales(w.data, s)) * (not quantize)
             for w in weights if quantize else ():
@@ -255,7 +299,7 @@ def _smoothquant_block(cand: SmoothQuantConfig, arch: ArchInfo, quantize: bool =
     return apply
 
 
-def rtn_block(cand: MethodConfig, arch: ArchInfo) -> BlockMethod:
+def rtn_block(cand: MethodConfig, arch: ArchInfo, config: object = None) -> BlockMethod:
     """RTN on every linear of one block (a qat candidate's init; plain RTN needs no block pass)."""
     spec = spec_of(cand)
 
@@ -266,7 +310,8 @@ def rtn_block(cand: MethodConfig, arch: ArchInfo) -> BlockMethod:
 
 def _block_linears(arch: ArchInfo, block: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """{parameter name inside the block ("mlp.up_proj.weight"): weight} of every block linear."""
-    return {f"{name}.weight": block.get_submodule(name).weight for _, linears in arch.scaling_groups for name in linears}
+    return {f"{name}.weight": block.get_submodule(name).weight for linears in _linear_groups(arch, block)
+            for name in linears}
 
 
 # -- quantization-aware recovery (methods/qat.py) -------------------------------------------------
@@ -275,21 +320,27 @@ QAT_PROBE = 8  # windows the loss per block is reported on (before and after tra
 
 
 def apply_qat(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
-    return _quantize(model, arch, cand, _calibrated(_qat_block(cand, arch, seed), cand, calib, seed, on_block))
+    """(Trains float32 blocks: its gradients, and the codes read back from the init's weights,
+    assume float32; a bf16/fp16 baseline is refused.)"""
+    dtype = next(model.get_submodule(arch.blocks).parameters()).dtype
+    if dtype != torch.float32:
+        raise NotSupportedYet(f"{cand.label}: qat trains a float32 model; this baseline is {dtype} "
+                              "(quality_gate.verified_against: fp32)")
+    return _quantize(model, arch, cand, _calibrated(_qat_block(cand, arch, model.config, seed), cand, calib, seed, on_block))
 
 
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _qat_block(cand: QatConfig, arch: ArchInfo, seed: int, report: Callable[[str], None] = _to_stderr
+def _qat_block(cand: QatConfig, arch: ArchInfo, config, seed: int, report: Callable[[str], None] = _to_stderr
                ) -> ReconstructMethod:
     """Per block: the full-precision block's output on the full-precision model's inputs (the
     target), the init method's pass (on-grid weights), then the codes and scales read back
     from those weights (export/codes.recover_codes) and trained by qat.reconstruct on the
     block's own inputs (the quantized model's), which run_blocks then feeds forward.
     Reports the loss per block through `report`."""
-    init = METHODS[cand.init.method].block_method()(cand.init, arch)
+    init = METHODS[cand.init.method].block_method()(cand.init, arch, config)
     spec = spec_of(cand)
     state: dict[str, Any] = {"fp": None, "block": 0}  # the full-precision model's next inputs [N, L, D]
 
@@ -323,14 +374,18 @@ def _qat_block(cand: QatConfig, arch: ArchInfo, seed: int, report: Callable[[str
 
 
 def _shared_kwargs(kwargs: dict) -> dict:
-    """The block's keyword arguments as plain tensors; they must be the same for every window
-    (leading dimension 1: positions and masks of windows of one length without padding)."""
+    """The block's keyword arguments as plain tensors with leading dimension 1, broadcast over
+    any minibatch of windows. They must be the same for every window (positions and masks of
+    windows of one length without padding); a tensor given per window (a sliding-window mask
+    [b, 1, L, L]) is kept as its first row when every row equals it."""
     def plain(key: str, value: Any) -> Any:
         if isinstance(value, tuple):
             return tuple(plain(key, v) for v in value)
         if isinstance(value, torch.Tensor):
             if value.dim() and value.shape[0] != 1:
-                raise ValueError(f"qat: the block's argument {key} differs per window (shape {tuple(value.shape)})")
+                if not bool((value == value[:1]).all()):
+                    raise ValueError(f"qat: the block's argument {key} differs per window (shape {tuple(value.shape)})")
+                value = value[:1]
             return value.clone()
         return value
     return {k: plain(k, v) for k, v in kwargs.items()}
@@ -388,7 +443,7 @@ def _unstructured_block(cand: PruneConfig, arch: ArchInfo) -> BlockMethod:
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
-        for _, linears in _groups(arch, block):
+        for linears in _linear_groups(arch, block):
             hessian = _inputs(stats, linears).hessian if stats else None
             for name in linears:
                 weight = block.get_submodule(name).weight

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from quantgate.record import (
-    CandidateRecord, Comparison, Cost, EconomicsSettings, ModelRecord, Rule, Rung, RunRecord, TaskStats,
+    CandidateRecord, Comparison, Cost, EconomicsSettings, LoadLevel, ModelRecord, Rule, Rung, RunRecord, TaskStats,
 )
 
 # A candidate whose accuracy recovery holds but which is beyond either line gets a "silent loss"
@@ -90,6 +90,12 @@ def decode_speed(m: ModelRecord) -> float | None:
     return m.economics.measured_speed if m.economics else None
 
 
+def model_line(results: RunRecord) -> str:
+    """The model and the precision its baseline was evaluated in, e.g. "SmolLM2 … · baseline in bf16"."""
+    model = results.model
+    return f"{model.description or model.base} · baseline in {model.precision}"
+
+
 def gate_status(results: RunRecord, m: ModelRecord) -> str:
     if not isinstance(m, CandidateRecord):
         return "reference"
@@ -122,6 +128,9 @@ def candidates_table(results: RunRecord) -> Table:
     base = results.baseline
     rows = [Row((base.name, base.scheme or "baseline", megabytes(base.weight_bytes), num(base.metric(metric)),
                  "1.0000", DASH, DASH, DASH, DASH, DASH, num(base.perplexity, 2), "reference"), "reference")]
+    full = results.full_precision
+    if full is not None:  # the checkpoint in fp32 against a bf16/fp16 baseline: a reference, not a candidate
+        rows.append(Row((*_candidate_cells(full, metric, False)[:-1], "reference"), "reference"))
     rec = results.recommended
     for c in results.candidates:
         rows.append(Row(_candidate_cells(c, metric, c.name == rec), gate_status(results, c), c.name == rec))
@@ -211,10 +220,18 @@ def load_table(results: RunRecord) -> Table | None:
     """The request mix at each batch size, per model with a measured (not simulated) sweep:
     latency percentiles and throughput under that load; None when no model has one."""
     rows = tuple(Row((m.name, str(level.batch_size), "batched" if level.batched else "queued",
-                      latencies(level.latency_s), rate(level.tokens_per_s)), gate_status(results, m))
+                      latencies(level.latency_s), fleet_rate(level)), gate_status(results, m))
                  for m in results.models if m.economics and not m.economics.simulated
                  for level in sorted(m.economics.load, key=lambda r: r.batch_size))
     return Table(LOAD_HEADERS, rows, (False, True, False, True, True)) if rows else None
+
+
+def fleet_rate(level: LoadLevel) -> str:
+    """Tokens/s under one load level; for replicas of one server, the fleet's with each
+    replica's share ("812 (401 + 411)"); their batch size is per replica."""
+    if not level.replica_tokens_per_s:
+        return rate(level.tokens_per_s)
+    return f"{rate(level.tokens_per_s)} ({' + '.join(rate(r) for r in level.replica_tokens_per_s)})"
 
 
 def economics_notes(results: RunRecord) -> list[str]:
@@ -342,6 +359,7 @@ def manifest(results: RunRecord) -> list[tuple[str, str]]:
         ("run id", results.run_id),
         ("started / finished", f"{results.started.isoformat()} / {results.finished.isoformat()}"),
         ("model", f"{model.base} — {model.description}"),
+        ("baseline precision", model.precision),
         ("model source", model.source),
         ("model sha256", model.sha256),
         ("eval set", f"{ev.eval_set}: {ev.items} items; {tasks}"),
