@@ -17,7 +17,7 @@ from quantgate.methods import qat
 from quantgate.methods.apply import make_candidate, spec_of, targets
 from quantgate.methods.calibrate import CalibrationSet
 from quantgate.methods.gptq import gptq_quantize
-from quantgate.methods.registry import candidate
+from quantgate.methods.registry import candidate, shorthand
 from quantgate.methods.rtn import QuantizedWeight, QuantSpec, dequantize, quantize
 from quantgate.models.arch import arch_of
 
@@ -209,6 +209,7 @@ def test_config_defaults_labels_and_round_trip():
     assert candidate(method="qat", bits=4, group_size=64, init="rtn", steps=10).label == "qat-w4-g64-rtn-steps10"
     assert candidate(method="qat", bits=4, init={"method": "awq", "grid": 5}).label == "qat-w4-awq-grid5"
     assert candidate(method="qat", bits=4, init="rtn").calibration_needs() == {"blocks"}
+    assert candidate(**shorthand("qat:3:g64:init=rtn:steps=10")).label == "qat-w3-g64-rtn-steps10"  # --candidate
     for c in (candidate(method="qat", bits=3, group_size=64, init={"method": "gptq", "damp": 0.05}, lr=0.003),):
         assert candidate(**c.model_dump(mode="json")) == c
 
@@ -264,8 +265,9 @@ def test_calibration_that_overlaps_the_eval_set_is_refused_before_any_training(t
 
 @pytest.mark.slow
 def test_on_the_default_model_trained_scales_beat_their_rtn_init():
-    """int3 g64 from RTN, 8 steps of 2 × 128 tokens per block on 16 calibration windows: every
-    block linear on the grid, and a lower KLD than the RTN init on held-out prose."""
+    """int3 g64 from RTN, 6 steps of 2 × 64 tokens per block on 8 calibration windows (kept
+    short; the bench trains at the default settings): every block linear on the grid, and a
+    KLD on held-out prose below 0.8 × the RTN init's (measured 0.61: 1.13 -> 0.69)."""
     from quantgate.config import CalibrationConfig
     from quantgate.evals.datasets import default_suite
     from quantgate.evals.tasks import kl_divergence, prepare
@@ -274,19 +276,24 @@ def test_on_the_default_model_trained_scales_beat_their_rtn_init():
 
     baseline = load_baseline("smollm2-135m-instruct")
     suite = default_suite(limit=4, cloze_items=4, seed=0)
-    windows = prepare(suite, baseline.tokenizer, window_tokens=128, n_windows=4).windows
-    calib = calibration_set(baseline.tokenizer, CalibrationConfig(samples=16, seq_len=128), suite.texts())
-    cand = candidate(method="qat", bits=3, group_size=64, init="rtn", steps=8)
+    windows = torch.tensor(prepare(suite, baseline.tokenizer, window_tokens=128, n_windows=4).windows)
+    calib = calibration_set(baseline.tokenizer, CalibrationConfig(samples=8, seq_len=64), suite.texts())
+    cand = candidate(method="qat", bits=3, group_size=64, init="rtn", steps=6)
     rtn = make_candidate(baseline.model, baseline.arch, cand.init, calib).model
     trained = make_candidate(baseline.model, baseline.arch, cand, calib).model
     for name in targets(trained, baseline.arch, cand):
         w = trained.get_submodule(name).weight.data
         assert torch.equal(dequantize(recover_codes(w, spec_of(cand))), w), name
 
-    def kld(model: torch.nn.Module) -> float:
-        with torch.no_grad():
-            ids = torch.tensor(windows)
-            ref = torch.log_softmax(baseline.model(ids).logits, -1)
-            return float(kl_divergence(ref.flatten(0, 1), torch.log_softmax(model(ids).logits, -1).flatten(0, 1)).mean())
+    with torch.no_grad():
+        ref = torch.log_softmax(baseline.model(windows).logits, -1).flatten(0, 1)  # [4·128, vocab]
 
-    assert kld(trained) < 0.8 * kld(rtn)
+    def kld_and_agreement(model: torch.nn.Module) -> tuple[float, float]:
+        with torch.no_grad():
+            got = torch.log_softmax(model(windows).logits, -1).flatten(0, 1)
+        return float(kl_divergence(ref, got).mean()), float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+
+    (k_rtn, a_rtn), (k_qat, a_qat) = kld_and_agreement(rtn), kld_and_agreement(trained)
+    print(f"int3 g64 on 512 held-out tokens: rtn KLD {k_rtn:.4f} top-1 {a_rtn:.4f}; "
+          f"qat KLD {k_qat:.4f} top-1 {a_qat:.4f}")
+    assert k_qat < 0.8 * k_rtn
