@@ -260,6 +260,28 @@ def test_calibration_that_overlaps_the_eval_set_is_refused_before_any_training(t
     assert prepare_inputs(cfg).calib is not None  # disjoint: accepted
 
 
+def test_quantgate_check_counts_the_training_in_its_estimate(tmp_path):
+    """gptq and qat calibrate on the same windows (3 passes of 128 × 256 tokens); qat adds, per
+    block, its targets, 64 steps of 2 windows forward and backward, and 2 probes of 8 windows."""
+    from test_export import char_tokenizer_files
+
+    from quantgate.plan import make_plan
+
+    model_dir = tmp_path / "tiny"
+    build_tiny_llama().save_pretrained(model_dir)
+    char_tokenizer_files(model_dir)
+    cfg = RunConfig.model_validate({
+        "model": {"base": str(model_dir)}, "results_dir": str(tmp_path / "runs"),
+        "candidates": [{"method": "gptq", "bits": 3, "group_size": 64}, {"method": "qat", "bits": 3, "group_size": 64}],
+        "calibration": {"samples": 128, "seq_len": 256}, "evaluation": {"limit": 4},
+    })
+    made = {s.what.split(":")[0]: s.seconds for s in make_plan(cfg).steps if s.what.startswith("make ")}
+    gptq, qat_ = made["make gptq-w3-g64"], made["make qat-w3-g64"]
+    assert qat_ > gptq
+    assert candidate(method="qat", bits=3).training_tokens(128, 256) == (128 + 3 * 64 * 2 + 16) * 256
+    assert candidate(method="gptq", bits=3).training_tokens(128, 256) == 0
+
+
 # -- the real default model, kept short ------------------------------------------------------------
 
 

@@ -316,9 +316,6 @@ def _block_linears(arch: ArchInfo, block: torch.nn.Module) -> dict[str, torch.nn
 
 # -- quantization-aware recovery (methods/qat.py) -------------------------------------------------
 
-QAT_PROBE = 8  # windows the loss per block is reported on (before and after training)
-
-
 def apply_qat(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
     """(Trains float32 blocks: its gradients, and the codes read back from the init's weights,
     assume float32; a bf16/fp16 baseline is refused.)"""
@@ -361,7 +358,7 @@ def _qat_block(cand: QatConfig, arch: ArchInfo, config, seed: int, report: Calla
             forward = lambda params, idx: _call_block(block, {**frozen, **params}, inputs[idx], kwargs)  # noqa: E731
             fit = qat.reconstruct(forward, learn, extra, targets, steps=cand.steps, lr=cand.lr,
                                   rounding_lr=cand.rounding_lr, batch=cand.batch, seed=seed + i,
-                                  probe=range(min(QAT_PROBE, len(inputs))))
+                                  probe=range(min(cand.PROBE_WINDOWS, len(inputs))))
         for n, w in weights.items():
             _write(w, dequantize(qat.finalize(learn[n])))
         for n, p in extra.items():

@@ -74,6 +74,11 @@ class MethodConfig(BaseModel):
         """Statistics this candidate needs from the calibration text (empty: none)."""
         return frozenset()
 
+    def training_tokens(self, samples: int, seq_len: int) -> int:
+        """Tokens run through the model, in forward-pass equivalents, beyond the calibration
+        passes every calibrated method makes (quantgate check's estimate); 0: none."""
+        return 0
+
     def engine_settings(self) -> frozenset[str]:
         """Settings this candidate gives that only some engines use (accuracy_level); each
         backend entry says which it uses (engines/registry.py) and refuses the others."""
@@ -456,6 +461,16 @@ class QatConfig(_Quantizer):
 
     def calibration_needs(self) -> frozenset[str]:
         return self.init.calibration_needs() | {"blocks"}
+
+    # Probe windows the loss per block is measured on, before and after training.
+    PROBE_WINDOWS: ClassVar[int] = 8
+
+    def training_tokens(self, samples: int, seq_len: int) -> int:
+        """Per block (so per whole model, summed over blocks): the float block over every
+        window (the targets), `steps` steps of `batch` windows forward and backward (a backward
+        about 2 forwards), the probe before and after."""
+        probes = 2 * min(self.PROBE_WINDOWS, samples)
+        return (samples + 3 * self.steps * self.batch + probes) * seq_len
 
     @property
     def weights_alone(self) -> bool:
