@@ -18,6 +18,8 @@ BENCHES = {
     "bench_mc.py": (["--items", "6"], "multiple-choice scoring, 6 piqa items"),
     "bench_methods.py": (["--only", "rtn-w4-g64", "--piqa", "8", "--samples", "2", "--seq-len", "32"],
                          "calibrated PTQ vs RTN"),
+    "bench_qat.py": (["--bits", "4", "--only", "rtn", "qat", "--init", "rtn", "--steps", "1", "--piqa", "8",
+                      "--samples", "2", "--seq-len", "32"], "quantization-aware recovery vs PTQ"),
     "bench_prune.py": (["--only", "wanda-mlp25", "--piqa", "8", "--samples", "2", "--seq-len", "32",
                         "--rounds", "1", "--prompts", "1", "--new-tokens", "4"], "decode / baseline"),
     "bench_llamacpp.py": (["--types", "Q8_0", "--rounds", "1", "--new-tokens", "4"], "harness / bare"),
