@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install system-deps demo test test-fast bench bench-methods bench-llamacpp bench-prune bench-onnx bench-threads bench-memory clean
+.PHONY: install system-deps demo test test-heavy test-fast bench bench-methods bench-qat bench-llamacpp bench-prune bench-onnx bench-threads bench-memory clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,13 @@ system-deps:
 demo: install
 	$(VENV)/bin/quantgate run
 
+# `make test` (under 15 minutes on 2 cores) runs everything but the heavy tier: whole runs on the
+# default model and the benches end to end, minutes each. CI (.ci/run) runs both tiers.
 test: $(TEST_STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not heavy"
+
+test-heavy: $(TEST_STAMP) system-deps
+	$(PY) -m pytest -q -m heavy
 
 test-fast: $(TEST_STAMP) system-deps
 	$(PY) -m pytest -q -m "not slow"
@@ -54,6 +59,11 @@ bench: install
 
 bench-methods: install
 	$(PY) bench/bench_methods.py
+
+# Quantization-aware recovery (qat) vs RTN and GPTQ act-order at int3/int4 g64 (long: GPTQ and
+# qat each make the model block by block; see the README for the time on a 2-core machine).
+bench-qat: install
+	$(PY) bench/bench_qat.py
 
 bench-llamacpp: $(TEST_STAMP)
 	$(PY) bench/bench_llamacpp.py

@@ -34,6 +34,8 @@ class Bench:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--piqa", type=int, default=500)
+    ap.add_argument("--default-items", type=int, help="items per task of the default suite (default: all, "
+                    "with 200 cloze items; a smaller number is for smoke runs and takes as many cloze items)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
 
@@ -46,7 +48,8 @@ def setup(args: argparse.Namespace) -> Bench | None:
     baseline = load_baseline(MODEL)
     tok = baseline.tokenizer
     suites = {
-        "default": load_suite(QualityGateConfig(), limit=None, cloze_items=200, seed=0),
+        "default": load_suite(QualityGateConfig(), limit=args.default_items,
+                              cloze_items=200 if args.default_items is None else args.default_items, seed=0),
         "piqa": load_suite(QualityGateConfig(eval_set=str(DATA / "piqa.jsonl")), limit=args.piqa, cloze_items=0, seed=0),
     }
     prepared = {k: prepare(s, tok, window_tokens=256, n_windows=8) for k, s in suites.items()}

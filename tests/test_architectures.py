@@ -71,6 +71,8 @@ METHODS = [
     dict(method="smoothquant"),
     dict(method="prune", prune="wanda", sparsity=0.5),
     dict(method="prune", prune="sparsegpt", sparsity=0.5),
+    # trained on each block's own mask and rope (Gemma 3's sliding/full layers), from AWQ's folds
+    dict(method="qat", bits=4, group_size=32, init={"method": "awq", "grid": 4}, steps=2),
 ]
 
 
@@ -93,7 +95,7 @@ def test_smoothing_without_quantization_leaves_outputs_unchanged(arch_model, met
     model_type, model = arch_model
     arch, smoothed = arch_of(model_type), copy.deepcopy(model)
     if method == "awq":
-        block = apply._awq_block(candidate(method="awq", bits=4, group_size=32, grid=4), arch, model.config,
+        block = apply.awq_block(candidate(method="awq", bits=4, group_size=32, grid=4), arch, model.config,
                                  quantize=False)
         needs = {"rows"}
     else:

@@ -9,17 +9,20 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
+# the quality benches' inputs, shrunk: 8 PIQA items, 4 per task of the default suite, 2x32 calibration tokens
+SMALL = ("--piqa", "8", "--default-items", "4", "--samples", "2", "--seq-len", "32")
 BENCHES = {
     "bench_mc.py": (["--items", "6"], "multiple-choice scoring, 6 piqa items"),
-    "bench_methods.py": (["--only", "rtn-w4-g64", "--piqa", "8", "--samples", "2", "--seq-len", "32"],
-                         "calibrated PTQ vs RTN"),
-    "bench_prune.py": (["--only", "wanda-mlp25", "--piqa", "8", "--samples", "2", "--seq-len", "32",
-                        "--rounds", "1", "--prompts", "1", "--new-tokens", "4"], "decode / baseline"),
+    "bench_methods.py": (["--only", "rtn-w4-g64", *SMALL], "calibrated PTQ vs RTN"),
+    "bench_qat.py": (["--bits", "4", "--only", "rtn", "qat", "--init", "rtn", "--steps", "1", *SMALL],
+                     "quantization-aware recovery vs PTQ"),
+    "bench_prune.py": (["--only", "wanda-mlp25", *SMALL, "--rounds", "1", "--prompts", "1", "--new-tokens", "4"],
+                       "decode / baseline"),
     "bench_llamacpp.py": (["--types", "Q8_0", "Q4_K_M", "--rounds", "2", "--requests", "1", "--new-tokens", "4",
                            "--samples", "2", "--seq-len", "32", "--boot", "200"], "Q4_K_M+imatrix vs Q4_K_M"),
     "bench_threads.py": (["--rounds", "2", "--requests", "1", "--new-tokens", "4", "--max-threads", "2",

@@ -13,6 +13,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_run_from_flags_alone_on_the_default_model(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "quantgate.cli", "run", "--model", "smollm2-135m-instruct", "--candidate", "rtn:8",

@@ -42,6 +42,7 @@ CANDIDATES = {  # name -> settings: every method the torch engine exports
     "gptq-w4-g32-sym": {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True},
     "awq-w4-g32": {"method": "awq", "bits": 4, "group_size": 32},
     "smoothquant-w8a8-a0.5": {"method": "smoothquant"},
+    "qat-w4-g32-steps4": {"method": "qat", "bits": 4, "group_size": 32, "steps": 4},  # trained scales, GPTQ's codes
 }
 
 
@@ -300,6 +301,14 @@ def test_verify_remeasures_and_reports_a_mismatch(tiny_run, tmp_path):
     assert [c.what for c in bad.checks if not c.ok] == ["KL divergence from baseline (mean)"]
 
 
+def test_a_trained_candidate_exports_and_verifies_like_a_ptq_one(tiny_run, tmp_path):
+    with single_thread():
+        exported = export_candidate(tiny_run, "qat-w4-g32-steps4", "compressed-tensors", tmp_path / "ct")
+        result = verify(exported.directory)
+    assert json.loads(exported.manifest.read_text())["scheme"]["method"] == "qat"
+    assert result.ok, [c for c in result.checks if not c.ok]
+
+
 V0 = Path(__file__).parent / "data" / "results_v0.json"  # a real results.json from before the typed record
 
 
@@ -379,6 +388,7 @@ def test_real_model_w4a16_checkpoint_is_a_quarter_of_float16(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_gguf_export_is_the_evaluated_file_and_verifies(tmp_path):
     pytest.importorskip("llama_cpp")
     cfg = RunConfig.model_validate({

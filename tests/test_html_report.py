@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from report_data import HOSTILE, measured_speed_models, synthetic_record
 
-from quantgate.record import RunRecord, load_record
+from quantgate.record import SCHEMA_VERSION, RunRecord, load_record
 
 from quantgate.report import plots, svg, view
 from quantgate.report.files import write_reports
@@ -383,6 +383,7 @@ SMALL_RUN = (
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_real_run_writes_a_report_that_renders(browser, tmp_path, artifacts):
     """`quantgate run` on the real default model (small subset) writes report.html and prints its
     path; the page renders from the real results.json."""
@@ -395,6 +396,6 @@ def test_real_run_writes_a_report_that_renders(browser, tmp_path, artifacts):
     assert f"report: {html}" in proc.stdout
     assert (html.parent / "summary.md").is_file()
     results = load_record(html.parent / "results.json")
-    assert results.schema_version == 1
+    assert results.schema_version == SCHEMA_VERSION
     open_and_check(browser, html, expected_marks(results))
     screenshot(browser, artifacts / "report-real-run.png")

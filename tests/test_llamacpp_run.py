@@ -29,6 +29,7 @@ def result(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_quality_follows_the_bits_and_q8_holds(result):
     q8, q2 = result.candidates
     assert (q8.name, q2.name) == ("gguf-Q8_0", "gguf-Q2_K")
@@ -39,6 +40,7 @@ def test_quality_follows_the_bits_and_q8_holds(result):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_noise_floor_is_measured_and_small(result):
     floor = result.noise_floor
     assert (floor.engine, floor.reference) == ("llamacpp", "torch float32")
@@ -47,6 +49,7 @@ def test_noise_floor_is_measured_and_small(result):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_economics_are_measured_on_the_engine(result):
     for m in [result.baseline, *result.candidates]:
         e = m.economics

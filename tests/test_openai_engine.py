@@ -555,7 +555,7 @@ def test_llamacpp_server_shift_is_detected(llama_server, smollm):
 @pytest.mark.slow
 def test_llamacpp_server_matches_in_process_llamacpp(llama_server, smollm):
     """Contexts that start with BOS (where that server's echo lines up): multiple-choice
-    log-likelihoods over HTTP within 1e-3 nats of in-process llama.cpp on the same file, the
+    log-likelihoods over HTTP within 1e-2 nats of in-process llama.cpp on the same file, the
     same argmax choice for every item; greedy generation identical; top-k rows agree."""
     from quantgate.evals.datasets import default_suite
     from quantgate.evals.tasks import prepare
@@ -570,7 +570,11 @@ def test_llamacpp_server_matches_in_process_llamacpp(llama_server, smollm):
     assert engine.supports_prompt_logprobs, engine.prompt_logprobs_problem
     ll, greedy = engine.loglikelihood(requests)
     ll_cpp, greedy_cpp = cpp.loglikelihood(requests)
-    np.testing.assert_allclose(ll, ll_cpp, atol=1e-3, rtol=0)
+    # That server reuses the KV cache of the longest prefix it already evaluated and runs only the
+    # new suffix, so its batches split differently from the in-process call (which requests share
+    # a prefix depends on the order of 2 concurrent requests); llama.cpp's kernels then accumulate
+    # in another order: up to 7.4e-3 nats on 1 of 12 values in CI. A misaligned echo is off by nats.
+    np.testing.assert_allclose(ll, ll_cpp, atol=1e-2, rtol=0)
     assert (greedy == greedy_cpp).all()
     offsets = prepared.offsets
     picks = [int(np.argmax(ll[a:b])) for a, b in itertools.pairwise(offsets)]
@@ -591,6 +595,7 @@ def test_llamacpp_server_matches_in_process_llamacpp(llama_server, smollm):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_load_levels_from_a_real_server(llama_server, smollm):
     baseline, _ = smollm
     tok = baseline.tokenizer

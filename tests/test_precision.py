@@ -119,6 +119,7 @@ quality_gate: {verified_against: bf16, min_items: 5}
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_bf16_baseline_run_on_the_default_model(tmp_path, capsys):
     """The default model evaluated in bf16: the fp32 checkpoint's KLD against it is reported as a
     row, and the candidates are gated against the bf16 baseline."""

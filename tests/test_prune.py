@@ -395,6 +395,7 @@ def test_real_model_wanda_beats_magnitude_at_half_sparsity(real, real_windows):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_real_model_structured_pruning_runs_on_llama_cpp(real, real_windows, tmp_path):
     pytest.importorskip("llama_cpp")
     from quantgate.engines.llamacpp import LlamaCppEngine

@@ -227,6 +227,7 @@ def local_default(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_default_model_on_ray_equals_the_local_run(ray_head, local_default, tmp_path):
     from quantgate.run import execute
 
@@ -238,6 +239,7 @@ def test_the_default_model_on_ray_equals_the_local_run(ray_head, local_default, 
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_killed_ray_run_resumes_with_nothing_lost_or_repeated(ray_head, local_default, tmp_path):
     """`quantgate run` on the cluster (by its address), SIGKILLed while its candidates are being
     scored, then `--resume`d: the local run's results, and exactly the missing items scored."""

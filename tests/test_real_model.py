@@ -86,6 +86,7 @@ def run_cli(tmp_path, name, candidates=RTN_8_AND_2, extra=""):
     return proc, out
 
 
+@pytest.mark.heavy
 def test_cli_end_to_end_and_deterministic(tmp_path):
     proc, out = run_cli(tmp_path, "a")
     assert proc.returncode == 0, proc.stderr
@@ -112,6 +113,7 @@ def test_cli_end_to_end_and_deterministic(tmp_path):
     assert untimed(again["candidates"]) == untimed(data["candidates"])
 
 
+@pytest.mark.heavy
 def test_cli_prune_only_and_prune_then_quantize(tmp_path):
     proc, out = run_cli(tmp_path, "prune", "candidates:\n  - {prune: magnitude, sparsity: 0.25}\n"
                         "  - {steps: [{prune: magnitude, sparsity: 0.25}, {quantize: rtn, bits: 8}]}\n",

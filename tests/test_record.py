@@ -214,6 +214,7 @@ SMALL_RUN = (
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_real_run_writes_a_current_record(tmp_path):
     """`quantgate run` (the config results_v0.json was made with) writes a results.json that
     loads as the same record it was dumped from, the same numbers as the version-0 file."""

@@ -82,6 +82,7 @@ def run_resumed(cfg: Path, results: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(CONFIG)

@@ -203,7 +203,9 @@ class RunConfig(Frozen):
     executor: ExecutorConfig = LocalConfig()
     # "all": every candidate is measured and the smallest that holds the gate is recommended.
     # "ladder": candidates are rungs in order of aggressiveness (as listed); the run stops at the
-    # first that does not hold the gate and recommends the last that did.
+    # first that does not hold the gate and recommends the last that did. Consecutive rungs of one
+    # scheme (rtn, gptq, qat at int3 g64) are that rung by ever costlier methods: each runs only
+    # when the one before failed (gate.ladder_step).
     strategy: Literal["all", "ladder"] = "all"
     seed: int = Field(0, ge=0, le=SEED_MAX)
     results_dir: str = "quantgate-results"

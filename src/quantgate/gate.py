@@ -209,13 +209,33 @@ def _own_interval(t: TaskComparison, confidence: float) -> tuple[float, float]:
     return stats.wilson_interval(round(t.cand * t.n), t.n, confidence)
 
 
+# What a ladder does with its next rung (see ladder_step).
+LadderStep = Literal["run", "skip", "stop"]
+
+
+def ladder_step(last: tuple[str, bool] | None, scheme: str) -> LadderStep:
+    """A ladder's rungs are in order of aggressiveness; consecutive rungs of one scheme (the
+    weights' grid, MethodConfig.scheme) are that rung tried by ever costlier methods (rtn, gptq,
+    then qat), so a costlier one runs only when the one before it failed. Given the last rung
+    measured (its scheme, whether it held the gate) or None: "run" the next rung (the first;
+    the next scheme after one that held; a retry of one that failed), "skip" it (a costlier
+    retry of a rung that held), or "stop" (a rung that failed and has no retry left)."""
+    if last is None:
+        return "run"
+    last_scheme, held = last
+    if scheme == last_scheme:
+        return "skip" if held else "run"
+    return "run" if held else "stop"
+
+
 def decide(verdicts: list[CandidateVerdict], *, eval_items: int, min_items: int, ladder: bool = False,
            cheapest: bool = False) -> Decision:
     """Recommend the passing candidate with the fewest weight bytes (the most compressed), or
     with cheapest=True (the gate has economics rules) the one that costs least to serve — but
     only on an eval set large enough to say so. ladder=True: the verdicts are rungs in order of
-    aggressiveness, measured until the first that failed; recommend the last that passed. The
-    baseline itself (an A/A check) is never recommended."""
+    aggressiveness, measured by ladder_step (so the last verdict failed only where the ladder
+    broke); recommend the last that passed. The baseline itself (an A/A check) is never
+    recommended."""
     if eval_items < min_items:
         what = "no eval items" if eval_items == 0 else f"only {eval_items} eval items"
         return Decision(tuple(verdicts), None,
@@ -224,8 +244,10 @@ def decide(verdicts: list[CandidateVerdict], *, eval_items: int, min_items: int,
     shippable = [v for v in verdicts if v.shippable]
     passing = [v for v in shippable if v.passed]
     if ladder:
-        broke = next((v.name for v in shippable if not v.passed), None)
-        where = f"the ladder broke at {broke}" if broke else "every rung held"
+        broke = shippable[-1].name if shippable and not shippable[-1].passed else None
+        retried = [v.name for v in shippable if not v.passed and v.name != broke]
+        where = (f"the ladder broke at {broke}" if broke else "every rung held") + (
+            f" ({', '.join(retried)} failed and a costlier method of the same scheme was tried)" if retried else "")
         if not passing:
             return Decision(tuple(verdicts), None, f"{where}, the first rung: no candidate holds the gate")
         return Decision(tuple(verdicts), passing[-1].name, f"the last rung that holds every rule; {where}")

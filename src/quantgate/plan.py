@@ -188,7 +188,8 @@ def _batch_levels(max_batch_size: int) -> list[int]:
 def _make_seconds(c: MethodConfig, cfg: RunConfig, maker: backends.Speed) -> float:
     if c.artifact in ("served", "baseline"):  # someone's server, or the baseline itself (the A/A check)
         return 0.0
-    calib = cfg.calibration.samples * cfg.calibration.seq_len * CALIBRATION_PASSES if c.needs_calibration else 0
+    samples, seq_len = cfg.calibration.samples, cfg.calibration.seq_len
+    calib = samples * seq_len * CALIBRATION_PASSES + c.training_tokens(samples, seq_len) if c.needs_calibration else 0
     return MAKE_SECONDS * maker.scale + calib / maker.score
 
 

@@ -350,7 +350,7 @@ class FailedCandidate(Record):
 
 class Rung(Record):
     name: str
-    status: Literal["pass", "fail", "not measured"]
+    status: Literal["pass", "fail", "not needed", "not measured"]
 
 
 class Recommendation(Record):

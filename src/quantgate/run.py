@@ -38,7 +38,7 @@ from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_diver
 from quantgate.executors import registry as executors
 from quantgate.executors.base import Executor
 from quantgate.gate import (
-    CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge, judge_economics,
+    CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge, judge_economics, ladder_step,
 )
 from quantgate.methods.calibrate import CalibrationSet, calibration_set
 from quantgate.models.arch import require_row
@@ -199,22 +199,25 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
         if cfg.strategy == "all":  # every candidate will be measured: an executor may run them at once
             runner.start(cfg.resolved_candidates, prepared, reference)
         results, failed, verdicts = [], [], []
+        last: tuple[str, bool] | None = None  # a ladder's last measured rung: (scheme, held)
         for cand in cfg.resolved_candidates:
+            step = ladder_step(last, cand.scheme) if cfg.strategy == "ladder" else "run"
+            if step == "stop":
+                break  # the rung where quality broke: the more aggressive ones are not measured
+            if step == "skip":
+                continue  # a cheaper method already holds this scheme
             try:
                 result = runner.candidate(cand, prepared, base, reference)
             except EngineFault as e:  # a crash, or NaN scores: this candidate fails, the run goes on
                 failed.append(FailedCandidate(cand.label, cand, str(e)))
                 verdicts.append(_crashed_verdict(cand.label, str(e)))
-                if cfg.strategy == "ladder":
-                    break
-                continue
-            results.append(result)
-            verdict = judge(cand.label, result.weight_bytes, result.comparison, gate)
-            verdicts.append(dataclasses.replace(_servable(verdict, backend.name, result.unservable),
-                                                shippable=not cand.is_baseline))
-            gc.collect()
-            if cfg.strategy == "ladder" and not verdicts[-1].passed:
-                break  # the rung where quality broke: the more aggressive ones are not measured
+            else:
+                results.append(result)
+                verdict = judge(cand.label, result.weight_bytes, result.comparison, gate)
+                verdicts.append(dataclasses.replace(_servable(verdict, backend.name, result.unservable),
+                                                    shippable=not cand.is_baseline))
+                gc.collect()
+            last = (cand.scheme, verdicts[-1].passed)
         conditions, broke = measure_economics(backend, ctx, base, results, runner.to_measure)
         with_costs(cfg, base, results)
     verdicts = [_economics_verdict(v, results, broke, gate) for v in verdicts]

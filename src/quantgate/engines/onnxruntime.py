@@ -41,6 +41,7 @@ import numpy as np
 from quantgate.engines.base import Engine, Request, Timing, group_by_context, log_softmax, stop_after
 from quantgate.engines.registry import Backend, RunContext, Served
 from quantgate.errors import NothingHappened, NotSupportedYet, UserError
+from quantgate.methods.registry import ComposeConfig
 
 if TYPE_CHECKING:
     import onnx
@@ -207,7 +208,7 @@ def unservable(cand: MethodConfig) -> str | None:
     q = cand.quantizer
     if q is None:
         return f"{cand.scheme}: only quantized candidates are served on onnxruntime (rtn, gptq, awq)"
-    if any(getattr(s, "structure", None) for s in getattr(cand, "steps", ())):
+    if isinstance(cand, ComposeConfig) and any(getattr(s, "structure", None) for s in cand.steps):
         return "structured pruning changes the graph's shapes; onnxruntime serves the baseline's graph shapes"
     if q.activation_bits:
         return (f"{q.scheme}: per-token int8 activations are not what ORT's int8 path computes "

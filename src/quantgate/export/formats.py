@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from quantgate.errors import NotSupportedYet, UserError
-from quantgate.methods.registry import MethodConfig
+from quantgate.methods.registry import ComposeConfig, MethodConfig
 from quantgate.methods.rtn import QuantizedWeight, QuantSpec, dequantize
 from quantgate.methods.smoothquant import fake_quantize_activations
 
@@ -75,7 +75,7 @@ def torch_scheme(cand: MethodConfig, fmt: str, dtype: str, targets: list[str], i
     w8a8 = q is not None and bool(q.activation_bits)
     weights = q and {"num_bits": q.bits, "type": "int", "symmetric": bool(q.symmetric),
                      "strategy": "group" if q.group_size else "channel", "group_size": q.group_size}
-    steps = getattr(cand, "steps", None)
+    steps = cand.steps if isinstance(cand, ComposeConfig) else None  # (qat's steps are training steps)
     return {
         "method": q.method if q is not None else cand.method,
         "bits": q and q.bits,

@@ -11,18 +11,25 @@ mask and stores the code of 0, compensating like a rounding error).
 from __future__ import annotations
 
 import copy
+import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from quantgate.errors import NothingHappened, UserError
-from quantgate.methods import awq, gptq, prune, smoothquant
+from quantgate.errors import NothingHappened, NotSupportedYet, UserError
+from quantgate.export.codes import recover_codes
+from quantgate.methods import awq, gptq, prune, qat, smoothquant
 from quantgate.methods.registry import (
-    METHODS, PRUNE_PATTERNS, AwqConfig, ComposeConfig, GptqConfig, MethodConfig, PruneConfig, SmoothQuantConfig,
+    METHODS, PRUNE_PATTERNS, AwqConfig, ComposeConfig, GptqConfig, MethodConfig, PruneConfig, QatConfig,
+    SmoothQuantConfig,
 )
-from quantgate.methods.calibrate import BlockMethod, CalibrationSet, GroupInputs, run_blocks
+from quantgate.methods.calibrate import (
+    MICRO_BATCH, BlockInputs, BlockMethod, CalibrationSet, GroupInputs, ReconstructMethod, run_blocks,
+)
 from quantgate.methods.rtn import QuantSpec, dequantize, fake_quantize, packed_bytes
 from quantgate.models.arch import ArchInfo, Group, Units, part_rows
 
@@ -91,11 +98,11 @@ def apply_rtn(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed: 
 
 
 def apply_gptq(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
-    return _quantize(model, arch, cand, _calibrated(_gptq_block(cand, arch, keep_zeros), cand, calib, seed, on_block))
+    return _quantize(model, arch, cand, _calibrated(gptq_block(cand, arch, keep_zeros=keep_zeros), cand, calib, seed, on_block))
 
 
 def apply_awq(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
-    return _quantize(model, arch, cand, _calibrated(_awq_block(cand, arch, model.config), cand, calib, seed, on_block))
+    return _quantize(model, arch, cand, _calibrated(awq_block(cand, arch, model.config), cand, calib, seed, on_block))
 
 
 def apply_smoothquant(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
@@ -220,7 +227,8 @@ def _write_rows(param: torch.nn.Parameter, rows: slice, new: torch.Tensor) -> No
     param.data[rows] = new.to(param.dtype)
 
 
-def _gptq_block(cand: GptqConfig, arch: ArchInfo, keep_zeros: bool = False) -> BlockMethod:
+def gptq_block(cand: GptqConfig, arch: ArchInfo, config: object = None, keep_zeros: bool = False) -> BlockMethod:
+    """(config: the model's, unused; the block_pass contract of methods/registry.MethodSpec.)"""
     spec = spec_of(cand)
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
@@ -238,7 +246,7 @@ def _gptq_block(cand: GptqConfig, arch: ArchInfo, keep_zeros: bool = False) -> B
     return apply
 
 
-def _awq_block(cand: AwqConfig, arch: ArchInfo, config, quantize: bool = True) -> BlockMethod:
+def awq_block(cand: AwqConfig, arch: ArchInfo, config, quantize: bool = True) -> BlockMethod:
     """Scales searched and folded (the float function unchanged), then, when `quantize`, clip
     search and RTN. Returns linears changed (by scaling alone when not quantizing).
     (A pruned zero needs nothing here: scaling and RTN map 0 to 0.)"""
@@ -289,6 +297,110 @@ def _smoothquant_block(cand: SmoothQuantConfig, arch: ArchInfo, config, quantize
                 changed += _write(w, fake_quantize(w.data, spec))
         return changed
     return apply
+
+
+def rtn_block(cand: MethodConfig, arch: ArchInfo, config: object = None) -> BlockMethod:
+    """RTN on every linear of one block (a qat candidate's init; plain RTN needs no block pass)."""
+    spec = spec_of(cand)
+
+    def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
+        return sum(_write(w, fake_quantize(w.data, spec)) for w in _block_linears(arch, block).values())
+    return apply
+
+
+def _block_linears(arch: ArchInfo, block: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """{parameter name inside the block ("mlp.up_proj.weight"): weight} of every block linear."""
+    return {f"{name}.weight": block.get_submodule(name).weight for linears in _linear_groups(arch, block)
+            for name in linears}
+
+
+# -- quantization-aware recovery (methods/qat.py) -------------------------------------------------
+
+def apply_qat(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
+    """(Trains float32 blocks: its gradients, and the codes read back from the init's weights,
+    assume float32; a bf16/fp16 baseline is refused.)"""
+    dtype = next(model.get_submodule(arch.blocks).parameters()).dtype
+    if dtype != torch.float32:
+        raise NotSupportedYet(f"{cand.label}: qat trains a float32 model; this baseline is {dtype} "
+                              "(quality_gate.verified_against: fp32)")
+    return _quantize(model, arch, cand, _calibrated(_qat_block(cand, arch, model.config, seed), cand, calib, seed, on_block))
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _qat_block(cand: QatConfig, arch: ArchInfo, config, seed: int, report: Callable[[str], None] = _to_stderr
+               ) -> ReconstructMethod:
+    """Per block: the full-precision block's output on the full-precision model's inputs (the
+    target), the init method's pass (on-grid weights), then the codes and scales read back
+    from those weights (export/codes.recover_codes) and trained by qat.reconstruct on the
+    block's own inputs (the quantized model's), which run_blocks then feeds forward.
+    Reports the loss per block through `report`."""
+    init = METHODS[cand.init.method].block_method()(cand.init, arch, config)
+    spec = spec_of(cand)
+    state: dict[str, Any] = {"fp": None, "block": 0}  # the full-precision model's next inputs [N, L, D]
+
+    def apply(block: torch.nn.Module, stats: dict[str, GroupInputs], batches: BlockInputs) -> int:
+        t0, i = time.perf_counter(), state["block"]
+        with torch.inference_mode(False):  # plain tensors: autograd may save them
+            inputs = torch.cat([h for h, _ in batches])  # [N, L, D], the quantized model's
+            kwargs = _shared_kwargs(batches[0][1])
+            fp_inputs = inputs if state["fp"] is None else state["fp"]
+            state["fp"] = targets = _block_outputs(block, fp_inputs, kwargs)
+        weights = _block_linears(arch, block)
+        floats = {n: w.detach().clone() for n, w in weights.items()}  # the weights before quantization
+        changed = init(block, stats)
+        with torch.inference_mode(False), torch.enable_grad():
+            learn = {n: qat.learnable(recover_codes(w.data, spec), floats[n]) for n, w in weights.items()}
+            frozen = {n: p.detach() for n, p in block.named_parameters()}
+            extra = {n: p.clone().requires_grad_(True) for n, p in frozen.items() if n not in learn} if cand.norms else {}
+            forward = lambda params, idx: _call_block(block, {**frozen, **params}, inputs[idx], kwargs)  # noqa: E731
+            fit = qat.reconstruct(forward, learn, extra, targets, steps=cand.steps, lr=cand.lr,
+                                  rounding_lr=cand.rounding_lr, batch=cand.batch, seed=seed + i,
+                                  probe=range(min(cand.PROBE_WINDOWS, len(inputs))))
+        for n, w in weights.items():
+            _write(w, dequantize(qat.finalize(learn[n])))
+        for n, p in extra.items():
+            _write(block.get_parameter(n), p.detach())
+        report(f"{cand.label} block {i}: loss {fit.loss_before:.4g} -> {fit.loss_after:.4g} ({fit.steps} steps, "
+               f"{time.perf_counter() - t0:.1f} s)" + (": higher, the init's parameters kept" if fit.kept_init else ""))
+        state["block"] = i + 1
+        return changed
+    return apply
+
+
+def _shared_kwargs(kwargs: dict) -> dict:
+    """The block's keyword arguments as plain tensors with leading dimension 1, broadcast over
+    any minibatch of windows. They must be the same for every window (positions and masks of
+    windows of one length without padding); a tensor given per window (a sliding-window mask
+    [b, 1, L, L]) is kept as its first row when every row equals it."""
+    def plain(key: str, value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(plain(key, v) for v in value)
+        if isinstance(value, torch.Tensor):
+            if value.dim() and value.shape[0] != 1:
+                if not bool((value == value[:1]).all()):
+                    raise ValueError(f"qat: the block's argument {key} differs per window (shape {tuple(value.shape)})")
+                value = value[:1]
+            return value.clone()
+        return value
+    return {k: plain(k, v) for k, v in kwargs.items()}
+
+
+def _call_block(block: torch.nn.Module, params: dict[str, torch.Tensor], hidden: torch.Tensor,
+                kwargs: dict) -> torch.Tensor:
+    """The block's output [b, L, D] with its parameters replaced by `params` (all of them)."""
+    out = torch.func.functional_call(block, params, (hidden,), kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _block_outputs(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The block's output over every window of hidden [N, L, D], in micro-batches, no gradients."""
+    with torch.no_grad():
+        out = [_call_block(block, dict(block.named_parameters()), hidden[i : i + MICRO_BATCH], kwargs)
+               for i in range(0, len(hidden), MICRO_BATCH)]
+    return torch.cat(out)
 
 
 # -- pruning ------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ for each block in turn it runs the block once with forward hooks that collect wh
 needs about each group of linears that read the same input (Hessian, sample rows, per-channel
 max), lets the method change the block, and runs the *changed* block to produce the next block's
 inputs. Blocks run in the model's own dtype (a bf16 model is never copied to float32); the
-statistics are float32.
+statistics are float32. A method that needs the statistic "blocks" (qat's reconstruction)
+is also handed the block's inputs.
 
 Peak memory beyond the model being changed (N windows of L tokens, hidden width D, b bytes per
 element of the model's dtype, MICRO_BATCH = m):
@@ -109,6 +110,10 @@ class GroupInputs:
 
 # (block, {first linear name of each group: GroupInputs}) -> number of linears changed
 BlockMethod = Callable[[torch.nn.Module, dict[str, GroupInputs]], int]
+# The block's inputs per micro-batch: (hidden states [b, L, D], the block's keyword arguments).
+BlockInputs = list[tuple[torch.Tensor, dict]]
+# With the statistic "blocks", the method also gets the block's inputs: (block, stats, inputs).
+ReconstructMethod = Callable[[torch.nn.Module, dict[str, GroupInputs], BlockInputs], int]
 
 
 def _block_inputs(model: torch.nn.Module, blocks: torch.nn.ModuleList,
@@ -192,7 +197,7 @@ def walk_blocks(model: torch.nn.Module, arch: ArchInfo,
 
 
 def run_blocks(model: torch.nn.Module, arch: ArchInfo, calib: CalibrationSet, needs: set[str],
-               method: BlockMethod, seed: int, on_block: Callable[[int], None] | None = None) -> int:
+               method: BlockMethod | ReconstructMethod, seed: int, on_block: Callable[[int], None] | None = None) -> int:
     """Apply `method` block by block (see the module docstring). Returns linears changed. Needs
     the architecture's row (its groups of linears)."""
     require_row(arch, getattr(model.config, "model_type", ""), "calibrated methods (gptq, awq, smoothquant, "
@@ -202,7 +207,7 @@ def run_blocks(model: torch.nn.Module, arch: ArchInfo, calib: CalibrationSet, ne
     with torch.inference_mode():
         for i, block, inputs in walk_blocks(model, arch, calib.windows):
             stats = collect(block, groups, inputs, needs, seed + i)
-            changed += method(block, stats)
+            changed += method(block, stats, inputs) if "blocks" in needs else method(block, stats)
             if on_block:
                 on_block(i)
     return changed

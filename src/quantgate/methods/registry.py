@@ -27,14 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_serializer, model_validator
 
 from quantgate.settings import ServingConfig
 
 Artifact = Literal["model", "gguf", "served", "baseline"]
-# Statistics the calibration driver (methods/calibrate.py) collects per group of linears, and
-# "imatrix" (each block linear's mean squared input per column, for llama.cpp's quantizer).
-Statistic = Literal["hessian", "rows", "absmax", "imatrix"]
+# Statistics the calibration driver (methods/calibrate.py) collects per group of linears,
+# "imatrix" (each block linear's mean squared input per column, for llama.cpp's quantizer) and
+# "blocks" (each block's own inputs, handed to the method: qat's reconstruction).
+Statistic = Literal["hessian", "rows", "absmax", "imatrix", "blocks"]
 
 # llama.cpp file types a gguf candidate may ask for -> nominal bits (K-quant mixes keep some
 # tensors wider; the artifact's real size is measured).
@@ -73,6 +74,11 @@ class MethodConfig(BaseModel):
     def calibration_needs(self) -> frozenset[str]:
         """Statistics this candidate needs from the calibration text (empty: none)."""
         return frozenset()
+
+    def training_tokens(self, samples: int, seq_len: int) -> int:
+        """Tokens run through the model, in forward-pass equivalents, beyond the calibration
+        passes every calibrated method makes (quantgate check's estimate); 0: none."""
+        return 0
 
     def engine_settings(self) -> frozenset[str]:
         """Settings this candidate gives that only some engines use (accuracy_level); each
@@ -406,6 +412,87 @@ class PruneConfig(MethodConfig):
         return f"{self.prune}-{self.structure or 's'}{self.sparsity * 100:.4g}{damp}"
 
 
+# Methods a qat candidate may start from: on-grid quantizers with a pass over one block.
+InitQuantizer = Union[RtnConfig, GptqConfig, AwqConfig]
+INIT_TYPES = {"rtn": RtnConfig, "gptq": GptqConfig, "awq": AwqConfig}
+# The grid's keys: a qat candidate's own, given to its init (an init that sets them is refused).
+GRID_KEYS = ("bits", "group_size", "symmetric", "quantize_embeddings", "accuracy_level", "name")
+
+
+class QatConfig(_Quantizer):
+    """Quantization-aware recovery (methods/qat.py): each block is first quantized by `init`
+    (RTN, GPTQ or AWQ on this candidate's grid), then its quantization scales (and its norm
+    weights; its rounding with rounding_lr > 0) are trained for `steps` Adam steps of `batch`
+    calibration windows to reproduce the full-precision model's output of that block. The
+    weights stay on the grid."""
+
+    method: Literal["qat"] = "qat"
+    # The starting candidate: a method name, or its settings without the grid
+    # ({method: gptq, act_order: true}); it takes this candidate's bits, group_size, symmetric.
+    init: InitQuantizer = Field(default_factory=lambda: GptqConfig(act_order=True))
+    steps: int = Field(64, ge=0, le=100_000)  # per block
+    batch: int = Field(2, ge=1)  # calibration windows per step
+    lr: float = Field(0.01, gt=0.0, le=1.0)  # of the log scales (and the norm weights)
+    # Rounding offsets (code units; 0: every code stays the init's, measured best here).
+    rounding_lr: float = Field(0.0, ge=0.0, le=1.0)
+    norms: bool = False  # train the block's float parameters (norm weights) too
+
+    @model_validator(mode="before")
+    @classmethod
+    def _init_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "init" not in data:
+            return data
+        init = data["init"]
+        if isinstance(init, str):
+            init = {"method": init}
+        if isinstance(init, dict):
+            if init.get("method") not in INIT_TYPES:
+                raise ValueError(f"init: method is one of {', '.join(INIT_TYPES)} (got {init.get('method')!r})")
+            grid = sorted(k for k in GRID_KEYS if k in init)
+            if grid:
+                raise ValueError(f"init: leave out {', '.join(grid)} (the init takes the qat candidate's grid)")
+            init = INIT_TYPES[init["method"]].model_validate(init)
+        return {**data, "init": init}
+
+    @model_validator(mode="after")
+    def _init_on_grid(self) -> QatConfig:
+        grid = {k: getattr(self, k) for k in GRID_KEYS if k != "name"}
+        object.__setattr__(self, "init", type(self.init).model_validate(
+            {**self.init.model_dump(exclude=set(GRID_KEYS)), **grid}))
+        return self
+
+    @field_serializer("init")
+    def _init_settings(self, init: InitQuantizer) -> dict[str, Any]:
+        """The init's own settings only (its grid is this candidate's)."""
+        return init.model_dump(exclude=set(GRID_KEYS), exclude_defaults=True) | {"method": init.method}
+
+    def calibration_needs(self) -> frozenset[str]:
+        return self.init.calibration_needs() | {"blocks"}
+
+    # Probe windows the loss per block is measured on, before and after training.
+    PROBE_WINDOWS: ClassVar[int] = 8
+
+    def training_tokens(self, samples: int, seq_len: int) -> int:
+        """Per block (so per whole model, summed over blocks): the float block over every
+        window (the targets), `steps` steps of `batch` windows forward and backward (a backward
+        about 2 forwards), the probe before and after."""
+        probes = 2 * min(self.PROBE_WINDOWS, samples)
+        return (samples + 3 * self.steps * self.batch + probes) * seq_len
+
+    @property
+    def weights_alone(self) -> bool:
+        """An AWQ init folds into the feeders, and norms: true trains the norm weights."""
+        return self.init.weights_alone and not self.norms
+
+    def auto_label(self) -> str:
+        default = type(self).model_fields["init"].default_factory()
+        init_extras = self.init.label[len(self.init._grid_label()):]
+        shown = "" if self._init_settings(self.init) == self._init_settings(default) else f"-{self.init.method}{init_extras}"
+        return self._grid_label() + shown + _extras(self, {
+            "steps": lambda v: f"-steps{v}", "batch": lambda v: f"-batch{v}", "lr": lambda v: f"-lr{v:g}",
+            "rounding_lr": lambda v: f"-round{v:g}", "norms": lambda v: "-norms"})
+
+
 # Quantizers a composition may end with (a pruned zero stays 0 on their grids).
 StepQuantizer = Union[RtnConfig, GptqConfig, AwqConfig, SmoothQuantConfig, W8A8Config]
 
@@ -538,6 +625,9 @@ class MethodSpec:
 
     config: type[MethodConfig]
     apply: str | None
+    # Its pass over one block ("module:function" of f(cfg, arch, the model's config) ->
+    # BlockMethod), for methods a qat candidate may start from; None for the others.
+    block_pass: str | None = None
 
     @property
     def name(self) -> str:
@@ -550,19 +640,30 @@ class MethodSpec:
     def driver(self) -> Callable[..., tuple[int, dict[int, Any]]]:
         if self.apply is None:
             raise ValueError(f"method {self.name} is not applied to a PyTorch model")
-        module, function = self.apply.split(":")
-        return getattr(importlib.import_module(module), function)
+        return _imported(self.apply)
+
+    def block_method(self) -> Callable[..., Any]:
+        if self.block_pass is None:
+            raise ValueError(f"method {self.name} has no pass over one block")
+        return _imported(self.block_pass)
+
+
+def _imported(where: str) -> Callable[..., Any]:
+    """The function at "module:function" (imported on use)."""
+    module, function = where.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 _APPLY = "quantgate.methods.apply"
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec(RtnConfig, f"{_APPLY}:apply_rtn"),
-    MethodSpec(GptqConfig, f"{_APPLY}:apply_gptq"),
-    MethodSpec(AwqConfig, f"{_APPLY}:apply_awq"),
+    MethodSpec(RtnConfig, f"{_APPLY}:apply_rtn", f"{_APPLY}:rtn_block"),
+    MethodSpec(GptqConfig, f"{_APPLY}:apply_gptq", f"{_APPLY}:gptq_block"),
+    MethodSpec(AwqConfig, f"{_APPLY}:apply_awq", f"{_APPLY}:awq_block"),
     MethodSpec(SmoothQuantConfig, f"{_APPLY}:apply_smoothquant"),
     MethodSpec(W8A8Config, f"{_APPLY}:apply_w8a8"),
     MethodSpec(PruneConfig, f"{_APPLY}:apply_prune"),
     MethodSpec(ComposeConfig, f"{_APPLY}:apply_compose"),
+    MethodSpec(QatConfig, f"{_APPLY}:apply_qat"),
     MethodSpec(GgufConfig, None),
     MethodSpec(ServedConfig, None),
     MethodSpec(NoneConfig, None),

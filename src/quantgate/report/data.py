@@ -13,7 +13,7 @@ from quantgate.economics import Conditions, Cost, Economics, Estimate, LoadLevel
 from quantgate.evals.datasets import ChoiceItem, ClozeItem, GenerationItem, PromptItem
 from quantgate.evals.digest import eval_digest
 from quantgate.evals.metrics import TaskComparison
-from quantgate.gate import CandidateVerdict
+from quantgate.gate import CandidateVerdict, ladder_step
 from quantgate.models.load import file_sha256
 from quantgate.run import ModelResult, RunResult
 
@@ -96,10 +96,18 @@ def _full_precision(result: RunResult, m: ModelResult, verdict: CandidateVerdict
 
 
 def ladder(result: RunResult) -> tuple[rec.Rung, ...]:
-    """Each rung in order: "pass", "fail" (where quality broke), or "not measured" (after it)."""
+    """Each rung in order: "pass", "fail", "not needed" (a cheaper method held its scheme) or
+    "not measured" (after the rung where quality broke); see gate.ladder_step."""
     verdicts = {v.name: v for v in result.decision.verdicts}
-    return tuple(rec.Rung(name=c.label, status=("pass" if verdicts[c.label].passed else "fail")
-                          if c.label in verdicts else "not measured") for c in result.config.resolved_candidates)
+    rungs, last = [], None
+    for c in result.config.resolved_candidates:
+        v = verdicts.get(c.label)
+        if v is None:
+            status = "not needed" if ladder_step(last, c.scheme) == "skip" else "not measured"
+        else:
+            status, last = ("pass" if v.passed else "fail"), (c.scheme, v.passed)
+        rungs.append(rec.Rung(name=c.label, status=status))
+    return tuple(rungs)
 
 
 def economics(e: Economics | None) -> rec.Economics | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from quantgate.economics import compared
 from quantgate.record import (
-    CandidateRecord, Comparison, Conditions, Cost, EconomicsSettings, LoadLevel, ModelRecord, Ratio, Rule,
+    CandidateRecord, Comparison, Conditions, Cost, EconomicsSettings, LoadLevel, ModelRecord, Ratio, Rule, Rung,
     RunRecord, SpeedRatios, TaskStats,
 )
 
@@ -464,11 +464,17 @@ def overload_warning(c: Conditions | None) -> str | None:
 
 
 def ladder_line(results: RunRecord) -> str | None:
-    """"ladder: a ✓ → b ✗ quality broke here → c not measured"; None for a run that is no ladder."""
+    """"ladder: a ✓ → b ✗ quality broke here → c not measured" (a rung of the same scheme as one that
+    held: "not needed"); None for a run that is no ladder."""
     if results.ladder is None:
         return None
-    marks = {"pass": "✓", "fail": "✗ quality broke here", "not measured": "not measured"}
-    return "ladder: " + " → ".join(f"{r.name} {marks[r.status]}" for r in results.ladder)
+    last = [r.name for r in results.ladder if r.status in ("pass", "fail")][-1:]  # the last rung measured
+
+    def mark(r: Rung) -> str:
+        if r.status == "fail":  # a failed rung retried by a costlier method did not break the ladder
+            return "✗ quality broke here" if [r.name] == last else "✗ (retried)"
+        return {"pass": "✓", "not needed": "not needed (a cheaper method held)"}.get(r.status, r.status)
+    return "ladder: " + " → ".join(f"{r.name} {mark(r)}" for r in results.ladder)
 
 
 def manifest(results: RunRecord) -> list[tuple[str, str]]:
