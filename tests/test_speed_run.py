@@ -104,6 +104,7 @@ def _written(result, tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a whole run on the default model (make test-heavy)
 @pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime, onnx or onnxruntime-genai not installed")
 def test_on_onnxruntime_a_speed_rule_recommends_a_candidate_that_is_faster(tmp_path):
     """The default model on ORT, a small eval subset and a short speed run (3 rounds of 3
