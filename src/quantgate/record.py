@@ -91,6 +91,9 @@ class NoiseFloor(Record):
     kld_p99: Num
     top1_agreement: Num
     tokens: int
+    # Top-k rows (a server's): the mean KL(reference || reference truncated the same way), the
+    # bias a full-vocabulary comparison would add, reported apart from the floor (None: untruncated).
+    truncation_kld_mean: Num = None
 
 
 class Machine(Record):

@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 from quantgate.errors import NotSupportedYet, UserError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
     from quantgate.config import RunConfig
     from quantgate.economics import Economics
     from quantgate.engines.base import Engine
@@ -149,6 +152,23 @@ class Backend:
         differences are the engines', not the compression's."""
         raise NotImplementedError
 
+    def floor_divergence(self, other: torch.Tensor, served: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-token KL(noise reference || served baseline), float64 [T], from their [T, V]
+        log-probabilities, and the part of a naive comparison that is the served rows' own
+        truncation (None: this engine's rows are full distributions, nothing is truncated)."""
+        from quantgate.evals.tasks import kl_divergence
+
+        return kl_divergence(other, served), None
+
+    def close(self) -> None:
+        """Stop whatever the backend started (servers); called when the run ends, however."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def unmeasured(self, served: Served, simulated: bool = False) -> Economics:
         """Economics with nothing timed (economics.measure is off, or the model is simulated)."""
         from quantgate.economics import Economics
@@ -191,6 +211,8 @@ class BackendEntry:
     exports: tuple[str, ...] = ()  # export formats (export/formats.py) that it loads back for verify
     # Candidate settings that only some engines use (MethodConfig.engine_settings) which this one does.
     settings: frozenset[str] = frozenset()
+    # Serving keys that only some engines have (ServingConfig.ENGINE_OPTIONS) which this one does.
+    options: frozenset[str] = frozenset()
 
     def load(self) -> Backend:
         module, cls = self.backend.split(":")
@@ -206,8 +228,18 @@ class BackendEntry:
                 users = [e.name for e in BACKENDS.values() if unused[0] in e.settings]
                 raise UserError(f"candidate {c.label}: {unused[0]} is a setting of serving.engine "
                                 f"{' or '.join(users)}, not {self.name}; leave it out")
+        self._check_options(cfg)
         if self.check is not None:
             self.check(cfg)
+
+    def _check_options(self, cfg: RunConfig) -> None:
+        """Serving keys of another engine (kv_cache: paged is vLLM's) are refused, not ignored."""
+        for key in sorted(cfg.serving.engine_options() - self.options):
+            value = getattr(cfg.serving, key)
+            users = [e.name for e in BACKENDS.values() if key in e.options]
+            shown = f" {value}" if isinstance(value, str) else ""
+            raise UserError(f"serving.{key}{shown}: an option of serving.engine {' or '.join(users)}; "
+                            f"{self.name} has no such option (leave it out)")
 
 
 def _servers_named(cfg: RunConfig) -> None:
@@ -218,6 +250,13 @@ def _servers_named(cfg: RunConfig) -> None:
     for c in cfg.resolved_candidates:
         if c.artifact == "served" and c.serving.base_url is None:
             raise UserError(f"candidate {c.label}: serving needs base_url (e.g. http://host:8000/v1)")
+
+
+def _vllm_config(cfg: RunConfig) -> None:
+    """vLLM: servers named (base_url) or started here (launch); engines/vllm.py, imported on use."""
+    from quantgate.engines.vllm import check_config
+
+    check_config(cfg)
 
 
 def _onnxruntime_servable(cfg: RunConfig) -> None:
@@ -235,6 +274,8 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
                  install="pip install 'quantgate[llamacpp]'", exports=("gguf",)),
     BackendEntry("openai", frozenset({"served"}), "quantgate.engines.openai:OpenAIBackend",
                  check=_servers_named),
+    BackendEntry("vllm", frozenset({"model", "served"}), "quantgate.engines.vllm:VllmBackend",
+                 check=_vllm_config, options=frozenset({"kv_cache", "launch"}), exports=("compressed-tensors",)),
     BackendEntry("onnxruntime", frozenset({"model"}), "quantgate.engines.onnxruntime:OnnxRuntimeBackend",
                  process="quantgate.engines.onnxruntime:OnnxRuntimeEngine",
                  requires=("onnxruntime", "onnx", "onnxruntime_genai"), install="pip install 'quantgate[onnx]'",
@@ -243,7 +284,7 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
 # The backend that makes a candidate by fake quantization (Backend.simulated).
 SIMULATOR = "torch"
 # Servers reached today through the OpenAI-compatible backend; their own backends are to come.
-PLANNED = {"vllm": "openai", "tgi": "openai", "sglang": "openai"}
+PLANNED = {"tgi": "openai", "sglang": "openai"}
 
 
 def entry(name: str) -> BackendEntry:
@@ -254,12 +295,13 @@ def entry(name: str) -> BackendEntry:
     raise UserError(f"serving.engine '{name}': one of {', '.join(BACKENDS)}")
 
 
-def loader_of(export_format: str) -> BackendEntry:
-    """The engine that loads an exported artifact of this format back (quantgate verify)."""
+def loader_of(export_format: str, prefer: str | None = None) -> BackendEntry:
+    """The engine that loads an exported artifact of this format back (quantgate verify):
+    `prefer` (the engine the gate run measured on) when it loads the format, else the first."""
     found = [e for e in BACKENDS.values() if export_format in e.exports]
     if not found:
         raise UserError(f"no engine loads exported '{export_format}' artifacts")
-    return found[0]
+    return next((e for e in found if e.name == prefer), found[0])
 
 
 def engines_for(artifact: str) -> list[str]:

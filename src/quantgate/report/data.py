@@ -108,7 +108,8 @@ def noise_floor(result: RunResult) -> rec.NoiseFloor | None:
         return None
     return rec.NoiseFloor(engine=f.engine, reference=f.reference, kld_mean=float(f.kld.mean()),
                           kld_p99=float(np.quantile(f.kld, 0.99)), top1_agreement=float(f.top1_agree.mean()),
-                          tokens=int(f.kld.size))
+                          tokens=int(f.kld.size),
+                          truncation_kld_mean=None if f.truncation_kld is None else float(f.truncation_kld.mean()))
 
 
 def comparison(m: ModelResult) -> rec.Comparison:

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from quantgate.record import (
-    CandidateRecord, Comparison, Cost, EconomicsSettings, LoadLevel, ModelRecord, Rule, RunRecord, TaskStats,
+    CandidateRecord, Comparison, Cost, EconomicsSettings, LoadLevel, ModelRecord, NoiseFloor, Rule, RunRecord,
+    TaskStats,
 )
 
 # A candidate whose accuracy recovery holds but which is beyond either line gets a "silent loss"
@@ -325,7 +326,14 @@ def noise_floor(results: RunRecord) -> str:
     return (f"Engine noise floor: the baseline on {nf.engine} vs on {nf.reference} — "
             f"KLD mean {sig(nf.kld_mean)}, KLD p99 {sig(nf.kld_p99)}, top-1 agreement "
             f"{pct(nf.top1_agreement)} over {nf.tokens} tokens. Candidate differences "
-            f"below this are the engine's, not the compression's.")
+            f"below this are the engine's, not the compression's." + _truncation(nf))
+
+
+def _truncation(nf: NoiseFloor) -> str:
+    if nf.truncation_kld_mean is None:
+        return ""
+    return (f" (Top-k rows: the truncation itself, the reference against its own top-k view, is KLD mean "
+            f"{sig(nf.truncation_kld_mean)}; not part of the floor.)")
 
 
 def ladder_line(results: RunRecord) -> str | None:
