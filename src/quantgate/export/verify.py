@@ -52,6 +52,8 @@ from quantgate.export.stored import (
 from quantgate.record import FlippedItem
 
 Z = 4.0  # standard deviations of engine noise an option's log-likelihood may move by
+PLAIN_FORMATS = ("compressed-tensors", "hf")  # formats users load with transformers' from_pretrained
+PLAIN_MAX_KLD = 1e-3  # mean per-token KLD of the plainly loaded artifact from quantgate's exact load
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,37 @@ def verify(path: Path) -> Verification:
     entry = _engine(cfg, doc, where)
     with tempfile.TemporaryDirectory(prefix="quantgate-verify-") as work:
         ctx = RunContext(cfg, baseline, None, Path(work), _silent, [], None)
-        base_scores, cand_scores, prepared = measure(entry.load(), ctx, directory, doc, prepared)
+        with entry.load() as backend:
+            base_scores, cand_scores, prepared = measure(backend, ctx, directory, doc, prepared)
     metric = cfg.quality_gate.metric
     base = model_metrics(base_scores, prepared, metric, baseline.tokenizer)
     cand = model_metrics(cand_scores, prepared, metric, baseline.tokenizer)
     k = _noise_kld(recorded, doc.get("round_trip") or {})
     checks = compare(recorded, k, metric, prepared, (base_scores, base), (cand_scores, cand))
+    if doc["format"] in PLAIN_FORMATS:
+        checks.append(plain_check(directory, doc, prepared))
     return Verification(directory, doc["candidate"], entry.name, tuple(checks))
+
+
+def plain_check(directory: Path, doc: dict[str, Any], prepared: PreparedSuite) -> Check:
+    """Loaded as a user loads it (plain transformers from_pretrained): it must load, and compute
+    the artifact (mean KLD on the text windows from quantgate's exact load at most PLAIN_MAX_KLD:
+    float16 scales multiplied in float16, compressed-tensors' own activation rounding)."""
+    from quantgate.export.build import _text_logprobs, plain_load
+    from quantgate.export.formats import load_torch_artifact
+
+    what = "loads with plain transformers (from_pretrained)"
+    recorded = ((doc.get("round_trip") or {}).get("plain_transformers") or {}).get("kld_mean")
+    shown = "-" if recorded is None else f"KLD {recorded:.3g}"
+    reference = _text_logprobs(load_torch_artifact(directory, dict(doc["scheme"])), prepared)
+    try:
+        got = plain_load(directory, reference, prepared)
+    except UserError as e:
+        return Check(what, shown, f"cannot load ({e})", "loads", False)
+    measured = f"KLD {got['kld_mean']:.3g} ({got['loader']})"
+    if doc["scheme"].get("input_activations"):  # transformers rounds the int8 inputs its own way (max / 127.5)
+        return Check(what, shown, measured, "loads (W8A8: inputs rounded by compressed-tensors' own rule)", True)
+    return Check(what, shown, measured, f"loads, KLD ≤ {PLAIN_MAX_KLD:g}", got["kld_mean"] <= PLAIN_MAX_KLD)
 
 
 def _silent(description: str, total: int) -> Callable[[int], None]:
@@ -104,11 +130,11 @@ def _silent(description: str, total: int) -> Callable[[int], None]:
 def _engine(cfg, doc: dict[str, Any], where: Path) -> BackendEntry:
     """The engine that loads the artifact's format back, which must be the one its gate run
     measured it on."""
-    entry = backends.loader_of(doc["format"])
     cand = {c.label: c for c in cfg.resolved_candidates}.get(doc["candidate"])
     if cand is None:
         raise UserError(f"{where}: candidate '{doc['candidate']}' is not in the manifest's config")
     measured_on = (getattr(cand, "serving", None) or cfg.serving).engine
+    entry = backends.loader_of(doc["format"], prefer=measured_on)
     if measured_on != entry.name:
         raise UserError(f"{where}: the gate run measured {doc['candidate']} on the {measured_on} engine; a "
                         f"{doc['format']} artifact is re-measured on {entry.name}, so the records would not compare")
