@@ -2,10 +2,10 @@
 
 Shape (the seed's mental model, plus a list of candidates):
 
-    model:        {base}
-    quantization: {method, bits, verified_against}      # one candidate (the seed's form), or
+    model:        {base, quantization}                   # the seed nests its one candidate here, or
+    quantization: {method, bits, verified_against}      # one candidate (the same, at the top), or
     candidates:   [{method, bits, group_size, ...}, ...] # several
-    serving:      {engine, max_batch_size}
+    serving:      {engine, max_batch_size, kv_cache, base_url | launch}
     quality_gate: {verified_against, eval_set, metric, min_acceptable, drift_check}
     evaluation:   {sizes of the default suite, batching}
     executor:     {kind: local} or {kind: ray, address, resources per model}
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,8 @@ TAGS = set(METHODS) | set(STEP_TYPES) | set(EXECUTORS)  # the unions' tags (see 
 __all__ = ["Candidate", "MethodConfig", "ServingConfig", "DEFAULT_MAX_BATCH_SIZE"]  # re-exported
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+EVAL_PATH_ENV = "QUANTGATE_EVAL_PATH"  # more folders where named eval sets are looked up
+NAMED_EVAL_SUFFIXES = (".jsonl", ".txt")
 DEFAULT_BATCH_TOKENS = 1024  # ~1k tokens per forward keeps activations in this CPU's caches
 # The reference the candidates are compared with. "baseline" is model.base exactly as loaded
 # (float32); fp32/float32 are synonyms. bf16/fp16 references parse but are not implemented.
@@ -79,8 +82,11 @@ class QualityGateConfig(Frozen):
     eval_set: str = "default"
     # Several files instead of eval_set, each with its own options.
     eval_sets: tuple[EvalSetConfig, ...] | None = None
-    # accuracy: argmax of summed continuation log-likelihood; accuracy_norm: per character.
-    metric: Literal["accuracy", "accuracy_norm"] = "accuracy"
+    # accuracy: argmax of summed continuation log-likelihood; accuracy_norm: per character;
+    # task_accuracy: each task's own metric, named as such (multiple choice by summed
+    # log-likelihood, cloze by the greedy hit, generation by its match rule or scorer: the
+    # numbers of "accuracy").
+    metric: Literal["accuracy", "accuracy_norm", "task_accuracy"] = "accuracy"
     # Recovery floor over all labeled items: candidate metric / baseline metric.
     min_acceptable: float = Field(0.94, gt=0.0, le=2.0)
     # Recovery floors per task (unlabeled prompt tasks: floors on agreement with the baseline).
@@ -189,7 +195,9 @@ class RunConfig(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _seed_reference(cls, data: Any) -> Any:
-        """The seed writes verified_against inside quantization: it is the gate's reference."""
+        """The seed writes its candidate under model (model.quantization) and verified_against
+        inside it: the candidate is `quantization`'s, verified_against the gate's reference."""
+        data = _seed_candidate(data)
         q = data.get("quantization") if isinstance(data, dict) else None
         if not isinstance(q, dict) or "verified_against" not in q:
             return data
@@ -234,6 +242,17 @@ class RunConfig(Frozen):
         """sha256 of the canonical JSON of the config (the identity of a run's settings)."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _seed_candidate(data: Any) -> Any:
+    """model.quantization (the seed's place) moved to the top-level quantization."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or "quantization" not in model:
+        return data
+    if "quantization" in data:
+        raise ValueError("model.quantization and quantization both name a candidate: give one")
+    rest = {k: v for k, v in model.items() if k != "quantization"}
+    return {**data, "model": rest, "quantization": model["quantization"]}
 
 
 def check_supported(cfg: RunConfig) -> None:
@@ -312,6 +331,8 @@ def _describe(path: Path, text: str, err: ValidationError) -> str:
     loc = tuple(str(x) for x in first["loc"])
     key = ".".join(loc) or "(top level)"
     line = _line_of(text, first["loc"])
+    if loc[:1] == ("quantization",) and _line_of(text, ("model", "quantization")):  # the seed's nested form
+        key, line = f"model.{key}", _line_of(text, ("model", *first["loc"]))
     where = f"{path}:{line}" if line else str(path)
     if first["type"] == "extra_forbidden":
         return f"{where}: unknown key '{key}'"
@@ -358,12 +379,35 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     gate = cfg.quality_gate
     sets = gate.eval_sets and tuple(e.model_copy(update={"path": resolve(e.path)}) for e in gate.eval_sets)
     calib = cfg.calibration
+    eval_set = named_eval_set(gate.eval_set, base_dir) or resolve(gate.eval_set)
     updates = {
         "model": cfg.model.model_copy(update={"base": resolve(cfg.model.base)}),
         "calibration": calib.model_copy(update={"data": resolve(calib.data)}),
-        "quality_gate": gate.model_copy(update={"eval_set": resolve(gate.eval_set), "eval_sets": sets}),
+        "quality_gate": gate.model_copy(update={"eval_set": eval_set, "eval_sets": sets}),
     }
     return cfg.model_copy(update=updates)
+
+
+def eval_set_folders(base_dir: Path) -> list[Path]:
+    """Where a named eval set is looked up, in order: the config file's folder, its evals/
+    folder, then each folder of $QUANTGATE_EVAL_PATH (separated by os.pathsep)."""
+    extra = [Path(p) for p in os.environ.get(EVAL_PATH_ENV, "").split(os.pathsep) if p]
+    return [base_dir, base_dir / "evals", *extra]
+
+
+def named_eval_set(value: str, base_dir: Path) -> str | None:
+    """quality_gate.eval_set given as a name (no folder, no suffix; not default or none): the
+    first NAME.jsonl or NAME.txt in eval_set_folders, as an absolute path; None for anything
+    else (a path). UserError saying where it looked when there is none."""
+    if value in ("default", "none") or Path(value).name != value or Path(value).suffix or (base_dir / value).exists():
+        return None
+    folders = eval_set_folders(base_dir)
+    for folder in folders:
+        for suffix in NAMED_EVAL_SUFFIXES:
+            if (folder / f"{value}{suffix}").is_file():
+                return str((folder / f"{value}{suffix}").resolve())
+    raise UserError(f"quality_gate.eval_set '{value}': no {value}{' or '.join(NAMED_EVAL_SUFFIXES)} in "
+                    f"{', '.join(map(str, folders))} (names are looked up there; ${EVAL_PATH_ENV} adds folders)")
 
 
 def default_config_path() -> Path:
