@@ -27,6 +27,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def wrapper(directory: Path) -> Path:
+    """An executable that stands where vLLM's interpreter would ($QUANTGATE_VLLM_PYTHON,
+    launch.python): it runs this fake with the arguments it is given."""
+    path = directory / "vllm-python"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

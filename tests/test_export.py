@@ -200,12 +200,26 @@ def test_plain_transformers_loads_a_packed_checkpoint(tiny_run, remade, tmp_path
     assert trip["loader"].startswith("transformers 5.24.0 + compressed-tensors") and trip["kld_mean"] < ROUND_TRIP_KLD
 
 
-def test_verify_fails_an_export_plain_transformers_cannot_load(tiny_run, tmp_path):
+def test_verify_serves_the_export_in_vllm_when_it_is_installed(tiny_run, tmp_path, monkeypatch):
+    """With vLLM's interpreter named, verify also serves a compressed-tensors export there (here
+    the fake server of tests/fake_vllm.py) and compares it on the server's top-k basis."""
+    from fake_vllm import wrapper
+
+    monkeypatch.setenv("QUANTGATE_VLLM_PYTHON", str(wrapper(tmp_path)))
+    with single_thread():
+        exported = export_candidate(tiny_run, "rtn-w4-g32", "compressed-tensors", tmp_path / "ct")
+        checked = verify(exported.directory)
+    served = next(c for c in checked.checks if c.what.startswith("loads in vLLM"))
+    assert checked.ok and served.ok and served.measured.startswith("KLD ")
+
+
+def test_verify_fails_an_export_plain_transformers_cannot_load(tiny_run, tmp_path, monkeypatch):
     """The asymmetric W4A16 checkpoint as quantgate wrote it before (no dequantize key): loading
     it the way a user does fails (transformers 5.24 + compressed-tensors 0.20: zero-point size
     mismatch), so verify fails, even with every file's hash in order."""
     from quantgate.export.manifest import file_entries
 
+    monkeypatch.delenv("QUANTGATE_VLLM_PYTHON", raising=False)  # (plain transformers is the check here)
     with single_thread():
         exported = export_candidate(tiny_run, "rtn-w4-g32", "compressed-tensors", tmp_path / "ct")
     config_path = exported.directory / "config.json"

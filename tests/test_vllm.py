@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from conftest import build_tiny_llama, single_thread
+from fake_vllm import wrapper
 from test_export import char_tokenizer_files
 
 from quantgate.config import RunConfig, check_supported, load_config
@@ -32,7 +33,8 @@ from quantgate.engines.topk import fill_row
 from quantgate.engines.vllm import describe_quantization, read_checkpoint, tensor_bytes
 from quantgate.errors import NotSupportedYet, UserError
 from quantgate.evals.tasks import kl_divergence
-from quantgate.record import load_record
+from quantgate.record import build_record, load_record
+from quantgate.report import view
 from quantgate.run import execute
 from quantgate.settings import LaunchConfig
 
@@ -229,6 +231,8 @@ def test_launched_runs_match_torch_one_server_at_a_time(tiny_dir, tmp_path):
     assert {p.name for p in (tmp_path / "work" / "logs").iterdir()} >= {
         "vllm-baseline.log", "vllm-rtn-w4-g32.log", "vllm-smoothquant-w8a8-a0.5.log"}
     assert served.noise_floor.kld.mean() < 1e-6 and served.noise_floor.truncation_kld is not None
+    floor = build_record(served).noise_floor
+    assert floor.truncation_kld_mean > 0 and "the truncation itself" in view.noise_floor(build_record(served))
     for on_vllm, on_torch in zip(served.candidates, torch_run.candidates):
         assert on_vllm.metrics.accuracy == on_torch.metrics.accuracy
         assert np.array_equal(on_vllm.metrics.correct, on_torch.metrics.correct)  # the same flips
@@ -239,6 +243,28 @@ def test_launched_runs_match_torch_one_server_at_a_time(tiny_dir, tmp_path):
     assert w8a8.scheme.startswith("compressed-tensors int-quantized: W8A8: int8 channel sym, inputs int8 dynamic")
     assert served.baseline.scheme == "unquantized float32 checkpoint, served in float32"
     assert served.config.serving.kv_cache == "paged"
+
+
+def test_an_export_of_a_run_gated_on_vllm_is_verified_on_vllm(tiny_dir, tmp_path):
+    """quantgate verify re-measures a compressed-tensors export of a vLLM-gated run on vLLM
+    started here (baseline, then the export), and loads it with plain transformers too."""
+    from quantgate.export.build import export_candidate
+    from quantgate.export.verify import verify
+    from quantgate.record import build_record, dump_record
+
+    pids = tmp_path / "pids"
+    with single_thread():
+        result = execute(launched(tiny_dir, pids, [{"method": "rtn", "bits": 4, "group_size": 32}]),
+                         workdir=tmp_path / "work")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(dump_record(build_record(result)))
+    with single_thread():
+        exported = export_candidate(run_dir, "rtn-w4-g32", "compressed-tensors", tmp_path / "ct")
+        checked = verify(exported.directory)
+    assert checked.engine == "vllm" and checked.ok, [c for c in checked.checks if not c.ok]
+    assert "loads with plain transformers (from_pretrained)" in {c.what for c in checked.checks}
+    assert len(pids.read_text().splitlines()) == 4 and not [p for p in started(pids) if alive(p)]
 
 
 @pytest.mark.parametrize("mode, fragment", [("crash", "exited .* before it was ready: RuntimeError: the fake"),
@@ -276,6 +302,7 @@ def test_ctrl_c_stops_the_server(tiny_dir, tmp_path):
     assert not [p for p in started(pids) if alive(p)]
 
 
+@pytest.mark.slow  # (the seed's own settings: 128 calibration windows, a load sweep to 32 in flight)
 def test_the_seeds_config_runs_with_its_model_and_eval_set(tiny_dir, tmp_path, monkeypatch):
     """The seed's config with model.base naming a real model and its eval set present (as
     production_holdout_2000.jsonl beside it), verified_against the only line changed (bf16 is
@@ -287,10 +314,7 @@ def test_the_seeds_config_runs_with_its_model_and_eval_set(tiny_dir, tmp_path, m
     items = [{"id": f"q{i}", "task": "support", "query": f"Ticket {i}: the printer is",
               "choices": [" broken", " fine"], "gold": i % 2} for i in range(12)]
     (folder / "production_holdout_2000.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
-    wrapper = tmp_path / "vllm-python"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("QUANTGATE_VLLM_PYTHON", str(wrapper))
+    monkeypatch.setenv("QUANTGATE_VLLM_PYTHON", str(wrapper(tmp_path)))
     monkeypatch.setenv("FAKE_VLLM_PIDS", str(tmp_path / "pids"))
     proc = subprocess.run([sys.executable, "-m", "quantgate.cli", "run", str(folder / "config.yaml"),
                            "--results-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=900)

@@ -213,6 +213,9 @@ class BackendEntry:
     settings: frozenset[str] = frozenset()
     # Serving keys that only some engines have (ServingConfig.ENGINE_OPTIONS) which this one does.
     options: frozenset[str] = frozenset()
+    # The weight bytes it records are the served checkpoint's, not make_candidate's count (an
+    # export re-makes the candidate and checks its changed modules, not its bytes).
+    sizes_from_checkpoint: bool = False
 
     def load(self) -> Backend:
         module, cls = self.backend.split(":")
@@ -275,7 +278,8 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
     BackendEntry("openai", frozenset({"served"}), "quantgate.engines.openai:OpenAIBackend",
                  check=_servers_named),
     BackendEntry("vllm", frozenset({"model", "served"}), "quantgate.engines.vllm:VllmBackend",
-                 check=_vllm_config, options=frozenset({"kv_cache", "launch"}), exports=("compressed-tensors",)),
+                 check=_vllm_config, options=frozenset({"kv_cache", "launch"}), exports=("compressed-tensors",),
+                 sizes_from_checkpoint=True),
     BackendEntry("onnxruntime", frozenset({"model"}), "quantgate.engines.onnxruntime:OnnxRuntimeBackend",
                  process="quantgate.engines.onnxruntime:OnnxRuntimeEngine",
                  requires=("onnxruntime", "onnx", "onnxruntime_genai"), install="pip install 'quantgate[onnx]'",

@@ -261,6 +261,13 @@ class VllmServer:
                     total += int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) * 1024
         return total or None
 
+    def __enter__(self) -> VllmServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         """SIGTERM to the server's process group, SIGKILL after STOP_GRACE_S, and SIGKILL to any
         member left once the leader is gone. Safe to call twice."""
@@ -278,6 +285,18 @@ class VllmServer:
             proc.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def served_logprobs(directory: Path, baseline: Any, windows: list[list[int]], log: Path) -> list[Any]:
+    """Each window's rows [T-1, vocab] (top-k filled, engines/topk.py) as vLLM serves the
+    checkpoint in `directory`: started here with the default launch settings, stopped after."""
+    from quantgate.engines.openai import OpenAIEngine
+    from quantgate.settings import LaunchConfig
+
+    with VllmServer(LaunchConfig(), directory, "artifact", log, 20) as server:
+        engine = OpenAIEngine(server.url, server.name, tokenizer=baseline.tokenizer,
+                              vocab_size=baseline.model.config.vocab_size, max_concurrency=4)
+        return list(engine.token_logprobs(windows))
 
 
 # ---------------------------------------------------------------------------------------------

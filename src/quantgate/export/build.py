@@ -68,7 +68,7 @@ def export_candidate(run_dir: Path, name: str, fmt: str, out: Path | None = None
         if fmt in formats.EVALUATED:
             scheme, round_trip, source, digest = _export_evaluated(run, name, cand, fmt, out)
         else:
-            rec = recreate(run, name)
+            rec = recreate(run, name, sized=not backends.entry(run.config.serving.engine).sizes_from_checkpoint)
             scheme, round_trip = _export_torch(rec, fmt, dtype or formats.default_dtype(fmt, cand), out)
             source, digest = None, rec.eval_sha256
     except BaseException:

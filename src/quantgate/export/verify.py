@@ -23,6 +23,7 @@ E_base[log p_cand] when log p_cand moves by δ with E[δ²] ≈ 2k); log-perplex
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -98,29 +99,66 @@ def verify(path: Path) -> Verification:
     k = _noise_kld(recorded, doc.get("round_trip") or {})
     checks = compare(recorded, k, metric, prepared, (base_scores, base), (cand_scores, cand))
     if doc["format"] in PLAIN_FORMATS:
-        checks.append(plain_check(directory, doc, prepared))
+        checks += user_loads(directory, doc, prepared, baseline, served_by_vllm=entry.name == "vllm")
     return Verification(directory, doc["candidate"], entry.name, tuple(checks))
 
 
-def plain_check(directory: Path, doc: dict[str, Any], prepared: PreparedSuite) -> Check:
-    """Loaded as a user loads it (plain transformers from_pretrained): it must load, and compute
-    the artifact (mean KLD on the text windows from quantgate's exact load at most PLAIN_MAX_KLD:
-    float16 scales multiplied in float16, compressed-tensors' own activation rounding)."""
-    from quantgate.export.build import _text_logprobs, plain_load
+def user_loads(directory: Path, doc: dict[str, Any], prepared: PreparedSuite, baseline,
+               served_by_vllm: bool) -> list[Check]:
+    """The artifact loaded the ways users load it, each compared on the text windows with
+    quantgate's exact load: plain transformers, and vLLM when it is installed
+    ($QUANTGATE_VLLM_PYTHON) and was not already the engine re-measured on."""
+    from quantgate.engines.vllm import PYTHON_ENV
+    from quantgate.export.build import _text_logprobs
     from quantgate.export.formats import load_torch_artifact
+
+    reference = _text_logprobs(load_torch_artifact(directory, dict(doc["scheme"])), prepared)
+    checks = [plain_check(directory, doc, prepared, reference)]
+    if doc["format"] == "compressed-tensors" and os.environ.get(PYTHON_ENV) and not served_by_vllm:
+        checks.append(vllm_check(directory, doc, prepared, baseline, reference))
+    return checks
+
+
+def _tolerance(doc: dict[str, Any], kld: float) -> tuple[str, bool]:
+    """(the tolerance in words, whether `kld` is within it): PLAIN_MAX_KLD, except for W8A8,
+    whose inputs each loader rounds by its own rule (reported, not judged)."""
+    if doc["scheme"].get("input_activations"):
+        return "loads (W8A8: inputs rounded by the loader's own rule)", True
+    return f"loads, KLD ≤ {PLAIN_MAX_KLD:g}", kld <= PLAIN_MAX_KLD
+
+
+def vllm_check(directory: Path, doc: dict[str, Any], prepared: PreparedSuite, baseline,
+               reference: list) -> Check:
+    """Served by vLLM started on the directory: it must start, and its rows compare with the exact
+    load on the server's top-k basis (engines/topk.kld_topk)."""
+    from quantgate.engines.process import EngineCrashed
+    from quantgate.engines.topk import kld_topk
+    from quantgate.engines.vllm import served_logprobs
+
+    what = "loads in vLLM ($QUANTGATE_VLLM_PYTHON)"
+    log = Path(tempfile.gettempdir()) / f"quantgate-verify-vllm-{os.getpid()}.log"
+    try:
+        rows = served_logprobs(directory, baseline, prepared.windows[: prepared.n_text_windows], log)
+    except EngineCrashed as e:
+        return Check(what, "-", f"cannot serve it ({e})", "serves", False)
+    kld = float(np.concatenate([kld_topk(r, s).numpy() for r, s in zip(reference, rows)]).mean())
+    return Check(what, "-", f"KLD {kld:.3g} on its top-20 basis", *_tolerance(doc, kld))
+
+
+def plain_check(directory: Path, doc: dict[str, Any], prepared: PreparedSuite, reference: list) -> Check:
+    """Loaded as a user loads it (plain transformers from_pretrained): it must load, and compute
+    the artifact (mean KLD on the text windows from quantgate's exact load, `reference`, at most
+    PLAIN_MAX_KLD: float16 scales multiplied in float16)."""
+    from quantgate.export.build import plain_load
 
     what = "loads with plain transformers (from_pretrained)"
     recorded = ((doc.get("round_trip") or {}).get("plain_transformers") or {}).get("kld_mean")
     shown = "-" if recorded is None else f"KLD {recorded:.3g}"
-    reference = _text_logprobs(load_torch_artifact(directory, dict(doc["scheme"])), prepared)
     try:
         got = plain_load(directory, reference, prepared)
     except UserError as e:
         return Check(what, shown, f"cannot load ({e})", "loads", False)
-    measured = f"KLD {got['kld_mean']:.3g} ({got['loader']})"
-    if doc["scheme"].get("input_activations"):  # transformers rounds the int8 inputs its own way (max / 127.5)
-        return Check(what, shown, measured, "loads (W8A8: inputs rounded by compressed-tensors' own rule)", True)
-    return Check(what, shown, measured, f"loads, KLD ≤ {PLAIN_MAX_KLD:g}", got["kld_mean"] <= PLAIN_MAX_KLD)
+    return Check(what, shown, f"KLD {got['kld_mean']:.3g} ({got['loader']})", *_tolerance(doc, got["kld_mean"]))
 
 
 def _silent(description: str, total: int) -> Callable[[int], None]:
