@@ -269,8 +269,9 @@ class VllmServer:
         self.stop()
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group, SIGKILL after STOP_GRACE_S, and SIGKILL to any
-        member left once the leader is gone. Safe to call twice."""
+        """SIGTERM to the server's process group, SIGKILL after STOP_GRACE_S, SIGKILL to any member
+        left once the leader is gone, then a wait (polled, at most STOP_GRACE_S) until the group is
+        gone, so the next server finds its port and memory free. Safe to call twice."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -285,6 +286,11 @@ class VllmServer:
             proc.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_GRACE_S
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.killpg(proc.pid, 0)
+                time.sleep(0.05)
 
 
 def served_logprobs(directory: Path, baseline: Any, windows: list[list[int]], log: Path) -> list[Any]:
