@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install system-deps demo test test-fast test-vllm vllm-venv bench bench-methods bench-llamacpp bench-prune bench-onnx clean
+.PHONY: install system-deps demo test test-fast test-vllm vllm-venv bench bench-methods bench-llamacpp bench-prune bench-onnx bench-memory clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,10 @@ bench-prune: $(TEST_STAMP)
 # ONNX Runtime vs torch (and llama.cpp when installed): decode/prefill speed, memory, size, KLD.
 bench-onnx: $(TEST_STAMP)
 	$(PY) bench/bench_onnx.py
+
+# Peak memory of GPTQ on the default model loaded in fp32 and in bf16 (from fp32 and bf16 checkpoints).
+bench-memory: install
+	$(PY) bench/bench_memory.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) quantgate-results .pytest_cache

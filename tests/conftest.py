@@ -109,3 +109,15 @@ def outlier_activations(n: int, cols: int, seed: int, channels: list[int], scale
     x = torch.randn(n, cols, generator=gen(seed))
     x[:, channels] = x[:, channels] * scale + shift
     return x
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny Llama (seed 0, untied) saved as a Hugging Face directory with a character
+    tokenizer: a model.base quantgate loads like any local model. Treat as read-only."""
+    from test_export import char_tokenizer_files
+
+    path = tmp_path_factory.mktemp("tiny-dir") / "tiny-llama"
+    build_tiny_llama().save_pretrained(path)
+    char_tokenizer_files(path)
+    return path

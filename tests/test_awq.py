@@ -106,6 +106,13 @@ def test_apply_and_fold_leave_the_float_function_unchanged():
     assert ((x * fold_into_previous(norm, s)) @ apply_scales(w, s).T - (x * norm) @ w.T).abs().max() < 1e-5
     with pytest.raises(ValueError):
         fold_into_previous(torch.ones(40, 128), s)
+    # a norm stored as w and applied as 1 + w (Gemma): the stored weight becomes (1 + w)/s - 1
+    stored = torch.randn(128, generator=gen(12)) * 0.3
+    folded = fold_into_previous(stored, s, offset=1.0)
+    assert ((x * (1 + folded)) @ apply_scales(w, s).T - (x * (1 + stored)) @ w.T).abs().max() < 1e-5
+    assert ((x * (1 + stored / s)) @ apply_scales(w, s).T - (x * (1 + stored)) @ w.T).abs().max() > 0.1  # w/s is wrong
+    with pytest.raises(ValueError):
+        fold_into_previous(prev, s, offset=1.0)  # an offset is a norm's, not a linear's
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, None, True), QuantSpec(3, None, False)])

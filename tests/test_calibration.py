@@ -77,7 +77,7 @@ def smoothing_only_max_diff(model: torch.nn.Module, calib: CalibrationSet, ids: 
     smoothed = copy.deepcopy(model)
     arch = arch_of(model.config.model_type)
     cand = candidate(method="smoothquant", alpha=0.5)
-    method = apply._smoothquant_block(cand, arch, quantize=False)
+    method = apply._smoothquant_block(cand, arch, model.config, quantize=False)
     changed = run_blocks(smoothed, arch, calib, {"absmax"}, method, seed=0)
     assert changed > 0
     with torch.no_grad():

@@ -85,7 +85,7 @@ def test_seed_block_parses_and_says_not_supported_yet(tmp_path, monkeypatch):
     "text, fragment",
     [
         ("serving: {engine: tgi}\n", "serving.engine 'tgi'"),
-        ("quality_gate: {verified_against: bf16}\n", "verified_against 'bf16'"),
+        ("serving: {engine: onnxruntime}\nquality_gate: {verified_against: bf16}\n", "verified_against 'bf16'"),
     ],
 )
 def test_features_not_built_yet(tmp_path, text, fragment):

@@ -57,10 +57,13 @@ def test_digest_changes_with_settings():
     assert RunConfig().digest() != RunConfig(seed=1).digest()
 
 
-def test_not_supported_reference():
-    cfg = RunConfig(quality_gate={"verified_against": "bf16"})
-    with pytest.raises(NotSupportedYet, match="bf16"):
+def test_reference_precision_is_the_engines_to_support():
+    cfg = RunConfig(quality_gate={"verified_against": "bf16"}, serving={"engine": "onnxruntime"})
+    with pytest.raises(NotSupportedYet, match="verified_against 'bf16' on serving.engine onnxruntime"):
         check_supported(cfg)
+    torch_cfg = RunConfig(quality_gate={"verified_against": "bf16"}, serving={"engine": "torch"})
+    check_supported(torch_cfg)  # torch evaluates bf16 baselines
+    assert (torch_cfg.precision, RunConfig().precision) == ("bf16", "fp32")
 
 
 def test_explicit_symmetric_kept():

@@ -334,6 +334,44 @@ def test_report_without_optional_parts_renders(browser, tmp_path, artifacts):
     screenshot(browser, artifacts / "report-minimal.png")
 
 
+# At a phone's width: no sideways scroll of the page itself; every box that scrolls sideways shows
+# its hint; chart text renders at >= 8 px; manifest values get lines of >= 30 characters.
+PHONE_CHECKS = """
+const px = v => parseFloat(v) || 0;
+const page = document.documentElement.scrollWidth - window.innerWidth;
+const hidden = [...document.querySelectorAll('.scroll')].filter(el => el.scrollWidth > el.clientWidth + 1)
+  .filter(el => { const s = getComputedStyle(el, '::before'); return s.display === 'none' || !s.content
+                  || s.content === 'none' || s.content === 'normal'; }).length;
+const overflowing = [...document.querySelectorAll('.scroll')].filter(el => el.scrollWidth > el.clientWidth + 1).length;
+let smallest = 1e9;
+for (const svg of document.querySelectorAll('svg.plot')) {
+  const scale = svg.getScreenCTM().a;
+  for (const t of svg.querySelectorAll('text')) smallest = Math.min(smallest, px(getComputedStyle(t).fontSize) * scale);
+}
+const dd = [...document.querySelectorAll('dl.manifest dd')].map(d => d.clientWidth / px(getComputedStyle(d).fontSize) / 0.6);
+return {page, hidden, overflowing, smallest, manifest_chars: Math.min(...dd), width: window.innerWidth};
+"""
+
+
+def test_report_is_readable_at_400px(browser, tmp_path, artifacts):
+    """The report on a phone: Chromium emulating a 400 px wide screen."""
+    results = synthetic_record()
+    paths = write_reports(results, tmp_path)
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 400, "height": 860, "deviceScaleFactor": 1, "mobile": True})
+    try:
+        open_and_check(browser, paths["html"], expected_marks(results))
+        got = browser.execute_script(PHONE_CHECKS)
+        screenshot(browser, artifacts / "report-synthetic-400px.png")
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert got["width"] == 400, got
+    assert got["page"] <= 0, got  # the page itself never scrolls sideways
+    assert got["overflowing"] > 0 and got["hidden"] == 0, got  # wide tables and plots scroll, each with its hint
+    assert got["smallest"] >= 8.0, got  # chart text legible (it was 3-4 px)
+    assert got["manifest_chars"] >= 30, got  # manifest values not 2-3 characters per line
+
+
 SMALL_RUN = (
     "candidates:\n  - {method: rtn, bits: 8}\n  - {method: rtn, bits: 4, group_size: 64}\n"
     "  - {method: rtn, bits: 2, group_size: 64}\n"

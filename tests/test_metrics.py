@@ -106,9 +106,12 @@ def test_prepare_layout(prepared):
     # a trailing space of the context moves into the continuation
     ctx, cont = prepared.requests[11]
     assert ctx == tuple(tok.encode("A trailing space")) and cont == tuple(tok.encode("  x", add_special_tokens=False))
-    # windows: consecutive, non-overlapping, 32 tokens each, of the perplexity text without BOS
+    # windows: 32 tokens each, the tokenizer's BOS (it adds one) then consecutive, non-overlapping
+    # runs of the perplexity text, as the tokenizer encodes a text
     ids = tok.encode(PPL_TEXT, add_special_tokens=False)
-    assert prepared.windows == [ids[0:32], ids[32:64], ids[64:96]]
+    bos = [tok.bos_token_id]
+    assert prepared.windows == [bos + ids[0:31], bos + ids[31:62], bos + ids[62:93]]
+    assert prepared.windows[0] == tok.encode(PPL_TEXT)[:32]
     assert prepared.n_window_tokens == 3 * 31
     assert prepared.n_text_windows == 3
 

@@ -208,8 +208,9 @@ def test_the_fp32_graph_reproduces_torch(tiny):
     {"method": "rtn", "bits": 8},  # per channel, symmetric
     {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": True},  # 576 = 4.5 x 128
     {"method": "gptq", "bits": 4, "group_size": 64},
+    {"method": "awq", "bits": 4, "group_size": 64},  # its scales folded into the norms the graph holds
 ])
-def test_a_candidate_on_ort_at_accuracy_level_0_matches_it_on_torch(tiny, cand):
+def test_a_candidate_on_ort_at_accuracy_level_0_matches_it_on_torch(tiny, cand, tmp_path):
     from quantgate.methods.apply import make_candidate
 
     baseline, graph = tiny
@@ -220,12 +221,14 @@ def test_a_candidate_on_ort_at_accuracy_level_0_matches_it_on_torch(tiny, cand):
         ref = next(_torch(made.model).token_logprobs([WINDOW])).numpy()
     weights = qo.candidate_weights(made.model, baseline.arch, cand)
     assert len(weights) == 2 * 7
-    folder = qo.candidate_graph(graph, weights, baseline.arch.blocks, 0)
+    changed = qo.changed_floats(baseline.model, made.model, set(weights))
+    assert bool(changed) == (cand.method == "awq") and all("norm" in n for n in changed)
+    folder = qo.candidate_folder(baseline, made.model, cand, tmp_path / "builder.log")
     lp = qo.OnnxRuntimeEngine(folder, threads=1).window_logprobs(WINDOW)
     assert _kld(ref, lp) < 1e-3
     np.testing.assert_allclose(lp, ref, atol=LOGPROB_ATOL)
     assert qo.graph_bytes(folder) < qo.graph_bytes(graph) * (0.75 if cand.bits == 4 else 0.9)
-    assert qo.candidate_graph(graph, weights, baseline.arch.blocks, 0) == folder  # cached by content
+    assert qo.candidate_graph(graph, weights, baseline.arch.blocks, 0, changed) == folder  # cached by content
 
 
 def test_accuracy_level_4_is_a_different_graph_and_measurably_different_numerics(tiny):
@@ -309,3 +312,45 @@ def _exports_and_verifies(result, tmp_path):
         export_candidate(run_dir, "rtn-w3-g32", "onnx", tmp_path / "w3")
     with pytest.raises(UserError, match="copied as evaluated"):
         export_candidate(run_dir, "rtn-w8", "onnx", tmp_path / "dtype", "float16")
+
+
+def test_export_reuses_the_codes_of_the_evaluated_graph(tiny, tmp_path, monkeypatch):
+    """An ONNX-evaluated candidate is exported from the codes its graph holds: nothing is made
+    again (make_candidate is not called), and the exported integer weights equal those of the
+    candidate made independently from the config, bit for bit."""
+    import io
+
+    from quantgate.export import stored
+    from quantgate.export.build import export_candidate
+    from quantgate.export.formats import load_torch_artifact
+    from quantgate.methods.apply import make_candidate
+    from quantgate.record import build_record, dump_record
+    from quantgate.report.progress import Feedback
+    from quantgate.run import execute
+
+    baseline, _ = tiny
+    folder = tmp_path / "tiny"
+    baseline.model.save_pretrained(folder)
+    baseline.tokenizer.save_pretrained(folder)
+    cand = {"method": "rtn", "bits": 4, "group_size": 32}
+    cfg = RunConfig.model_validate({
+        "model": {"base": str(folder)}, "serving": {"engine": "onnxruntime", "max_batch_size": 1},
+        "candidates": [cand], "evaluation": {"limit": 6, "cloze_items": 4, "ppl_windows": 1, "window_tokens": 32},
+        "economics": {"measure": False}, "quality_gate": {"min_items": 4},
+    })
+    with single_thread():
+        result = execute(cfg, workdir=tmp_path / "work")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(dump_record(build_record(result)))
+    with single_thread():
+        independent = make_candidate(baseline.model, baseline.arch, cfg.resolved_candidates[0]).model
+    monkeypatch.setattr(stored, "make_candidate", lambda *a, **k: pytest.fail("the candidate was made again"))
+    said = io.StringIO()
+    with single_thread(), Feedback(stream=said) as feedback:
+        exported = export_candidate(run_dir, "rtn-w4-g32", "compressed-tensors", tmp_path / "ct", feedback=feedback)
+    assert "reusing rtn-w4-g32's codes" in said.getvalue()
+    scheme = json.loads(exported.manifest.read_text())["scheme"]
+    loaded = load_torch_artifact(exported.directory, scheme)
+    for name in scheme["targets"]:
+        assert torch.equal(loaded.get_submodule(name).weight, independent.get_submodule(name).weight), name

@@ -15,6 +15,7 @@ from report_data import synthetic_results
 from rich.console import Console
 
 import quantgate.record
+from quantgate.config import RunConfig
 from quantgate.errors import UserError
 from quantgate.gate import RuleKind
 from quantgate.record import SCHEMA_VERSION, RunRecord, dump_record, load_record, upgrade
@@ -27,7 +28,8 @@ OLDER = DATA / "run_payload.json"  # older still: no noise floor, economics, rul
 
 def test_the_last_version_0_file_loads():
     record = load_record(V0)
-    assert record.schema_version == SCHEMA_VERSION == 1
+    assert record.schema_version == SCHEMA_VERSION == 2
+    assert record.model.precision == "fp32" and record.full_precision is None  # every baseline was float32
     assert record.run_id == "20261204T062524Z-4510db6d" and record.recommended == "rtn-w8"
     assert [c.name for c in record.candidates] == ["rtn-w8", "rtn-w4-g64"]
     w4 = record.candidate("rtn-w4-g64")
@@ -61,11 +63,21 @@ def test_rule_kinds_of_version_0_files_come_from_the_rule_text():
                      RuleKind.AGREEMENT]
 
 
-def test_a_record_written_now_is_version_1_and_round_trips(tmp_path):
+def test_a_version_1_file_loads_with_a_float32_baseline():
+    """Version 1 is version 2 without the baseline's precision and the full-precision row."""
+    data = json.loads(dump_record(load_record(V0)))
+    del data["full_precision"], data["model"]["precision"]
+    record = load_record({**data, "schema_version": 1})
+    assert record.model.precision == "fp32" and record.full_precision is None
+    assert record == load_record(V0)
+    assert view.model_line(record).endswith("· baseline in fp32")
+
+
+def test_a_record_written_now_is_version_2_and_round_trips(tmp_path):
     record = load_record(V0)
     text = dump_record(record)
     written = json.loads(text)
-    assert written["schema_version"] == 1
+    assert written["schema_version"] == 2
     path = tmp_path / "results.json"
     path.write_text(text, encoding="utf-8")
     assert load_record(path) == record
@@ -110,8 +122,8 @@ def test_malformed_values_and_newer_schemas_are_refused(tmp_path):
     data["extra_part"] = 1
     with pytest.raises(UserError, match="unknown key 'extra_part'"):
         load_record(data)
-    with pytest.raises(UserError, match="schema_version 2: written by a newer quantgate"):
-        load_record({**data, "schema_version": 2})
+    with pytest.raises(UserError, match="schema_version 3: written by a newer quantgate"):
+        load_record({**data, "schema_version": 3})
     path = tmp_path / "results.json"
     path.write_text("[1]")
     with pytest.raises(UserError, match="expected a JSON object"):
@@ -160,7 +172,7 @@ SMALL_RUN = (
 
 
 @pytest.mark.slow
-def test_a_real_run_writes_a_version_1_record(tmp_path):
+def test_a_real_run_writes_a_version_2_record(tmp_path):
     """`quantgate run` (the config results_v0.json was made with) writes a results.json that
     loads as the same record it was dumped from, the same numbers as the version-0 file."""
     config = tmp_path / "small.yaml"
@@ -169,8 +181,11 @@ def test_a_real_run_writes_a_version_1_record(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     (path,) = (tmp_path / "out").glob("*/results.json")
-    assert json.loads(path.read_text())["schema_version"] == 1
+    assert json.loads(path.read_text())["schema_version"] == 2
     record, old = load_record(path), load_record(V0)
     assert dump_record(load_record(json.loads(dump_record(record)))) == dump_record(record)
     assert [c.vs_baseline.flips for c in record.candidates] == [c.vs_baseline.flips for c in old.candidates]
-    assert record.eval.sha256 == old.eval.sha256 and record.config_digest == old.config_digest
+    # the same settings: the old file's config, upgraded (new keys at their defaults), is the run's
+    # (the digests differ: a digest covers every key, and the schema has grown since)
+    assert record.eval.sha256 == old.eval.sha256
+    assert RunConfig.model_validate(record.config) == RunConfig.model_validate(old.config)

@@ -30,7 +30,7 @@ from alembic.migration import MigrationContext
 
 from quantgate.config import RunConfig
 from quantgate.errors import UserError
-from quantgate.record import RunRecord, load_record
+from quantgate.record import SCHEMA_VERSION, RunRecord, load_record
 from quantgate.store import (
     ENV_VAR, Artifact, DriftCheck, ItemKey, ItemResult, digest, history, last_drift, load_run, open_store,
     record_drift, record_items, record_run, run_artifacts, run_metrics, scored_items, store_location,
@@ -184,7 +184,7 @@ def test_the_last_version_0_results_file_is_recorded(store):
     assert (row.run_id, row.candidate, row.kld_mean) == (old.run_id, "rtn-w8", old.candidate("rtn-w8").vs_baseline.kld_mean)
     with store.connect() as conn:
         stored = conn.execute(sa.select(sa.column("results", sa.JSON)).select_from(sa.table("runs"))).scalar_one()
-    assert stored["schema_version"] == 1 and "config" not in stored
+    assert stored["schema_version"] == SCHEMA_VERSION and "config" not in stored
 
 
 def test_candidate_settings_and_config_are_stored_once(store):

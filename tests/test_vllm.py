@@ -25,7 +25,7 @@ from conftest import build_tiny_llama, single_thread
 from fake_vllm import wrapper
 from test_export import char_tokenizer_files
 
-from quantgate.config import RunConfig, check_supported, load_config
+from quantgate.config import RunConfig, check_supported, flag_overrides, load_config
 from quantgate.engines.openai import OpenAIBackend
 from quantgate.engines.process import EngineCrashed
 from quantgate.engines.registry import BACKENDS
@@ -33,6 +33,7 @@ from quantgate.engines.topk import fill_row
 from quantgate.engines.vllm import describe_quantization, read_checkpoint, tensor_bytes
 from quantgate.errors import NotSupportedYet, UserError
 from quantgate.evals.tasks import kl_divergence
+from quantgate.plan import make_plan
 from quantgate.record import build_record, load_record
 from quantgate.report import view
 from quantgate.run import execute
@@ -145,6 +146,24 @@ def test_the_seeds_nested_candidate(tmp_path):
         load_config(path)
 
 
+def test_flags_over_the_seeds_nested_candidate(tmp_path):
+    """Command-line flags over model.quantization: --candidate replaces it, --set reaches into it
+    (its errors name the flag and model.quantization.KEY), --model keeps it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  quantization:\n    method: awq\n    bits: 4\n    verified_against: baseline\n")
+
+    def labels(flags, sets=()):
+        return [c.label for c in load_config(path, flag_overrides(flags, sets)).resolved_candidates]
+
+    assert labels({"--candidate": ["rtn:8"]}) == ["rtn-w8"]
+    assert labels({}, ["model.quantization.bits=8"]) == ["awq-w8"]
+    assert labels({"--model": "elsewhere"}) == ["awq-w4"]
+    with pytest.raises(UserError, match=r"^--set model.quantization.bits=12: model.quantization.bits: "):
+        load_config(path, flag_overrides({}, ["model.quantization.bits=12"]))
+    with pytest.raises(UserError, match=r"^--set model.quantization.foo=1: unknown key 'model.quantization.foo'"):
+        load_config(path, flag_overrides({}, ["model.quantization.foo=1"]))
+
+
 def test_the_seeds_config_verbatim_validates_with_every_key(tmp_path):
     shutil.copy(SEED, tmp_path / "seed.yaml")
     with pytest.raises(UserError, match="'production_holdout_2000': no production_holdout_2000.jsonl or .txt in"):
@@ -155,7 +174,7 @@ def test_the_seeds_config_verbatim_validates_with_every_key(tmp_path):
     seed = yaml.safe_load(SEED.read_text())
     assert cfg.serving.kv_cache == "paged" and cfg.quality_gate.metric == "task_accuracy"
     assert [c.label for c in cfg.resolved_candidates] == ["awq-w4"] and cfg.reference == "bf16"
-    with pytest.raises(NotSupportedYet, match="verified_against 'bf16'"):  # issue 17 builds bf16 baselines
+    with pytest.raises(NotSupportedYet, match="verified_against 'bf16' on serving.engine vllm"):  # torch only
         check_supported(cfg.model_copy(update={"serving": cfg.serving.model_copy(
             update={"launch": LaunchConfig(command=(sys.executable,))})}))
     dumped = cfg.model_dump(mode="json")
@@ -164,6 +183,25 @@ def test_the_seeds_config_verbatim_validates_with_every_key(tmp_path):
             if key != "quantization":
                 assert key in dumped[section], (section, key)
     assert dumped["quantization"]["method"] == "awq" and dumped["quality_gate"]["verified_against"] == "bf16"
+
+
+def test_check_plans_a_server_start_for_each_model_it_serves(tiny_dir, tmp_path):
+    """`quantgate check` on vllm: a server start (its stated time) before the baseline and each
+    candidate quantgate makes; none when the run names running servers."""
+    items = tmp_path / "set.jsonl"
+    items.write_text("".join(json.dumps({"id": f"q{i}", "query": "a", "choices": [" b", " c"], "gold": 0}) + "\n"
+                             for i in range(3)))
+    base = {"model": {"base": str(tiny_dir)}, "quality_gate": {"eval_set": str(items)}, "economics": {"measure": False}}
+    cfg = RunConfig.model_validate({**base, "candidates": [{"method": "rtn", "bits": 8}],
+                                    "serving": {"engine": "vllm", "launch": {"command": [sys.executable]}}})
+    starts = [s for s in make_plan(cfg, tmp_path / "out").steps if s.what.startswith("start a vllm server")]
+    assert [(s.what, s.seconds) for s in starts] == [
+        ("start a vllm server for the baseline (one at a time)", BACKENDS["vllm"].startup),
+        ("start a vllm server for rtn-w8 (one at a time)", BACKENDS["vllm"].startup)]
+    url = "http://127.0.0.1:9/v1"
+    served = {"method": "served", "bits": 4, "name": "q4", "serving": {"engine": "vllm", "base_url": url}}
+    cfg = RunConfig.model_validate({**base, "candidates": [served], "serving": {"engine": "vllm", "base_url": url}})
+    assert not [s for s in make_plan(cfg, tmp_path / "out").steps if s.what.startswith("start")]
 
 
 # -- what a checkpoint is ---------------------------------------------------------------------------
@@ -305,8 +343,8 @@ def test_ctrl_c_stops_the_server(tiny_dir, tmp_path):
 @pytest.mark.slow  # (the seed's own settings: 128 calibration windows, a load sweep to 32 in flight)
 def test_the_seeds_config_runs_with_its_model_and_eval_set(tiny_dir, tmp_path, monkeypatch):
     """The seed's config with model.base naming a real model and its eval set present (as
-    production_holdout_2000.jsonl beside it), verified_against the only line changed (bf16 is
-    issue 17's): it runs, and every key of it is in results.json."""
+    production_holdout_2000.jsonl beside it), verified_against the only line changed (a bf16
+    baseline is torch's only, so far): it runs, and every key of it is in results.json."""
     folder = tmp_path / "seed"
     folder.mkdir()
     text = SEED.read_text().replace("meta-llama/Llama-3.1-8B-Instruct", str(tiny_dir))

@@ -19,10 +19,12 @@ Values that parse but whose feature does not exist yet are rejected by `check_su
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +35,10 @@ from quantgate.engines import registry as backends
 from quantgate.errors import NotSupportedYet, UserError
 from quantgate.executors import registry as executors
 from quantgate.executors.registry import EXECUTORS, ExecutorConfig, LocalConfig
-from quantgate.methods.registry import METHODS, STEP_TYPES, Candidate, MethodConfig, RtnConfig, upgrade_candidate
+from quantgate.methods.registry import (
+    METHODS, STEP_TYPES, Candidate, MethodConfig, RtnConfig, shorthand, upgrade_candidate,
+)
+from quantgate.readers import check_data, load_yaml, read_text
 from quantgate.settings import DEFAULT_MAX_BATCH_SIZE, Frozen, ServingConfig
 
 TAGS = set(METHODS) | set(STEP_TYPES) | set(EXECUTORS)  # the unions' tags (see _without_tags)
@@ -42,11 +47,12 @@ __all__ = ["Candidate", "MethodConfig", "ServingConfig", "DEFAULT_MAX_BATCH_SIZE
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EVAL_PATH_ENV = "QUANTGATE_EVAL_PATH"  # more folders where named eval sets are looked up
 NAMED_EVAL_SUFFIXES = (".jsonl", ".txt")
+SEED_MAX = 2**63 - 1  # torch, numpy and the store all take a seed up to a signed 64-bit integer
 DEFAULT_BATCH_TOKENS = 1024  # ~1k tokens per forward keeps activations in this CPU's caches
-# The reference the candidates are compared with. "baseline" is model.base exactly as loaded
-# (float32); fp32/float32 are synonyms. bf16/fp16 references parse but are not implemented.
+# The reference the candidates are compared with: model.base evaluated in this precision
+# ("baseline", "fp32" and "float32" are float32; bf16 and fp16 load the weights in that dtype).
 Reference = Literal["baseline", "fp32", "float32", "bf16", "fp16"]
-IMPLEMENTED_REFERENCES = ("baseline", "fp32", "float32")
+PRECISION_OF = {"baseline": "fp32", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
 class ModelConfig(Frozen):
@@ -100,7 +106,7 @@ class QualityGateConfig(Frozen):
     max_kld_p99: float | None = Field(None, ge=0.0)
     # Two-sided confidence of the intervals a rule is judged on.
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    bootstrap_samples: int = Field(2000, ge=100)
+    bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)
     # A rule whose interval straddles its threshold is inconclusive, which fails unless "pass".
     inconclusive: Literal["fail", "pass"] = "fail"
     # Fewer labeled items than this: the run measures but calls no candidate shippable.
@@ -118,10 +124,10 @@ class QualityGateConfig(Frozen):
 
 class EvaluationConfig(Frozen):
     # The first `limit` items of each task of the eval set (None = all). The default suite's cloze
-    # task has its own size, cloze_items.
+    # task has its own size, cloze_items (capped by limit too).
     limit: int | None = Field(None, ge=1)
     cloze_items: int = Field(200, ge=0)
-    ppl_windows: int = Field(8, ge=1)
+    ppl_windows: int = Field(8, ge=1, le=100_000)
     window_tokens: int = Field(256, ge=16, le=8192)
     # Sequences in one forward pass while scoring, and an upper bound on its tokens (together
     # they bound memory).
@@ -139,8 +145,8 @@ class EconomicsConfig(Frozen):
     # False: quality only, no speed or memory measured (faster; the report says so).
     measure: bool = True
     requests: int = Field(4, ge=1, le=1024)
-    prompt_tokens: int = Field(64, ge=1)
-    new_tokens: int = Field(32, ge=2)
+    prompt_tokens: int = Field(64, ge=1, le=8192)
+    new_tokens: int = Field(32, ge=2, le=4096)
     # Cost at volume: price of the serving machine per hour and tokens served per month.
     hardware_cost_per_hour: float | None = Field(None, gt=0)
     tokens_per_month: float | None = Field(None, gt=0)
@@ -165,7 +171,7 @@ class CalibrationConfig(Frozen):
     data: str = "default"
     samples: int = Field(128, ge=1)
     seq_len: int = Field(256, ge=16, le=8192)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class RunConfig(Frozen):
@@ -185,7 +191,7 @@ class RunConfig(Frozen):
     # "ladder": candidates are rungs in order of aggressiveness (as listed); the run stops at the
     # first that does not hold the gate and recommends the last that did.
     strategy: Literal["all", "ladder"] = "all"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     results_dir: str = "quantgate-results"
     # Where runs are recorded: a SQLite file path or a URL (postgresql+psycopg://USER@HOST/DB);
     # None: <results_dir>/quantgate.db. $QUANTGATE_STORE and --store take precedence. Not part of
@@ -234,6 +240,11 @@ class RunConfig(Frozen):
         return self.quality_gate.verified_against
 
     @property
+    def precision(self) -> str:
+        """The precision the baseline is evaluated in: fp32, bf16 or fp16."""
+        return PRECISION_OF[self.reference]
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether making any candidate needs the calibration text."""
         return any(c.needs_calibration for c in self.resolved_candidates)
@@ -258,7 +269,7 @@ def _seed_candidate(data: Any) -> Any:
 def check_supported(cfg: RunConfig) -> None:
     """Raise for what the config asks that cannot run: an engine that is not built (yet) or not
     installed, a method on an engine that does not run its artifacts, an executor whose package is
-    not installed, a reference not built yet."""
+    not installed, a baseline precision the engine does not evaluate."""
     entry = backends.entry(cfg.serving.engine)
     for c in cfg.resolved_candidates:
         if c.artifact not in entry.accepts:
@@ -266,13 +277,12 @@ def check_supported(cfg: RunConfig) -> None:
             theirs = [m for m, spec in METHODS.items() if spec.artifact in entry.accepts]
             raise UserError(f"candidate {c.label}: method '{c.method}' runs on serving.engine "
                             f"{' or '.join(runs_on)}, not '{entry.name}' (there: {', '.join(theirs)})")
+    if cfg.precision not in entry.precisions:
+        others = [e.name for e in backends.BACKENDS.values() if cfg.precision in e.precisions]
+        raise NotSupportedYet(f"verified_against '{cfg.reference}' on serving.engine {entry.name} (it evaluates "
+                              f"{', '.join(sorted(entry.precisions))} baselines; {cfg.precision}: {', '.join(others)})")
     entry.check_config(cfg)
     executors.entry(cfg.executor).check()
-    if cfg.reference not in IMPLEMENTED_REFERENCES:
-        raise NotSupportedYet(
-            f"verified_against '{cfg.reference}': the reference is model.base as loaded (float32); "
-            "use 'baseline'"
-        )
 
 
 def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
@@ -299,44 +309,157 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading YAML with errors that name the file, the line and the key.
+# Loading YAML, and command-line flags, with errors that name the file, the line, the key or the flag.
+#
+# Flags are a second way to write the same config: each sets one key of the YAML mapping
+# (replacing what a file gave there), and the merged mapping is validated as one RunConfig.
+
+# The named flags of `quantgate run` and `quantgate check`, and the key each sets. (--output is
+# where run directories go: it overrides results_dir for the run without being a setting of it,
+# so the run's config and digest are the same wherever its files are written.)
+FLAG_KEYS: dict[str, str] = {
+    "--model": "model.base", "--candidate": "candidates", "--eval-set": "quality_gate.eval_set",
+    "--limit": "evaluation.limit", "--seed": "seed",
+}
+# Keys that a key set by a flag makes void (one form of a thing at a time).
+VOIDS: dict[str, tuple[str, ...]] = {"candidates": ("quantization", "model.quantization"),
+                                     "quality_gate.eval_set": ("quality_gate.eval_sets",)}
+FLAG_PATHS = ("--model", "--eval-set")  # values that may be paths: relative to the working directory
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read, validate and resolve a YAML config. Relative paths in it are relative to its folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+@dataclass(frozen=True)
+class Override:
+    """One key set on the command line."""
+
+    key: str  # its dotted YAML key path, e.g. "evaluation.limit"
+    value: Any
+    flag: str  # as written, named by errors: "--limit 0"
+    items: tuple[str, ...] = ()  # a list value: each element as written ("--candidate rtn:12")
+
+    def names(self, loc: tuple[Any, ...]) -> str | None:
+        """How the user wrote the key at `loc` (a validation error's path), if this set it."""
+        path = tuple(self.key.split("."))
+        if tuple(str(x) for x in loc[: len(path)]) != path:
+            return None
+        rest = loc[len(path):]
+        if self.items and rest and isinstance(rest[0], int) and rest[0] < len(self.items):
+            return self.items[rest[0]]
+        return self.flag
+
+
+def flag_overrides(flags: Mapping[str, Any], sets: Sequence[str] = ()) -> list[Override]:
+    """The overrides named flags ({"--limit": 20, "--candidate": ["rtn:8"], ...}; None or empty:
+    not given) and `--set KEY=VALUE` flags (VALUE in YAML) stand for. A candidate's shorthand
+    (`rtn:8`, `gptq:4:g64`) is the method registry's (methods/registry.py shorthand)."""
+    out = []
+    for flag, value in flags.items():
+        if value is None or value == () or value == []:
+            continue
+        key = FLAG_KEYS[flag]
+        if isinstance(value, list | tuple):
+            written = tuple(f"{flag} {v}" for v in value)
+            out.append(Override(key, [_shorthand(w, v) for w, v in zip(written, value)], written[0], written))
+            continue
+        if flag in FLAG_PATHS and Path(str(value)).exists():
+            value = str(Path(str(value)).resolve())
+        out.append(Override(key, str(value) if isinstance(value, Path) else value, f"{flag} {value}"))
+    for text in sets:
+        key, eq, raw = text.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set {text}: expected KEY=VALUE (e.g. evaluation.cloze_items=12)")
+        out.append(Override(key.strip(), load_yaml(raw, f"--set {text}") if raw.strip() else None, f"--set {text}"))
+    return out
+
+
+def _shorthand(written: str, text: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{line}: malformed YAML: {e.problem or e.context}") from None
-    if data is None:
-        raise UserError(f"{path}: config is empty")
-    if not isinstance(data, dict):
-        raise UserError(f"{path}:1: config must be a mapping of keys (model, candidates, ...)")
+        return shorthand(text)
+    except ValueError as e:
+        raise UserError(f"{written}: {e}") from None
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[Override]) -> dict[str, Any]:
+    """The config mapping with each override's key set (its voided keys removed)."""
+    out = copy.deepcopy(dict(data))
+    for o in overrides:
+        for void in VOIDS.get(o.key, ()):
+            *parents, last = void.split(".")
+            node = _node(out, parents, create=False)
+            if isinstance(node, dict):
+                node.pop(last, None)
+        *parents, last = o.key.split(".")
+        _node(out, parents, create=True)[last] = o.value
+    return out
+
+
+def _node(data: dict[str, Any], path: Sequence[str], *, create: bool) -> Any:
+    """The mapping at `path` in data (made, replacing any non-mapping there, when create)."""
+    for part in path:
+        if not isinstance(data.get(part), dict):
+            if not create:
+                return None
+            data[part] = {}
+        data = data[part]
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[Override] = ()) -> RunConfig:
+    """Read, merge, validate and resolve a config: the YAML file at `path` (None: no file, only the
+    overrides; neither: the packaged default run) with command-line overrides on top. Relative
+    paths in the file are relative to its folder; those of flags to the working directory."""
+    if path is None and not overrides:
+        path = default_config_path()
+    if path is None:
+        where, text, data, folder = "command line", "", {}, Path.cwd()
+    else:
+        path = Path(path)
+        where, folder = str(path), path.parent
+        text = read_text(path, "config file")
+        data = load_yaml(text, where)
+        if data is None:
+            raise UserError(f"{path}: config is empty")
+        if not isinstance(data, dict):
+            raise UserError(f"{path}:1: config must be a mapping of keys (model, candidates, ...)")
     try:
-        cfg = RunConfig.model_validate(data)
+        merged = apply_overrides(data, overrides)
+        cfg = RunConfig.model_validate(merged)
     except ValidationError as e:
-        raise UserError(_describe(path, text, e)) from None
-    return _resolve_paths(cfg, path.parent)
+        raise UserError(_describe(where, text, e, merged, overrides)) from None
+    return _resolve_paths(cfg, folder)
 
 
-def _describe(path: Path, text: str, err: ValidationError) -> str:
+def config_from_mapping(data: Mapping[str, Any], where: str = "config") -> RunConfig:
+    """A RunConfig from a mapping of the YAML's keys (the Python API's dict); UserError naming
+    the key. Relative paths stay relative to the working directory."""
+    check_data(data, where)
+    try:
+        return RunConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise UserError(_describe(where, "", e, data)) from None
+
+
+def _describe(where: str, text: str, err: ValidationError, data: Mapping[str, Any],
+              overrides: Sequence[Override] = ()) -> str:
+    """The first validation error in one line, at the file:line, or the flag, that set its key
+    (`data`: the mapping validated, overrides applied)."""
     first = err.errors()[0]
     first = {**first, "loc": _without_tags(first["loc"])}
-    loc = tuple(str(x) for x in first["loc"])
-    key = ".".join(loc) or "(top level)"
-    line = _line_of(text, first["loc"])
-    if loc[:1] == ("quantization",) and _line_of(text, ("model", "quantization")):  # the seed's nested form
-        key, line = f"model.{key}", _line_of(text, ("model", *first["loc"]))
-    where = f"{path}:{line}" if line else str(path)
+    loc = _user_loc(first["loc"], data)
+    key = ".".join(map(str, loc)) or "(top level)"
+    flag = next((n for o in reversed(overrides) if (n := o.names(loc))), None)
+    line = None if flag or not text else _line_of(text, loc)
+    place = flag or (f"{where}:{line}" if line else where)
     if first["type"] == "extra_forbidden":
-        return f"{where}: unknown key '{key}'"
-    return f"{where}: {key}: {error_text(first)}"
+        return f"{place}: unknown key '{key}'"
+    return f"{place}: {key}: {error_text(first)}" if loc else f"{place}: {error_text(first)}"
+
+
+def _user_loc(loc: tuple[Any, ...], data: Mapping[str, Any]) -> tuple[Any, ...]:
+    """An error's key path as the user wrote it: the seed's model.quantization (validated as the
+    top-level quantization, RunConfig._seed_reference) is named model.quantization.KEY."""
+    model = data.get("model")
+    nested = isinstance(model, Mapping) and "quantization" in model
+    return ("model", *loc) if nested and loc[:1] == ("quantization",) else loc
 
 
 def _without_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -354,11 +477,11 @@ def error_text(error: Mapping[str, Any]) -> str:
 
 def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     """1-based line of the YAML node at a validation error's location (key path), if found."""
-    node = yaml.compose(text)
+    node = yaml.compose(text)  # (read once already by load_yaml: it parses)
     line = None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if k.value == part]
+            match = [(k, v) for k, v in node.value if str(k.value) == str(part)]
             if not match:
                 break
             key_node, node = match[0]
@@ -401,7 +524,7 @@ def named_eval_set(value: str, base_dir: Path) -> str | None:
     else (a path). UserError saying where it looked when there is none."""
     if value in ("default", "none") or Path(value).name != value or Path(value).suffix or (base_dir / value).exists():
         return None
-    folders = eval_set_folders(base_dir)
+    folders = eval_set_folders(base_dir.resolve())  # (named in full in the error)
     for folder in folders:
         for suffix in NAMED_EVAL_SUFFIXES:
             if (folder / f"{value}{suffix}").is_file():

@@ -331,7 +331,7 @@ def input_shift(p: Plan) -> list[Shift]:
     old = input_units(orig_suite, text=text)
     if not old:
         return []
-    baseline = load_baseline(cfg.model.base)
+    baseline = load_baseline(cfg.model.base, cfg.precision)
     engine = TorchEngine(baseline.model, max_batch_size=ev.batch_size, batch_tokens=ev.batch_tokens)
     (old_nll, old_len), (new_nll, new_len) = (
         unit_nll(engine, baseline.tokenizer, units, max_tokens=ev.window_tokens) for units in (old, new))
@@ -349,11 +349,14 @@ def unit_nll(engine, tokenizer, units: list[str], *, max_tokens: int) -> tuple[n
     """Per unit: the baseline's mean NLL per token of its first `max_tokens` tokens, each predicted
     from BOS and the tokens before it, float64 [n]; and its full length in tokens, float64 [n].
     Units that tokenize to nothing are left out."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    from quantgate.evals.tasks import start_tokens
+
+    start = list(start_tokens(tokenizer))  # the tokenizer's BOS, else its BOS/EOS token
     ids = [tokenizer.encode(u, add_special_tokens=False) for u in units]
     ids = [t for t in ids if t]
-    windows = [[start, *t[:max_tokens]] for t in ids]  # [1 + min(len, max_tokens)] each
-    nll = [float(-lp[np.arange(len(w) - 1), w[1:]].double().mean())
+    windows = [[*start, *t[:max_tokens]] for t in ids]  # [len(start) + min(len, max_tokens)] each
+    skip = len(start) - 1  # rows predicting the start tokens themselves are not the unit's
+    nll = [float(-lp[np.arange(skip, len(w) - 1), w[skip + 1:]].double().mean())
            for w, lp in zip(windows, engine.token_logprobs(windows))]
     return np.array(nll), np.array([len(t) for t in ids], dtype=np.float64)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -26,11 +26,12 @@ from quantgate.config import upgrade_config
 from quantgate.errors import UserError
 from quantgate.gate import RuleKind, RuleResult
 from quantgate.methods.registry import upgrade_candidate
+from quantgate.readers import read_json
 
 if TYPE_CHECKING:
     from quantgate.run import RunResult
 
-SCHEMA_VERSION = 1  # results.json without a schema_version is version 0
+SCHEMA_VERSION = 2  # results.json without a schema_version is version 0
 OVERALL = "overall"  # the pooled task of a comparison (quantgate.evals.metrics.OVERALL)
 
 
@@ -57,6 +58,7 @@ class ModelInfo(Record):
     source: str
     sha256: str
     description: str
+    precision: Literal["fp32", "bf16", "fp16"]  # what the baseline was evaluated in (fp32 before version 2)
 
 
 class Duplicate(Record):
@@ -336,6 +338,9 @@ class RunRecord(Record):
     ladder: tuple[Rung, ...] | None
     recommendation: Recommendation
     exit_code: int
+    # A bf16/fp16 baseline: the checkpoint in fp32 scored against it like a candidate (never
+    # recommended); None for an fp32 baseline.
+    full_precision: CandidateRecord | None
 
     @property
     def models(self) -> tuple[ModelRecord, ...]:
@@ -347,6 +352,36 @@ class RunRecord(Record):
 
     def candidate(self, name: str) -> CandidateRecord | None:
         return next((c for c in self.candidates if c.name == name), None)
+
+
+# ---- per-item records (items.jsonl beside results.json) -------------------------------------------
+
+class ItemScore(Record):
+    """One model's outcome on one item."""
+
+    answer: str | None  # the answer it gave: the option chosen, a generation's first line, ...
+    score: Num  # under the gate metric, in [0, 1]; None: unlabeled (a prompt item)
+    correct: bool | None  # score >= 0.5; None: unlabeled
+    option_ll: tuple[Num, ...] | None = None  # each option's summed log-likelihood (None: -inf)
+    greedy: tuple[bool, ...] | None = None  # each option's continuation was the greedy choice
+
+
+class ItemRecord(Record):
+    """One eval item with every model's outcome (one line of items.jsonl), like lm-eval's
+    --log_samples: all items, not only the flipped ones."""
+
+    index: int  # position in the eval suite
+    id: str
+    task: str
+    kind: Literal["choice", "cloze", "generation", "prompt"]
+    prompt: str
+    gold: str | None  # None: unlabeled
+    models: dict[str, ItemScore]  # "baseline" and each candidate, by name
+
+
+def dump_items(items: Iterable[ItemRecord]) -> str:
+    """items.jsonl's text: one JSON object per line."""
+    return "".join(i.model_dump_json() + "\n" for i in items)
 
 
 # ---- building, writing, reading ---------------------------------------------------------------
@@ -381,6 +416,7 @@ def load_record(source: Path | Mapping[str, Any], *, where: str | None = None,
         where, data = where or "results", source
     if not isinstance(data, Mapping):
         raise UserError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    _require(data, REQUIRED + (("config", "config_digest") if check_config else ()), where)
     if check_config and _digest(data.get("config")) != data.get("config_digest"):
         raise UserError(f"{where}: the stored config does not match its config_digest (edited?)")
     try:
@@ -390,12 +426,7 @@ def load_record(source: Path | Mapping[str, Any], *, where: str | None = None,
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
+    return read_json(path, "results file")
 
 
 def _digest(config: Any) -> str:
@@ -422,19 +453,34 @@ REQUIRED = ("baseline", "candidates", "recommendation")  # what makes a dict a r
 def upgrade(data: dict[str, Any], where: str = "results") -> dict[str, Any]:
     """Any results.json content (a parsed dict) in the current schema's shape, not yet validated.
     Version 0 (no schema_version): every results.json before the record, and older files still
-    that lack parts added since (noise floor, economics, rule kinds, settings ...). The run's
+    that lack parts added since (noise floor, economics, rule kinds, settings ...). Version 1:
+    before the baseline's precision was recorded (it was float32). The run's
     config is converted by config.py (upgrade_config). UserError for a newer schema or for a
     dict that is no results file."""
     version = data.get("schema_version", 0)
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise UserError(f"{where}: schema_version {version!r}: written by a newer quantgate (this one reads up to "
                         f"{SCHEMA_VERSION})")
-    missing = [k for k in REQUIRED if k not in data]
-    if missing:
-        raise UserError(f"{where}: missing key '{missing[0]}' (not a quantgate results file?)")
+    _require(data, REQUIRED, where)
     if version == 0:
         data = _from_v0(data)
+    if data["schema_version"] == 1:
+        data = _from_v1(data)
     return data
+
+
+def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2: the baseline's precision (always float32 before), no full-precision row."""
+    out = {**data, "schema_version": 2, "full_precision": None}
+    if isinstance(out.get("model"), dict):
+        out["model"] = {"precision": "fp32", **out["model"]}
+    return out
+
+
+def _require(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise UserError(f"{where}: missing key '{missing[0]}' (not a quantgate results file?)")
 
 
 def _from_v0(data: dict[str, Any]) -> dict[str, Any]:
@@ -444,7 +490,7 @@ def _from_v0(data: dict[str, Any]) -> dict[str, Any]:
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     gate = config.get("quality_gate") if isinstance(config.get("quality_gate"), dict) else {}
     out = {"calibration": None, "noise_floor": None, "notes": [], "machine": {}, "economics_config": None,
-           "failed_candidates": [], "strategy": "all", "ladder": None, **data, "schema_version": SCHEMA_VERSION}
+           "failed_candidates": [], "strategy": "all", "ladder": None, **data, "schema_version": 1}
     out["quality_gate"] = {k: gate.get(k) for k in GateSettings.model_fields}
     out["seed"] = config.get("seed")
     out["machine"] = {"memory_bandwidth_bytes_per_s": None, **(out["machine"] or {})}

@@ -27,8 +27,8 @@ import quantgate
 from quantgate.config import MethodConfig, RunConfig, check_supported
 from quantgate.economics import Economics, cost_at_volume, memory_bandwidth
 from quantgate.engines import registry as backends
-from quantgate.engines.process import EngineCrashed
 from quantgate.engines.registry import Backend, Progress, RunContext, Served
+from quantgate.errors import EngineFault
 from quantgate.evals.datasets import EvalSuite, load_suite
 from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
 from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, prepare
@@ -36,6 +36,7 @@ from quantgate.executors import registry as executors
 from quantgate.executors.base import Executor
 from quantgate.gate import CandidateVerdict, Decision, RuleKind, check_tasks, decide, failing, judge
 from quantgate.methods.calibrate import CalibrationSet, calibration_set
+from quantgate.models.arch import require_row
 from quantgate.models.load import Baseline, load_baseline
 from quantgate.resume import StoreCache, data_digest, settings_digest
 from quantgate.store import ItemKey
@@ -103,6 +104,10 @@ class RunResult:
     failed: list[FailedCandidate] = field(default_factory=list)  # candidates whose engine crashed
     memory_bandwidth: float | None = None  # bytes/s, measured when an engine's speed is
     notes: list[str] = field(default_factory=list)  # what the run could not do, and why
+    precision: str = "fp32"  # the baseline's evaluation precision (quality_gate.verified_against)
+    # With a bf16/fp16 baseline: the checkpoint in float32 scored against it, and the gate's verdict
+    # on it (a candidate-like row, never recommended).
+    full_precision: tuple[ModelResult, CandidateVerdict] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -151,7 +156,9 @@ def prepare_inputs(cfg: RunConfig, baseline: Baseline | None = None) -> Inputs:
     check_supported(cfg)
     torch.manual_seed(cfg.seed)
     suite = read_suite(cfg)  # (before the model loads: a bad eval set answers at once)
-    baseline = baseline or load_baseline(cfg.model.base)
+    baseline = baseline or load_baseline(cfg.model.base, cfg.precision)
+    if cfg.needs_calibration:  # before any model work: calibrated methods need the architecture's row
+        require_row(baseline.arch, baseline.model_type, "calibrated candidates")
     prepared = tokenized_suite(cfg, baseline.tokenizer, suite)
     calib = calibration_set(baseline.tokenizer, cfg.calibration, suite.texts()) if cfg.needs_calibration else None
     return Inputs(cfg, baseline, suite, prepared, calib)
@@ -181,13 +188,17 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
         runner = _Runner(ctx, backend, executor, store, resume, data_digest(prepared))
         base, prepared, reference = runner.baseline(prepared)
         floor = noise_floor(backend, ctx, prepared, reference)
+        full = None
+        if inputs.baseline.precision != "fp32":  # what the baseline's own precision costs
+            full = runner.full_precision(prepared, base, reference)
+            full = (full, judge(full.name, full.weight_bytes, full.comparison, gate))
         if cfg.strategy == "all":  # every candidate will be measured: an executor may run them at once
             runner.start(cfg.resolved_candidates, prepared, reference)
         results, failed, verdicts = [], [], []
         for cand in cfg.resolved_candidates:
             try:
                 result = runner.candidate(cand, prepared, base, reference)
-            except EngineCrashed as e:
+            except EngineFault as e:  # a crash, or NaN scores: this candidate fails, the run goes on
                 failed.append(FailedCandidate(cand.label, cand, str(e)))
                 verdicts.append(_crashed_verdict(cand.label, str(e)))
                 if cfg.strategy == "ladder":
@@ -210,6 +221,7 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
         decision=decide(verdicts, eval_items=len(inputs.suite.items), min_items=gate.min_items,
                         ladder=cfg.strategy == "ladder"),
         environment=environment(), noise_floor=floor, failed=failed, memory_bandwidth=ctx.bandwidth, notes=notes,
+        precision=inputs.baseline.precision, full_precision=full,
     )
 
 
@@ -278,17 +290,37 @@ class _Runner:
         ctx, cache = self.ctx, self.cache(cand, prepared)
         if cache is not None and cache.complete():  # a resumed run: nothing of this candidate is left to do
             served = self.backend.resumed(ctx, cand, cache.meta())
-            scores, _ = evaluate(None, prepared, reference, cache=cache, on_step=ctx.progress(cand.label, 2))
+            scores, _ = evaluate(None, prepared, reference, cache=cache, on_step=ctx.progress(cand.label, 2),
+                                 model=cand.label)
         else:
             served, scores = self.executor.candidate(self.backend, ctx, cand, prepared, reference, cache)
         if cache is not None:
             cache.record_meta(served.meta())
-        gate = ctx.cfg.quality_gate
-        metrics = model_metrics(scores, prepared, gate.metric, ctx.baseline.tokenizer)
-        comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
-                             n_boot=gate.bootstrap_samples, seed=ctx.cfg.seed)
         economics = (self.backend.unmeasured(served, simulated=True) if served.unservable
                      else self.backend.economics(ctx, served))
+        return self._compared(served, cand, scores, prepared, base, economics)
+
+    def full_precision(self, prepared: PreparedSuite, base: ModelResult,
+                       reference: list[torch.Tensor]) -> ModelResult:
+        """The checkpoint in float32 scored against a lower-precision baseline like a candidate:
+        what evaluating in bf16/fp16 costs (not a candidate: never recommended)."""
+        served = self.backend.full_precision(self.ctx)
+        return self._compared(served, None, self._scored(served, prepared, reference, None), prepared, base, None)
+
+    def _scored(self, served: Served, prepared: PreparedSuite, reference: list[torch.Tensor],
+                cache: StoreCache | None) -> ModelScores:
+        with served.open() as engine:
+            scores, _ = evaluate(engine, prepared, reference, cache=cache,
+                                 on_step=served.step or self.ctx.progress(served.label, 2))
+        return scores
+
+    def _compared(self, served: Served, cand: MethodConfig | None, scores: ModelScores, prepared: PreparedSuite,
+                  base: ModelResult, economics: Economics | None) -> ModelResult:
+        """The model's metrics and its comparison with the baseline."""
+        gate = self.ctx.cfg.quality_gate
+        metrics = model_metrics(scores, prepared, gate.metric, self.ctx.baseline.tokenizer)
+        comparison = compare(base.metrics, metrics, scores, prepared, confidence=gate.confidence,
+                             n_boot=gate.bootstrap_samples, seed=self.ctx.cfg.seed)
         return _result(served, cand, metrics, scores, comparison, economics)
 
 

@@ -12,7 +12,8 @@ DEFAULT_MAX_BATCH_SIZE = 16
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity in a config: every number is a setting, and JSON (results.json) has none.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LaunchConfig(Frozen):

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from quantgate.economics import Economics
+    from quantgate.evals.tasks import PreparedSuite
     from quantgate.methods.registry import MethodConfig
 
 
@@ -113,6 +114,19 @@ class LlamaCppEngine:
 
 
 class LlamaCppBackend(Backend):
+    def prepare(self, ctx: RunContext, prepared: PreparedSuite) -> tuple[PreparedSuite, list[str]]:
+        """Refuse sequences longer than llama.cpp runs this architecture exactly (a sliding window
+        it does not implement, models/gguf_export.exact_length)."""
+        from quantgate.models.gguf_export import exact_length
+
+        limit = exact_length(ctx.baseline.arch, ctx.baseline.model.config)
+        longest = longest_sequence(prepared)
+        if limit is not None and longest > limit:
+            raise UserError(f"llama.cpp runs model type '{ctx.baseline.model_type}' without its sliding window of "
+                            f"{limit} tokens, and this eval set has sequences of up to {longest} tokens: shorten "
+                            "them (evaluation.window_tokens, limits) or evaluate on serving.engine torch")
+        return prepared, []
+
     def _served(self, ctx: RunContext, label: str, path: Path, scheme: str, **made: Any) -> Served:
         from quantgate.engines.process import EngineProcess
 
@@ -155,6 +169,15 @@ class LlamaCppBackend(Backend):
         from quantgate.engines.torch import TorchEngine
 
         return TorchEngine(ctx.baseline.model), "torch float32"
+
+
+def longest_sequence(prepared: PreparedSuite) -> int:
+    """The longest token sequence an engine sees on the suite: a window, a context with its
+    continuation, or a prompt with the most tokens it may generate."""
+    items = prepared.suite.items
+    return max([len(w) for w in prepared.windows] + [len(c) + len(x) for c, x in prepared.requests]
+               + [len(p) + prepared.suite.spec(items[i].task).max_new_tokens for i, p in prepared.prompts.items()]
+               or [0])
 
 
 def _context_length(ctx: RunContext) -> int:

@@ -421,12 +421,14 @@ def nbits_node(node: onnx.NodeProto, w: NBitsWeight, accuracy_level: int) -> tup
 
 
 def quantized_graph(base: onnx.ModelProto, weights: dict[str, NBitsWeight], blocks: str,
-                    accuracy_level: int) -> int:
+                    accuracy_level: int, floats: Mapping[str, np.ndarray] | None = None) -> int:
     """Replace, in place, every block MatMul of the builder's graph `base` by a MatMulNBits node
     over `weights` (full HF linear name -> its packed weight; a fused node's linears are
-    stacked along N). Returns the nodes replaced; zero, or a block linear left unmatched, is
-    an error."""
+    stacked along N), and the float initializers named in `floats` (HF parameter name, which
+    the builder uses for norms -> the candidate's values, same shape: e.g. AWQ's folded norms).
+    Returns the nodes replaced; zero, or a block linear or float left unmatched, is an error."""
     inits = {t.name: t for t in base.graph.initializer}
+    _replace_floats(inits, floats or {})
     holders = block_weights([n.name for n in base.graph.node], blocks)
     nodes, added, dropped, used = [], [], set(), set()
     for node in base.graph.node:
@@ -453,9 +455,21 @@ def quantized_graph(base: onnx.ModelProto, weights: dict[str, NBitsWeight], bloc
     return len(used)
 
 
-def content_key(base: Path, weights: dict[str, NBitsWeight], accuracy_level: int) -> str:
+def _replace_floats(inits: dict[str, Any], floats: Mapping[str, np.ndarray]) -> None:
+    from onnx import numpy_helper
+
+    for name, value in floats.items():
+        old = inits.get(name)
+        if old is None or tuple(old.dims) != value.shape:
+            raise NotSupportedYet(f"the candidate changes {name} {value.shape}, which the ONNX graph does not hold "
+                                  "under that name and shape")
+        old.CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def content_key(base: Path, weights: dict[str, NBitsWeight], accuracy_level: int,
+                floats: Mapping[str, np.ndarray] | None = None) -> str:
     """sha256 of what a candidate graph holds: the baseline graph it starts from, the packed
-    weights and their layout, and the accuracy level."""
+    weights and their layout, the accuracy level, and the float tensors it replaces."""
     h = hashlib.sha256((base / GRAPH).read_bytes())
     h.update(json.dumps({"accuracy_level": accuracy_level}).encode())
     for name in sorted(weights):
@@ -463,21 +477,52 @@ def content_key(base: Path, weights: dict[str, NBitsWeight], accuracy_level: int
         h.update(json.dumps([name, w.bits, w.block_size, w.k]).encode())
         for a in (w.packed, w.scales, w.zeros):
             h.update(b"-" if a is None else a.tobytes())
+    for name in sorted(floats or {}):
+        h.update(name.encode() + floats[name].astype(np.float32).tobytes())
     return h.hexdigest()
 
 
-def candidate_graph(base: Path, weights: dict[str, NBitsWeight], blocks: str, accuracy_level: int) -> Path:
+def graph_weights(folder: Path, model: Any, blocks: str) -> tuple[dict[str, NBitsWeight], int]:
+    """A candidate graph's MatMulNBits weights per Hugging Face linear (a fused node's rows split
+    back by each linear's out_features in `model`), and their accuracy level: what
+    quantized_graph wrote."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(folder / GRAPH), load_external_data=True).graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = {n.name.removesuffix("NBits"): n for n in graph.node if n.op_type == "MatMulNBits"}
+    weights, level = {}, 0
+    for node_name, linears in block_weights(list(nodes), blocks).items():
+        node = nodes[node_name]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        level = attrs.get("accuracy_level", 0)
+        arrays = [numpy_helper.to_array(inits[name]) for name in node.input[1:]]
+        n, bits, block, k = attrs["N"], attrs["bits"], attrs["block_size"], attrs["K"]
+        packed, scales = arrays[0], arrays[1].reshape(n, -1)
+        zeros = arrays[2].reshape(n, -1) if len(arrays) > 2 else None
+        start = 0
+        for name in linears:
+            rows = model.get_submodule(name).out_features
+            part = slice(start, start + rows)
+            weights[name] = NBitsWeight(packed[part], scales[part], None if zeros is None else zeros[part], bits, block, k)
+            start += rows
+    return weights, level
+
+
+def candidate_graph(base: Path, weights: dict[str, NBitsWeight], blocks: str, accuracy_level: int,
+                    floats: Mapping[str, np.ndarray] | None = None) -> Path:
     """The baseline graph folder `base` with MatMulNBits over `weights`, cached by content hash."""
-    out = base.parent / f"nbits-{content_key(base, weights, accuracy_level)[:24]}"
-    return _finish(lambda tmp: _write_candidate(base, weights, blocks, accuracy_level, tmp), out)
+    out = base.parent / f"nbits-{content_key(base, weights, accuracy_level, floats)[:24]}"
+    return _finish(lambda tmp: _write_candidate(base, weights, blocks, accuracy_level, tmp, floats), out)
 
 
 def _write_candidate(base: Path, weights: dict[str, NBitsWeight], blocks: str, accuracy_level: int,
-                     out: Path) -> None:
+                     out: Path, floats: Mapping[str, np.ndarray] | None = None) -> None:
     import onnx
 
     model = onnx.load(str(base / GRAPH), load_external_data=True)
-    quantized_graph(model, weights, blocks, accuracy_level)
+    quantized_graph(model, weights, blocks, accuracy_level, floats)
     onnx.save_model(model, str(out / GRAPH), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA, size_threshold=1024)
     shutil.copyfile(base / GENAI_CONFIG, out / GENAI_CONFIG)
@@ -527,6 +572,20 @@ class OnnxRuntimeBackend(Backend):
         """An exported graph folder (quantgate export --format onnx), opened as the run opened it."""
         return self._served(ctx, label, directory, served_scheme(scheme.get("scheme", ""), scheme.get("accuracy_level")))
 
+    def stored_weights(self, artifact: Path, baseline: Any) -> dict[str, Any] | None:
+        """The candidate's block linears from its graph's MatMulNBits nodes (its exact codes),
+        dequantized; None when the graph is gone or its weights no longer give the folder's
+        content key (the folder is named by the hash of what it holds)."""
+        import torch
+
+        folder = artifact.parent
+        if not (folder / GRAPH).is_file() or not folder.name.startswith("nbits-"):
+            return None
+        weights, level = graph_weights(folder, baseline.model, baseline.arch.blocks)
+        if content_key(folder.parent / "fp32", weights, level)[:24] != folder.name.removeprefix("nbits-"):
+            return None
+        return {name: torch.from_numpy(dequantize_nbits(w)) for name, w in weights.items()}
+
     def unmeasured(self, served: Served, simulated: bool = False) -> Economics:
         from quantgate.economics import Economics
 
@@ -553,7 +612,18 @@ def candidate_folder(baseline: Baseline, model: torch.nn.Module, cand: MethodCon
     graph with MatMulNBits over the candidate's exact codes, cached by content hash."""
     weights = candidate_weights(model, baseline.arch, cand)
     base = float_graph(baseline, log)
-    return candidate_graph(base, weights, baseline.arch.blocks, cand.quantizer.accuracy_level or 0)
+    return candidate_graph(base, weights, baseline.arch.blocks, cand.quantizer.accuracy_level or 0,
+                           changed_floats(baseline.model, model, set(weights)))
+
+
+def changed_floats(base: torch.nn.Module, made: torch.nn.Module, coded: set[str]) -> dict[str, np.ndarray]:
+    """Parameters of the made candidate, other than the weights of the `coded` linears, that
+    differ from the baseline's (e.g. the norms AWQ folds its scales into): HF name -> values."""
+    import torch
+
+    ref = dict(base.named_parameters())
+    return {name: p.detach().float().numpy() for name, p in made.named_parameters()
+            if name.removesuffix(".weight") not in coded and not torch.equal(p, ref[name])}
 
 
 def export_scheme(cand: MethodConfig) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from quantgate.engines.base import Engine, Request, Timing, stop_after
 from quantgate.engines.registry import Backend, RunContext, Served, ready
 from quantgate.engines.topk import coarsen, fill_row, kld_topk, tail_mask
 from quantgate.errors import UserError
+from quantgate.evals.tasks import text_prefix
 
 if TYPE_CHECKING:
     from quantgate.economics import Economics
@@ -83,11 +84,14 @@ def parse_echo(body: dict[str, Any], n: int) -> Echo:
     """Map an echoed completion (OpenAI layout, see the module docstring) onto n prompt
     positions; Misaligned / NoPromptLogprobs when that cannot be done faithfully."""
     choice = first_choice(body)
-    lp = choice.get("logprobs") or {}
+    lp = logprobs_of(choice)
     keys = lp.get("tokens") or []
     values = lp.get("token_logprobs") or [None] * len(keys)
     tops = lp.get("top_logprobs") or [None] * len(keys)
     usage = body.get("usage") or {}
+    if not isinstance(usage, dict) or not all(isinstance(usage.get(k, 0), int) for k in ("prompt_tokens",
+                                                                                        "completion_tokens")):
+        raise Misaligned(f"the answer's usage is not token counts: {str(usage)[:80]}")
     if usage.get("prompt_tokens", n) != n:
         raise Misaligned(f"the server counted {usage['prompt_tokens']} prompt tokens where {n} were sent")
     n_generated = usage.get("completion_tokens", 1)
@@ -111,6 +115,28 @@ def _check_greedy(generated: tuple[str, float | None, dict[str, float] | None] |
         best = max(top, key=top.get)
         raise Misaligned(f"the entry after the prompt ({key!r}, {value:.3f}) is not the greedy token "
                          f"({best!r}, {top[best]:.3f}): the entries are shifted by one position")
+
+
+def logprobs_of(choice: dict[str, Any]) -> dict[str, Any]:
+    """A choice's "logprobs", checked to be OpenAI's shape (tokens: names, token_logprobs: numbers
+    or null, top_logprobs: objects of numbers or null); Misaligned naming what is not. NaN and
+    inf pass here: they are numbers, and the evaluation refuses them naming the item."""
+    lp = choice.get("logprobs") or {}
+    if not isinstance(lp, dict):
+        raise Misaligned(f"the answer's logprobs is {type(lp).__name__} {str(lp)[:40]!r}, not an object")
+    shapes = {"tokens": lambda v: v is None or isinstance(v, str),
+              "token_logprobs": lambda v: v is None or _number(v),
+              "top_logprobs": lambda v: v is None or isinstance(v, dict) and all(map(_number, v.values()))}
+    for key, ok in shapes.items():
+        entries = lp.get(key)
+        if entries is not None and (not isinstance(entries, list) or not all(map(ok, entries))):
+            raise Misaligned(f"the answer's logprobs.{key} is not a list of the values OpenAI's layout has: "
+                             f"{str(entries)[:60]!r}")
+    return lp
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def first_choice(body: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +214,7 @@ class OpenAIEngine:
         self._form: _Form | None = None
         self._problem: str | None = None
         self._ids_by_text: dict[str, int] | None = None
+        self._prefix: list[int] | None = None  # the tokenizer's text prefix (prompt_text)
 
     @staticmethod
     def kl_divergence(reference: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
@@ -317,8 +344,21 @@ class OpenAIEngine:
     # -----------------------------------------------------------------------------------------
     # Requests.
 
+    def prompt_text(self, ids: Sequence[int]) -> str:
+        """Token ids as the text a server tokenizes with the model's own rule: the tokenizer's
+        text prefix (its BOS) is left out when the ids start with it, as the server adds it
+        itself (sent as text too, it would be doubled). The echo checks refuse a server whose
+        tokens then differ from `ids`."""
+        ids = list(ids)
+        if self._prefix is None:
+            self._prefix = list(text_prefix(self.tokenizer))
+        prefix = self._prefix
+        if prefix and ids[: len(prefix)] == prefix:
+            ids = ids[len(prefix):]
+        return self.tokenizer.decode(ids)
+
     def _payload(self, ids: Sequence[int], form: _Form, **fields: Any) -> dict[str, Any]:
-        prompt: Any = self.tokenizer.decode(list(ids)) if form.text else list(ids)
+        prompt: Any = self.prompt_text(ids) if form.text else list(ids)
         extras = EXTRAS if form.extras else {}
         return {"model": self.model, "prompt": prompt, "temperature": 0, **extras, **fields}
 
@@ -446,9 +486,9 @@ class OpenAIEngine:
         tokenizer; the end-of-sequence token appended when the server stopped at it."""
         try:
             choice = first_choice(body)
+            keys = logprobs_of(choice).get("tokens") or []
         except Misaligned as e:
             raise UserError(f"{url}: {e}") from None
-        keys = (choice.get("logprobs") or {}).get("tokens") or []
         if keys and all(k.startswith("token_id:") for k in keys):
             ids = [int(k[len("token_id:"):]) for k in keys]
         elif self.tokenizer is not None:
@@ -531,7 +571,10 @@ class OpenAIBackend(Backend):
         problems = [p for s in self.probed(ctx) if (p := self._engine(ctx, s).prompt_logprobs_problem)]
         if not problems or not (prepared.requests or prepared.windows):
             return prepared, []
-        prepared, refused = generation_only(prepared)
+        try:
+            prepared, refused = generation_only(prepared)
+        except UserError as e:  # nothing left to run: say why the server's log-probabilities were refused
+            raise UserError(f"{e} ({problems[0]})") from None
         return prepared, [f"refused: {', '.join(refused) or 'perplexity/KLD windows'} (they need prompt "
                           f"log-probabilities): {problems[0]}; only the generation tasks ran"]
 

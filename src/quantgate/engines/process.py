@@ -34,7 +34,7 @@ import numpy as np
 
 from quantgate.engines.base import Request, Timing
 from quantgate.engines.registry import process_factory
-from quantgate.errors import NothingHappened, UserError
+from quantgate.errors import EngineFault, NothingHappened, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 _ERRORS = {"UserError": UserError, "NothingHappened": NothingHappened}
 
 
-class EngineCrashed(RuntimeError):
+class EngineCrashed(EngineFault):
     """The engine's process ended without answering (a crash, a kill, running out of memory)."""
 
 

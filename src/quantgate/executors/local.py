@@ -29,7 +29,7 @@ class LocalExecutor:
         step = ctx.progress("baseline", 3)
         served = backend.baseline(ctx)
         with served.open() as engine:
-            scores, reference = evaluate(engine, prepared, keep=True, on_step=step, cache=cache)
+            scores, reference = evaluate(engine, prepared, keep=True, on_step=step, cache=cache, model="baseline")
             prepared = with_response_windows(prepared, scores.generations)
             reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
         step(1)
@@ -44,5 +44,5 @@ class LocalExecutor:
         served = backend.candidate(ctx, cand)
         with served.open() as engine:
             scores, _ = evaluate(engine, prepared, reference, cache=cache,
-                                 on_step=served.step or ctx.progress(cand.label, 2))
+                                 on_step=served.step or ctx.progress(cand.label, 2), model=cand.label)
         return served, scores

@@ -42,9 +42,9 @@ import quantgate
 from quantgate.engines import registry as backends
 from quantgate.engines.process import EngineCrashed
 from quantgate.engines.registry import RunContext
-from quantgate.errors import UserError
+from quantgate.errors import BadEngineOutput, UserError
 from quantgate.evals.tasks import (
-    ItemOutput, WindowOutput, cached_windows, collect_scores, item_chunks, run_windows, score_items,
+    ItemOutput, WindowOutput, cached_windows, collect_scores, item_chunks, run_windows, score_items, split_finite,
     with_response_windows,
 )
 
@@ -106,7 +106,7 @@ class ModelWorker:
             raise UserError(f"executor ray: node {node} runs quantgate {quantgate.__version__}, the driver "
                             f"{job.version}: install the same version on every node")
         torch.manual_seed(job.cfg.seed)
-        baseline = load_baseline(job.cfg.model.base)
+        baseline = load_baseline(job.cfg.model.base, job.cfg.precision)
         if baseline.digest != job.model_digest:
             raise UserError(f"model.base {job.cfg.model.base}: node {node} loads weights with sha256 "
                             f"{baseline.digest[:16]}…, the driver {job.model_digest[:16]}…: give every node the "
@@ -119,17 +119,24 @@ class ModelWorker:
         self.engine = self.opened.__enter__()
         return served.meta()
 
-    def score(self, idx: list[int]) -> tuple[dict[int, ItemOutput], float]:
-        """The outputs of the suite's items `idx`, and the engine seconds they took."""
+    @property
+    def label(self) -> str:
+        return self.cand.label if self.cand is not None else "baseline"
+
+    def score(self, idx: list[int]) -> tuple[dict[int, ItemOutput], float, BadEngineOutput | None]:
+        """The outputs of the suite's items `idx` that are log-probabilities, the engine seconds they
+        took, and the error naming an item whose were NaN or +inf (None: none; evals.tasks.split_finite)."""
         before = _engine_seconds(self.engine)
-        return score_items(self.engine, self.prepared, idx), _engine_seconds(self.engine) - before
+        outputs, bad = split_finite(score_items(self.engine, self.prepared, idx), self.prepared, self.label,
+                                    self.engine.name)
+        return outputs, _engine_seconds(self.engine) - before, bad
 
     def windows(self, reference: list[np.ndarray] | None, keep: bool) -> tuple[WindowOutput, float]:
         """Every window of the suite, against the reference when given; keep=True keeps this
         model's log-probs for `reference`."""
         before = _engine_seconds(self.engine)
         ref = None if reference is None else [torch.from_numpy(np.array(r)) for r in reference]
-        out, self.kept = run_windows(self.engine, self.prepared, ref, keep)
+        out, self.kept = run_windows(self.engine, self.prepared, ref, keep, self.label)
         return out, _engine_seconds(self.engine) - before
 
     def reference(self, extra: list[list[int]]) -> list[np.ndarray]:
@@ -170,13 +177,15 @@ class _Model:
         self.meta = meta
         self.step(1)
 
-    def items(self, answer: tuple[dict[int, ItemOutput], float]) -> None:
-        outputs, seconds = answer
+    def items(self, answer: tuple[dict[int, ItemOutput], float, BadEngineOutput | None]) -> None:
+        outputs, seconds, bad = answer
         if self.cache is not None:
             self.cache.record(outputs)  # as each piece arrives: what a killed run keeps
         self.known.update(outputs)
         self.seconds += seconds
         self.step(1)
+        if bad is not None and self.error is None:
+            self.error = bad  # raised when this model is waited for, like any of its errors
 
     def windowed(self, answer: tuple[WindowOutput, float]) -> None:
         self.windows, seconds = answer

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from quantgate.methods.apply import spec_of, targets
 from quantgate.models.arch import ArchInfo
 from quantgate.models.load import file_sha256
 
+if TYPE_CHECKING:
+    from quantgate.report.progress import Feedback
+
 ROUND_TRIP_MAX_KLD = 1e-4  # mean per-token KL(evaluated candidate || loaded artifact)
 
 
@@ -44,14 +47,17 @@ class Exported:
 
 
 def export_candidate(run_dir: Path, name: str, fmt: str, out: Path | None = None,
-                     dtype: str | None = None) -> Exported:
+                     dtype: str | None = None, feedback: Feedback | None = None) -> Exported:
     """Export candidate `name` of the run in `run_dir` as `fmt` (formats.FORMATS) into `out`
-    (default: <run dir>/exports/<name>-<fmt>), which must not exist or be empty."""
+    (default: <run dir>/exports/<artifact name>-<fmt>, the name saying model, candidate and run),
+    which must not exist or be empty. `feedback` hears each step (report.progress.Feedback)."""
+    say = feedback.say if feedback is not None else _quiet
     if fmt not in formats.FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(formats.FORMATS)}")
     run = load_stored_run(run_dir)
     cand, _ = run.candidate(name)
-    out = out or run.path.parent / "exports" / f"{name}-{fmt}"
+    title = formats.artifact_name(run.record, name)
+    out = out or run.path.parent / "exports" / f"{title}-{fmt}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty (choose another --out)")
     if cand.artifact == "served" or (fmt == "gguf") != (cand.artifact == "gguf"):
@@ -66,18 +72,26 @@ def export_candidate(run_dir: Path, name: str, fmt: str, out: Path | None = None
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(formats.DTYPES)}")
     try:
         if fmt in formats.EVALUATED:
-            scheme, round_trip, source, digest = _export_evaluated(run, name, cand, fmt, out)
+            scheme, round_trip, source, digest = _export_evaluated(run, name, cand, fmt, out, title, say)
         else:
-            rec = recreate(run, name, sized=not backends.entry(run.config.serving.engine).sizes_from_checkpoint)
-            scheme, round_trip = _export_torch(rec, fmt, dtype or formats.default_dtype(fmt, cand), out)
+            rec = recreate(run, name, progress=feedback, say=say)
+            dtype = dtype or formats.default_dtype(fmt, cand)
+            say(f"writing {fmt} ({dtype}) to {out}, loading it back and comparing with the evaluated candidate")
+            scheme, round_trip = _export_torch(rec, fmt, dtype, out)
             source, digest = None, rec.eval_sha256
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
+    say("hashing the files and writing the manifest")
     files = manifest.file_entries(out)
     doc = manifest.build(candidate=name, fmt=fmt, scheme=scheme, files=files, record=run.record,
-                         results_path=run.path, eval_sha256=digest, round_trip=round_trip, source=source)
+                         results_path=run.path, eval_sha256=digest, round_trip=round_trip, source=source,
+                         title=title)
     return Exported(out, manifest.write(out, doc), files, round_trip)
+
+
+def _quiet(text: str) -> None:
+    pass
 
 
 def _wrong_format(name: str, cand: MethodConfig, fmt: str) -> str:
@@ -97,32 +111,34 @@ def _wrong_format(name: str, cand: MethodConfig, fmt: str) -> str:
 @dataclass(frozen=True)
 class _Evaluated:
     """How one format's evaluated artifact is exported: copied into `out` (returning the copied
-    file the run recorded a sha256 of), made again the run's way when its cached copy is gone,
-    and described in the manifest."""
+    file the run recorded a sha256 of; `title` names what it holds), made again the run's way when
+    its cached copy is gone, and described in the manifest."""
 
-    copy: Callable[[Path, Path, Recreated], Path]
+    copy: Callable[[Path, Path, Recreated, str], Path]
     remake: Callable[[StoredRun, Recreated, MethodConfig], Path]
     scheme: Callable[[MethodConfig], dict[str, Any]]
 
 
-def _export_evaluated(run: StoredRun, name: str, cand: MethodConfig, fmt: str,
-                      out: Path) -> tuple[dict, dict, dict, str]:
+def _export_evaluated(run: StoredRun, name: str, cand: MethodConfig, fmt: str, out: Path, title: str,
+                      say: Callable[[str], None]) -> tuple[dict, dict, dict, str]:
     """Copy the evaluated artifact (its recorded path; when that is gone, made again the same way)
     after checking its sha256 against the run's record."""
     how = _EVALUATED[fmt]
-    rec = recreate(run, name, make=False)
+    rec = recreate(run, name, make=False, say=say)
     artifact = rec.record.artifact
     if artifact is None:
         why = f" ({rec.record.unservable})" if rec.record.unservable else ""
         raise UserError(f"{run.path}: candidate {name} has no evaluated {fmt} artifact{why}")
     path = Path(artifact.path)
     if not path.is_file():
+        say(f"{path} is gone: making the {fmt} artifact again the run's way")
         path = how.remake(run, rec, cand)
+    say(f"checking {path.name} against the run's sha256 and copying it")
     digest = file_sha256(path)
     if digest != artifact.sha256:
         raise UserError(f"{path}: sha256 {digest[:16]}… differs from the file the run evaluated "
                         f"({artifact.sha256[:16]}…); refusing to export it")
-    copied = how.copy(path, out, rec)
+    copied = how.copy(path, out, rec, title)
     if file_sha256(copied) != digest:
         raise UserError(f"{copied}: the copy's sha256 differs from its source {path}")
     source = {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}
@@ -142,11 +158,11 @@ def _requantize(run: StoredRun, rec: Recreated, cand: MethodConfig) -> Path:
 def _regraph(run: StoredRun, rec: Recreated, cand: MethodConfig) -> Path:
     from quantgate.engines.onnxruntime import GRAPH, candidate_folder
 
-    made = recreate(run, rec.candidate.label, sized=False).made
+    made = recreate(run, rec.candidate.label).made  # (its size is the graph's: checked by sha256)
     return candidate_folder(rec.baseline, made.model, cand, run.path.parent / "logs" / "onnx-builder.log") / GRAPH
 
 
-def _copy_graph(path: Path, out: Path, rec: Recreated) -> Path:
+def _copy_graph(path: Path, out: Path, rec: Recreated, title: str) -> Path:
     from quantgate.engines.onnxruntime import copy_graph
 
     return copy_graph(path, out, rec.baseline.tokenizer)
@@ -159,7 +175,8 @@ def _graph_scheme(cand: MethodConfig) -> dict[str, Any]:
 
 
 _EVALUATED = {
-    "gguf": _Evaluated(lambda path, out, rec: formats.copy_gguf(path, out)[0], _requantize, formats.gguf_scheme),
+    "gguf": _Evaluated(lambda path, out, rec, title: formats.copy_gguf(path, out, f"{title}.gguf")[0], _requantize,
+                       formats.gguf_scheme),
     "onnx": _Evaluated(_copy_graph, _regraph, _graph_scheme),
 }
 

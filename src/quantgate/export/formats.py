@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,6 +43,9 @@ from quantgate.errors import NotSupportedYet, UserError
 from quantgate.methods.registry import MethodConfig
 from quantgate.methods.rtn import QuantizedWeight, QuantSpec, dequantize
 from quantgate.methods.smoothquant import fake_quantize_activations
+
+if TYPE_CHECKING:
+    from quantgate.record import RunRecord
 
 FORMATS = ("gguf", "onnx", "compressed-tensors", "hf")
 # Formats exported as the very artifact their engine evaluated (copied, checked by sha256); the
@@ -95,11 +99,47 @@ def gguf_scheme(cand: MethodConfig) -> dict[str, Any]:
 # -- writing -------------------------------------------------------------------------------------
 
 
-def copy_gguf(source: Path, out: Path) -> list[Path]:
+def copy_gguf(source: Path, out: Path, name: str) -> list[Path]:
+    """The evaluated GGUF file copied into `out` as `name` (a name that says what it holds)."""
     out.mkdir(parents=True, exist_ok=True)
-    target = out / source.name
+    target = out / name
     shutil.copyfile(source, target)
     return [target]
+
+
+def artifact_name(record: RunRecord, candidate: str) -> str:
+    """What an export holds, as a file or directory name: the model, the candidate (its label
+    names method, bits, group ...) and the run that gated it, e.g.
+    smollm2-135m-instruct.gguf-Q4_K_M.run-20261206T073526Z-34ea3e50. The manifest states all of it
+    explicitly; the name is for people listing a directory."""
+    model = Path(record.model.base).name.removesuffix(".gguf") or "model"
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{model}.{candidate}.run-{record.run_id}")
+
+
+# Who loads each format: the oldest release known to load it and why (None: see the note), for
+# the manifest's "loaders". Versions that actually loaded the artifact are recorded beside them.
+LOADERS: dict[str, dict[str, tuple[str | None, str]]] = {
+    "compressed-tensors": {
+        "transformers": ("4.45.0", "first release with the compressed-tensors quantizer; it also needs the "
+                                   "compressed-tensors package at or above the version that wrote the config"),
+        "vllm": ("0.5.0", "first release with compressed-tensors W4A16 / W8A8-int8 kernels; not loaded by "
+                          "quantgate (no vLLM here): check on your server"),
+    },
+    "hf": {"transformers": (None, "any release that implements the model's architecture (config.json model_type); "
+                                  "plain safetensors weights")},
+    "gguf": {"llama.cpp": (None, "the build that evaluated it (llama-cpp-python version below) or newer; older "
+                                 "builds may lack its file type or its tokenizer's pre-tokenizer")},
+    "onnx": {"onnxruntime": (None, "the release that evaluated it or newer (MatMulNBits with accuracy_level, "
+                                   "GroupQueryAttention: com.microsoft contrib operators)")},
+}
+
+
+def loaders(fmt: str, verified: dict[str, str | None]) -> dict[str, dict[str, str | None]]:
+    """The manifest's "loaders": per loader, its minimum version (where no older one is known to
+    work: the version that loaded this artifact here), why, and the version that loaded it back
+    here (None: not loaded here)."""
+    return {name: {"min_version": low or verified.get(name), "why": why, "verified_with": verified.get(name)}
+            for name, (low, why) in LOADERS[fmt].items()}
 
 
 def write_hf(model: torch.nn.Module, tokenizer, out: Path, dtype: str) -> list[Path]:

@@ -16,17 +16,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from quantgate.errors import UserError
 from quantgate.models.load import file_sha256
+from quantgate.readers import read_json
 from quantgate.record import Comparison, FlippedItem, NoiseFloor, Num, Record, RunRecord, error_line
 
 MANIFEST = "quantgate-manifest.json"
 MANIFEST_VERSION = 1
 _DISTRIBUTIONS = {"quantgate": "quantgate", "torch": "torch", "transformers": "transformers",
                   "compressed-tensors": "compressed-tensors", "llama_cpp": "llama-cpp-python", "gguf": "gguf",
-                  "safetensors": "safetensors"}
+                  "safetensors": "safetensors", "onnxruntime": "onnxruntime"}
 
 
 def versions() -> dict[str, str | None]:
@@ -38,6 +39,15 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[key] = None
     return out
+
+
+def _loaded_here(fmt: str) -> dict[str, str | None]:
+    """The loaders that read this artifact back on this machine, with their versions: transformers
+    for the round trip of torch formats; the llama.cpp (llama-cpp-python) or ONNX Runtime that
+    evaluated a GGUF file or an ONNX graph."""
+    v = versions()
+    return {"gguf": {"llama.cpp": v["llama_cpp"]}, "onnx": {"onnxruntime": v["onnxruntime"]}}.get(
+        fmt, {"transformers": v["transformers"]})
 
 
 def machine() -> dict[str, str]:
@@ -57,6 +67,31 @@ def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
     """{path relative to `directory`: {"sha256", "bytes"}} for every file of the artifact."""
     return {name: {"sha256": file_sha256(directory / name), "bytes": (directory / name).stat().st_size}
             for name in artifact_files(directory)}
+
+
+class FileEntry(Record):
+    sha256: str
+    bytes: int
+
+
+class Digest(BaseModel):
+    sha256: str | None
+
+
+class Head(BaseModel):
+    """The keys verify reads before anything else, typed (the rest: Measured, read_config)."""
+
+    model_config = ConfigDict(extra="allow")
+    manifest_version: int
+    candidate: str
+    format: str
+    scheme: dict[str, Any]
+    files: dict[str, FileEntry]
+    config: dict[str, Any]
+    config_digest: str
+    model: Digest
+    eval: Digest
+    measured: dict[str, Any]
 
 
 class MeasuredModel(Record):
@@ -85,8 +120,12 @@ class Measured(Record):
 
 def build(*, candidate: str, fmt: str, scheme: dict[str, Any], files: dict[str, dict[str, Any]],
           record: RunRecord, results_path: Path, eval_sha256: str, round_trip: dict[str, Any] | None,
-          source: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest of one exported candidate of the run `record` (read from results_path)."""
+          source: dict[str, Any] | None = None, title: str | None = None) -> dict[str, Any]:
+    """The manifest of one exported candidate of the run `record` (read from results_path):
+    `title` is the artifact's name (model, candidate, run); "holds" says the same in fields, and
+    "loaders" the minimum versions of what loads it (export/formats.py LOADERS)."""
+    from quantgate.export.formats import loaders
+
     c = record.candidate(candidate)
     own = set(MeasuredModel.model_fields)
     measured = Measured(baseline=MeasuredModel(**record.baseline.model_dump(include=own)),
@@ -96,8 +135,12 @@ def build(*, candidate: str, fmt: str, scheme: dict[str, Any], files: dict[str, 
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(),
         "candidate": candidate,
+        "name": title,
+        "holds": {"model": record.model.base, "model_sha256": record.model.sha256, "candidate": candidate,
+                  "scheme": c.scheme, "format": fmt, "run_id": record.run_id},
         "format": fmt,
         "scheme": scheme,
+        "loaders": loaders(fmt, _loaded_here(fmt)),
         "settings": c.settings,
         "files": files,
         "source_artifact": source,
@@ -133,13 +176,13 @@ def read(path: Path) -> tuple[Path, dict[str, Any]]:
     where = directory / MANIFEST
     if not where.is_file():
         raise UserError(f"{where}: no quantgate manifest beside the artifact (export it with quantgate export)")
+    manifest = read_json(where, "manifest")
+    if not isinstance(manifest, dict):
+        raise UserError(f"{where}: expected a JSON object")
     try:
-        manifest = json.loads(where.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
-    missing = [k for k in ("manifest_version", "format", "scheme", "files", "config", "measured") if k not in manifest]
-    if missing:
-        raise UserError(f"{where}: missing key '{missing[0]}'")
+        Head.model_validate(manifest)
+    except ValidationError as e:
+        raise UserError(f"{where}: {error_line(e)}") from None
     if manifest["manifest_version"] != MANIFEST_VERSION:
         raise UserError(f"{where}: manifest_version {manifest['manifest_version']}; this quantgate reads "
                         f"{MANIFEST_VERSION}")

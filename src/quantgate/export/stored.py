@@ -5,24 +5,31 @@ through the same code path as the run (make_candidate, same seed, same calibrati
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from pydantic import ValidationError
 
 from quantgate.config import RunConfig, error_text
+from quantgate.engines import registry as backends
 from quantgate.errors import UserError
 from quantgate.evals.datasets import load_suite
 from quantgate.evals.digest import eval_digest
 from quantgate.evals.tasks import PreparedSuite, prepare
-from quantgate.methods.apply import CandidateModel, make_candidate
+from quantgate.methods.apply import CandidateModel, make_candidate, spec_of, weight_bytes
 from quantgate.methods.calibrate import calibration_set
 from quantgate.methods.registry import MethodConfig
 from quantgate.models.load import Baseline, load_baseline
 from quantgate.record import CandidateRecord, RunRecord
+
+if TYPE_CHECKING:
+    from quantgate.engines.registry import Progress
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,7 @@ def load_stored_run(run_dir: Path) -> StoredRun:
 
 def checked_baseline(cfg: RunConfig, model_sha256: str, where: Path) -> Baseline:
     """model.base loaded, refused when its weights are not the ones the run measured."""
-    baseline = load_baseline(cfg.model.base)
+    baseline = load_baseline(cfg.model.base, cfg.precision)
     if baseline.digest != model_sha256:
         raise UserError(f"{where}: model.base '{cfg.model.base}' now has sha256 {baseline.digest[:16]}…, "
                         f"the run measured {model_sha256[:16]}…")
@@ -109,28 +116,73 @@ class Recreated:
     made: CandidateModel | None  # None for llama.cpp candidates (their artifact is the GGUF file)
 
 
-def recreate(run: StoredRun, name: str, *, make: bool = True, sized: bool = True) -> Recreated:
-    """The candidate `name` made again from the stored config, after checking the baseline,
-    eval set and calibration data against the run; its changed-module count must match the
-    recorded one, and its size too when `sized` (False when the run counted another artifact's
-    bytes, which the caller checks by sha256)."""
+def recreate(run: StoredRun, name: str, *, make: bool = True, progress: Progress | None = None,
+             say: Callable[[str], None] = lambda text: None) -> Recreated:
+    """The candidate `name` after checking the baseline and eval set against the run: rebuilt from
+    the codes its evaluated artifact holds when its engine keeps them (_from_artifact), else made
+    again from the stored config (_made_again, calibration checked too). `progress` sees the making
+    block by block; `say` hears each step."""
     cfg, where = run.config, run.path
     cand, record = run.candidate(name)
+    say(f"loading the baseline {cfg.model.base} and checking its sha256 against the run's")
     baseline = checked_baseline(cfg, run.record.model.sha256, where)
     prepared = prepared_suite(cfg, baseline.tokenizer)
     digest = checked_eval(prepared, run.record.eval.sha256, where)
+    say(f"eval set matches the run's ({len(prepared.suite.items)} items)")
     made = None
     if make:
-        calib = None
-        if cand.needs_calibration:  # the one answer the run gave too (MethodConfig.calibration_needs)
-            calib = calibration_set(baseline.tokenizer, cfg.calibration, prepared.suite.texts())
-            recorded = run.record.calibration and run.record.calibration.sha256
-            if recorded != calib.digest:
-                raise UserError(f"{where}: the calibration windows no longer match the run's "
-                                f"(sha256 {calib.digest[:16]}… vs recorded {str(recorded)[:16]}…)")
-        made = make_candidate(baseline.model, baseline.arch, cand, calib, seed=cfg.seed)
-        got = (made.weight_bytes if sized else record.weight_bytes, made.modules_changed)
-        if got != (record.weight_bytes, record.modules_changed):
-            raise UserError(f"{where}: candidate {name} re-created with (bytes, modules changed) {got}, "
-                            f"the run recorded ({record.weight_bytes}, {record.modules_changed})")
+        made = _from_artifact(run, cand, record, baseline, say) or _made_again(run, cand, record, baseline, prepared,
+                                                                               progress, say)
     return Recreated(baseline, prepared, digest, cand, record, made)
+
+
+def _from_artifact(run: StoredRun, cand: MethodConfig, record: CandidateRecord, baseline: Baseline,
+                   say: Callable[[str], None]) -> CandidateModel | None:
+    """The candidate rebuilt from the weights its evaluated artifact holds (its exact codes, on an
+    engine whose artifacts keep them: Backend.stored_weights), when its method changed nothing
+    but those weights; None otherwise (then it is made again)."""
+    if record.artifact is None or not cand.weights_alone:
+        return None
+    engine = (getattr(cand, "serving", None) or run.config.serving).engine
+    weights = backends.entry(engine).load().stored_weights(Path(record.artifact.path), baseline)
+    if not weights or len(weights) != record.modules_changed:  # (a composition counts a linear per step)
+        return None
+    say(f"reusing {record.name}'s codes from the artifact it was evaluated as ({record.artifact.path}); "
+        "nothing is quantized again")
+    model = copy.deepcopy(baseline.model)
+    with torch.no_grad():
+        for name, w in weights.items():
+            model.get_submodule(name).weight.copy_(w)
+    specs = {id(model.get_submodule(n).weight): spec_of(cand.quantizer) for n in weights}
+    total, qparams = weight_bytes(model, specs)
+    return CandidateModel(model=model, modules_changed=len(weights), weight_bytes=total, quantized_params=qparams)
+
+
+def _made_again(run: StoredRun, cand: MethodConfig, record: CandidateRecord, baseline: Baseline,
+                prepared: PreparedSuite, progress: Progress | None, say: Callable[[str], None]) -> CandidateModel:
+    """The candidate made again from the stored config (same code path, seed and calibration as
+    the run); its changed-module count (and, where the weights themselves were counted, its size)
+    must match the record."""
+    cfg, where, name = run.config, run.path, record.name
+    calib = None
+    say(f"making {name} again from the stored config (seed {cfg.seed}"
+        + (", calibration windows checked against the run's sha256)" if cand.needs_calibration else ")"))
+    if cand.needs_calibration:  # the one answer the run gave too (MethodConfig.calibration_needs)
+        calib = calibration_set(baseline.tokenizer, cfg.calibration, prepared.suite.texts())
+        recorded = run.record.calibration and run.record.calibration.sha256
+        if recorded != calib.digest:
+            raise UserError(f"{where}: the calibration windows no longer match the run's "
+                            f"(sha256 {calib.digest[:16]}… vs recorded {str(recorded)[:16]}…)")
+    blocks = len(baseline.model.get_submodule(baseline.arch.blocks)) if calib is not None else 1
+    step = progress(name, blocks) if progress is not None else (lambda n: None)  # one step per calibrated block
+    made = make_candidate(baseline.model, baseline.arch, cand, calib, seed=cfg.seed, on_block=lambda i: step(1))
+    if calib is None:
+        step(1)
+    # an engine's artifact (an ONNX graph) or served checkpoint (vLLM's: BackendEntry.sizes_from_checkpoint)
+    # has a size of its own; otherwise the weights were counted
+    counted = record.artifact is None and not backends.entry(run.config.serving.engine).sizes_from_checkpoint
+    got = (made.weight_bytes if counted else record.weight_bytes, made.modules_changed)
+    if got != (record.weight_bytes, record.modules_changed):
+        raise UserError(f"{where}: candidate {name} re-created with (bytes, modules changed) {got}, "
+                        f"the run recorded ({record.weight_bytes}, {record.modules_changed})")
+    return made

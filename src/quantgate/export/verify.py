@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +51,9 @@ from quantgate.export.stored import (
     read_config,
 )
 from quantgate.record import FlippedItem
+
+if TYPE_CHECKING:
+    from quantgate.report.progress import Feedback
 
 Z = 4.0  # standard deviations of engine noise an option's log-likelihood may move by
 PLAIN_FORMATS = ("compressed-tensors", "hf")  # formats users load with transformers' from_pretrained
@@ -78,25 +81,33 @@ class Verification:
         return all(c.ok for c in self.checks)
 
 
-def verify(path: Path) -> Verification:
-    """Check an exported artifact (its directory or a file in it) against its manifest and re-measure it."""
+def verify(path: Path, feedback: Feedback | None = None) -> Verification:
+    """Check an exported artifact (its directory or a file in it) against its manifest and re-measure
+    it. `feedback` hears what is being done (report.progress.Feedback; default: nothing)."""
+    say = feedback.say if feedback is not None else _quiet
     directory, doc = manifest.read(path)
     manifest.check_files(directory, doc)
+    say(f"the {len(doc['files'])} files of {directory} match {manifest.MANIFEST} (sizes and sha256)")
     where = directory / manifest.MANIFEST
     cfg = read_config(doc["config"], doc["config_digest"], where)
     recorded = manifest.measured(doc, where)
+    say(f"loading the baseline {cfg.model.base} and checking its sha256 against the run's")
     baseline = checked_baseline(cfg, doc["model"]["sha256"], where)
     prepared = prepared_suite(cfg, baseline.tokenizer)
     checked_eval(prepared, doc["eval"]["sha256"], where)
     entry = _engine(cfg, doc, where)
+    say(f"eval set matches the run's ({len(prepared.suite.items)} items); re-measuring the baseline and "
+        f"{doc['candidate']} on {entry.name}")
     with tempfile.TemporaryDirectory(prefix="quantgate-verify-") as work:
-        ctx = RunContext(cfg, baseline, None, Path(work), _silent, [], None)
+        ctx = RunContext(cfg, baseline, None, Path(work), feedback or _silent, [], None)
         with entry.load() as backend:
             base_scores, cand_scores, prepared = measure(backend, ctx, directory, doc, prepared)
     metric = cfg.quality_gate.metric
     base = model_metrics(base_scores, prepared, metric, baseline.tokenizer)
     cand = model_metrics(cand_scores, prepared, metric, baseline.tokenizer)
     k = _noise_kld(recorded, doc.get("round_trip") or {})
+    say("comparing the re-measured metrics with the recorded ones (tolerance: the run's noise floor + the "
+        "export's round trip)")
     checks = compare(recorded, k, metric, prepared, (base_scores, base), (cand_scores, cand))
     if doc["format"] in PLAIN_FORMATS:
         checks += user_loads(directory, doc, prepared, baseline, served_by_vllm=entry.name == "vllm")
@@ -165,6 +176,10 @@ def _silent(description: str, total: int) -> Callable[[int], None]:
     return lambda n: None
 
 
+def _quiet(text: str) -> None:
+    pass
+
+
 def _engine(cfg, doc: dict[str, Any], where: Path) -> BackendEntry:
     """The engine that loads the artifact's format back, which must be the one its gate run
     measured it on."""
@@ -188,11 +203,12 @@ def measure(backend: Backend, ctx: RunContext, directory: Path, doc: dict[str, A
     run.execute measures them: the baseline's per-window log-probs (its responses to prompt
     items appended as windows) are the candidate's KL reference."""
     with backend.baseline(ctx).open() as engine:
-        base, reference = evaluate(engine, prepared, keep=True)
+        base, reference = evaluate(engine, prepared, keep=True, model="baseline", on_step=ctx.progress("baseline", 2))
         prepared = with_response_windows(prepared, base.generations)
         reference += list(engine.token_logprobs(prepared.windows[len(reference):]))
-    with backend.exported(ctx, doc["candidate"], directory, list(doc["files"]), doc["scheme"]).open() as engine:
-        cand, _ = evaluate(engine, prepared, reference)
+    label = doc["candidate"]
+    with backend.exported(ctx, label, directory, list(doc["files"]), doc["scheme"]).open() as engine:
+        cand, _ = evaluate(engine, prepared, reference, model=label, on_step=ctx.progress(label, 2))
     return base, cand, prepared
 
 

@@ -11,7 +11,7 @@ mask and stores the code of 0, compensating like a rounding error).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,7 +24,7 @@ from quantgate.methods.registry import (
 )
 from quantgate.methods.calibrate import BlockMethod, CalibrationSet, GroupInputs, run_blocks
 from quantgate.methods.rtn import QuantSpec, dequantize, fake_quantize, packed_bytes
-from quantgate.models.arch import ArchInfo, Units
+from quantgate.models.arch import ArchInfo, Group, Units, part_rows
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,11 @@ def apply_gptq(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:
 
 
 def apply_awq(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
-    return _quantize(model, arch, cand, _calibrated(_awq_block(cand, arch), cand, calib, seed, on_block))
+    return _quantize(model, arch, cand, _calibrated(_awq_block(cand, arch, model.config), cand, calib, seed, on_block))
 
 
 def apply_smoothquant(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
-    return _quantize(model, arch, cand, _calibrated(_smoothquant_block(cand, arch), cand, calib, seed, on_block))
+    return _quantize(model, arch, cand, _calibrated(_smoothquant_block(cand, arch, model.config), cand, calib, seed, on_block))
 
 
 def apply_w8a8(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed:  # noqa: ANN001
@@ -167,17 +167,57 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _groups(arch: ArchInfo, block: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, list[str]]]:
-    """(the module feeding them, names of the linears that read the same input), per group."""
-    for feeder, linears in arch.scaling_groups:
-        yield block.get_submodule(feeder), list(linears)
+def _linear_groups(arch: ArchInfo, block: torch.nn.Module) -> list[tuple[str, ...]]:
+    """Names of the linears that read one tensor, per group: the row's groups, or (an architecture
+    without a row) every Linear of the block on its own."""
+    if arch.groups:
+        return [g.linears for g in arch.groups]
+    return [(n,) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _inputs(stats: dict[str, GroupInputs], linears: list[str]) -> GroupInputs:
+def _inputs(stats: dict[str, GroupInputs], linears: Sequence[str]) -> GroupInputs:
     s = stats[linears[0]]
     if s.n_rows == 0 and s.absmax is None and not s.rows:
         raise NothingHappened(f"no calibration inputs reached {linears[0]}")
     return s
+
+
+@dataclass(frozen=True)
+class _Feeder:
+    """Where a group's input scales fold: the feeder module's rows `rows`; `offset` is the
+    architecture's norm offset for a norm (Gemma's 1 + w), 0 for a linear."""
+
+    module: torch.nn.Module
+    rows: slice
+    offset: float
+
+    @property
+    def is_norm(self) -> bool:
+        return self.module.weight.dim() == 1
+
+    def fold(self, scales: torch.Tensor) -> None:
+        """Divide what the feeder produces (its rows) by scales [rows]: the group then reads x / s."""
+        weight, bias = self.module.weight, getattr(self.module, "bias", None)
+        _write_rows(weight, self.rows, awq.fold_into_previous(weight.data[self.rows], scales, self.offset))
+        if bias is not None:
+            _write_rows(bias, self.rows, awq.fold_into_previous(bias.data[self.rows], scales))
+
+
+def _feeder(arch: ArchInfo, config, block: torch.nn.Module, group: Group) -> _Feeder | None:
+    """The group's feeder, or None when it has none or its width is not the linears' input width
+    (e.g. grouped-query v_proj -> o_proj)."""
+    if group.feeder is None:
+        return None
+    module = block.get_submodule(group.feeder)
+    rows = part_rows(arch, group.feeder, group.part, config) if group.part else slice(None)
+    width = module.weight[rows].shape[0]
+    if width != block.get_submodule(group.linears[0]).weight.shape[1]:
+        return None
+    return _Feeder(module, rows, arch.norm_offset if module.weight.dim() == 1 else 0.0)
+
+
+def _write_rows(param: torch.nn.Parameter, rows: slice, new: torch.Tensor) -> None:
+    param.data[rows] = new.to(param.dtype)
 
 
 def _gptq_block(cand: GptqConfig, arch: ArchInfo, keep_zeros: bool = False) -> BlockMethod:
@@ -185,7 +225,7 @@ def _gptq_block(cand: GptqConfig, arch: ArchInfo, keep_zeros: bool = False) -> B
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
-        for _, linears in _groups(arch, block):
+        for linears in _linear_groups(arch, block):
             hessian = _inputs(stats, linears).hessian
             for name in linears:
                 weight = block.get_submodule(name).weight
@@ -198,25 +238,27 @@ def _gptq_block(cand: GptqConfig, arch: ArchInfo, keep_zeros: bool = False) -> B
     return apply
 
 
-def _awq_block(cand: AwqConfig, arch: ArchInfo) -> BlockMethod:
-    """(A pruned zero needs nothing here: scaling and RTN map 0 to 0.)"""
+def _awq_block(cand: AwqConfig, arch: ArchInfo, config, quantize: bool = True) -> BlockMethod:
+    """Scales searched and folded (the float function unchanged), then, when `quantize`, clip
+    search and RTN. Returns linears changed (by scaling alone when not quantizing).
+    (A pruned zero needs nothing here: scaling and RTN map 0 to 0.)"""
     spec = spec_of(cand)
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         scales: dict[str, torch.Tensor] = {}  # linear name -> the scales its input now carries
-        for feeder, linears in _groups(arch, block):  # 1. scales, folded so the float model is unchanged
-            weights = [block.get_submodule(n).weight for n in linears]
-            if feeder.weight.shape[0] != weights[0].shape[1]:
-                continue  # e.g. grouped-query v_proj -> o_proj: nothing to fold into
-            found = awq.search_scales(_inputs(stats, linears).sample, [w.data for w in weights], spec, grid=cand.grid)
-            _write(feeder.weight, awq.fold_into_previous(feeder.weight.data, found.scales))
-            if getattr(feeder, "bias", None) is not None:
-                _write(feeder.bias, awq.fold_into_previous(feeder.bias.data, found.scales))
-            for name, w in zip(linears, weights):
-                _write(w, awq.apply_scales(w.data, found.scales))
-                scales[name] = found.scales
         changed = 0
-        for _, linears in _groups(arch, block):  # 2. clip search and quantize every linear
+        for group in arch.groups:  # 1. scales, folded so the float model is unchanged
+            feeder = _feeder(arch, config, block, group)
+            if feeder is None:
+                continue
+            weights = [block.get_submodule(n).weight for n in group.linears]
+            found = awq.search_scales(_inputs(stats, group.linears).sample, [w.data for w in weights], spec,
+                                      grid=cand.grid)
+            feeder.fold(found.scales)
+            for name, w in zip(group.linears, weights):
+                changed += _write(w, awq.apply_scales(w.data, found.scales)) * (not quantize)
+                scales[name] = found.scales
+        for linears in _linear_groups(arch, block) if quantize else ():  # 2. clip search and quantize
             x = _inputs(stats, linears).sample
             for name in linears:
                 weight = block.get_submodule(name).weight
@@ -226,7 +268,7 @@ def _awq_block(cand: AwqConfig, arch: ArchInfo) -> BlockMethod:
     return apply
 
 
-def _smoothquant_block(cand: SmoothQuantConfig, arch: ArchInfo, quantize: bool = True) -> BlockMethod:
+def _smoothquant_block(cand: SmoothQuantConfig, arch: ArchInfo, config, quantize: bool = True) -> BlockMethod:
     """Smoothing folded into norm-fed groups, then (when `quantize`) int8 weights. Returns the
     count of linears changed (smoothing alone changes the function by rounding only).
     (A pruned zero needs nothing here: scaling and RTN map 0 to 0.)"""
@@ -234,12 +276,13 @@ def _smoothquant_block(cand: SmoothQuantConfig, arch: ArchInfo, quantize: bool =
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
-        for feeder, linears in _groups(arch, block):
-            weights = [block.get_submodule(n).weight for n in linears]
-            if feeder.weight.dim() == 1:  # smooth only inputs that come from a norm
-                s = smoothquant.smoothing_scales(_inputs(stats, linears).absmax,
+        for group in arch.groups:
+            weights = [block.get_submodule(n).weight for n in group.linears]
+            feeder = _feeder(arch, config, block, group)
+            if feeder is not None and feeder.is_norm:  # smooth only inputs that come from a norm
+                s = smoothquant.smoothing_scales(_inputs(stats, group.linears).absmax,
                                                  smoothquant.weight_absmax([w.data for w in weights]), cand.alpha)
-                _write(feeder.weight, awq.fold_into_previous(feeder.weight.data, s))
+                feeder.fold(s)
                 for w in weights:
                     changed += _write(w, awq.apply_scales(w.data, s)) * (not quantize)
             for w in weights if quantize else ():
@@ -285,7 +328,7 @@ def _unstructured_block(cand: PruneConfig, arch: ArchInfo) -> BlockMethod:
 
     def apply(block: torch.nn.Module, stats: dict[str, GroupInputs]) -> int:
         changed = 0
-        for _, linears in _groups(arch, block):
+        for linears in _linear_groups(arch, block):
             hessian = _inputs(stats, linears).hessian if stats else None
             for name in linears:
                 weight = block.get_submodule(name).weight

@@ -35,18 +35,22 @@ def apply_scales(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return weight.float() * scales.float()
 
 
-def fold_into_previous(prev_weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def fold_into_previous(prev_weight: torch.Tensor, scales: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
     """Divide what produces the scaled layer's input by s, so the layer sees x / s.
 
-    prev_weight: a norm's weight [in] (y = weight ⊙ normalized(x)), a bias [in], or the previous
-    linear's weight [in, k] (its output rows are our input channels). scales: [in].
-    Returns float32, same shape as prev_weight: row/entry j divided by scales[j].
+    prev_weight: a norm's weight [in] (y = (offset + weight) ⊙ normalized(x); offset 1 for norms
+    stored as w and applied as 1 + w, e.g. Gemma), a bias [in], or the previous linear's weight
+    [in, k] (its output rows are our input channels; offset 0). scales: [in].
+    Returns float32, same shape as prev_weight: (offset + row/entry j) / scales[j] - offset, so the
+    effective factor offset + w is divided by s exactly (in real arithmetic).
     """
     if prev_weight.shape[0] != scales.shape[0] or prev_weight.dim() > 2:
         raise ValueError(f"cannot fold scales [{scales.shape[0]}] into a tensor of shape "
                          f"{tuple(prev_weight.shape)} (expected [in] or [in, k])")
+    if offset and prev_weight.dim() != 1:
+        raise ValueError("a norm offset applies to a norm's weight [in] only")
     s = scales.float() if prev_weight.dim() == 1 else scales.float().unsqueeze(1)
-    return prev_weight.float() / s
+    return (prev_weight.float() + offset) / s - offset
 
 
 def scaled_fake_quantize(weight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

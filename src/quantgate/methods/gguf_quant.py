@@ -134,15 +134,18 @@ def _hooks(model: torch.nn.Module, arch: ArchInfo, hook_for: Callable) -> Iterat
 
 
 def float_gguf(baseline: Baseline) -> Path:
-    """The baseline written as an F32 GGUF (tokenizer and chat template from its source GGUF),
-    cached by the weights' sha256."""
+    """The baseline written as an F32 GGUF, cached by the weights' sha256: metadata (tokenizer,
+    chat template) from its source GGUF when it was loaded from one, else from its config and
+    tokenizer (models/gguf_export.py)."""
     source = Path(baseline.source)
-    if source.suffix != ".gguf":
-        raise NotSupportedYet("serving.engine llamacpp for a model not loaded from a GGUF file (its tokenizer "
-                              "metadata comes from that file); give model.base as a .gguf file")
+    if baseline.digest == "unknown":
+        raise NotSupportedYet("serving.engine llamacpp for a hub id (its weights have no local files to "
+                              "identify the GGUF by); give model.base as a local directory or .gguf file")
     out = _cache_dir(baseline) / "F32.gguf"
     if not out.is_file():
-        _finish(lambda tmp: write_gguf(baseline.model, baseline.arch, source, tmp), out)
+        reference = source if source.suffix == ".gguf" else None
+        _finish(lambda tmp: write_gguf(baseline.model, baseline.arch, reference, tmp, tokenizer=baseline.tokenizer),
+                out)
     return out
 
 

@@ -48,10 +48,16 @@ SERVED_SCHEMES = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "w8a8
 class MethodConfig(BaseModel):
     """What every candidate config has: its method, an optional name, and the derived facts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str | None = None
     # Set by each subclass: its registry entry's artifact kind (see module docstring).
     artifact: ClassVar[Artifact] = "model"
+    # Its command-line shorthand (`method:token:...`, see shorthand()): bare values fill
+    # POSITIONAL's fields in order; <prefix><integer> sets the field PREFIXED names for the prefix;
+    # a word of WORDS sets (field, value); key=value sets any field.
+    POSITIONAL: ClassVar[tuple[str, ...]] = ()
+    PREFIXED: ClassVar[dict[str, str]] = {}
+    WORDS: ClassVar[dict[str, tuple[str, Any]]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -71,6 +77,16 @@ class MethodConfig(BaseModel):
         """Settings this candidate gives that only some engines use (accuracy_level); each
         backend entry says which it uses (engines/registry.py) and refuses the others."""
         return frozenset()
+
+    # Whether making it changes tensors besides its target linears' weights (scales folded into
+    # the norms or linears that feed them): then those weights alone, as an engine's artifact
+    # stores them, do not rebuild the candidate (export makes it again instead).
+    FOLDS_INTO_FEEDERS: ClassVar[bool] = False
+
+    @property
+    def weights_alone(self) -> bool:
+        """Its linears' weights are everything it changed (see FOLDS_INTO_FEEDERS)."""
+        return not self.FOLDS_INTO_FEEDERS
 
     @property
     def needs_calibration(self) -> bool:
@@ -99,6 +115,51 @@ class MethodConfig(BaseModel):
     def auto_label(self) -> str:
         raise NotImplementedError
 
+    @classmethod
+    def from_shorthand(cls, tokens: list[str]) -> dict[str, Any]:
+        """The YAML fields a shorthand's tokens (after the method) stand for; ValueError for a
+        token that is none of the forms (see POSITIONAL)."""
+        fields: dict[str, Any] = {}
+        positional = list(cls.POSITIONAL)
+        for token in tokens:
+            key, value = cls._token(token, positional)
+            if key in fields:
+                raise ValueError(f"'{token}' sets {key} a second time")
+            fields[key] = value
+        return fields
+
+    @classmethod
+    def _token(cls, token: str, positional: list[str]) -> tuple[str, Any]:
+        key, eq, raw = token.partition("=")
+        if eq:
+            return key, _scalar(raw)
+        if token in cls.WORDS:
+            return cls.WORDS[token]
+        for prefix, field in cls.PREFIXED.items():
+            if token.startswith(prefix) and token[len(prefix):].isdigit():
+                return field, int(token[len(prefix):])
+        if positional and token:
+            return positional.pop(0), _scalar(token)
+        raise ValueError(f"'{token}' is not a setting of method {cls.model_fields['method'].default} "
+                         f"({cls.shorthand_help()})")
+
+    @classmethod
+    def shorthand_help(cls) -> str:
+        forms = [f"bare values: {', '.join(cls.POSITIONAL)}"] if cls.POSITIONAL else []
+        forms += [f"{p}<N>: {f}" for p, f in cls.PREFIXED.items()]
+        forms += [f"words: {', '.join(cls.WORDS)}"] if cls.WORDS else []
+        return "; ".join([*forms, "key=value: any field"])
+
+
+def _scalar(text: str) -> Any:
+    """A shorthand value: an integer, a number, true/false, null, or else the text itself."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "null": None, "none": None}.get(text.lower(), text)
+
 
 def _extras(cfg: BaseModel, shown: dict[str, Callable[[Any], str]]) -> str:
     """Label suffixes for the fields in `shown` whose value is not their default, so that two
@@ -123,6 +184,9 @@ class _Quantizer(MethodConfig):
     # activations. None: the engine's default (0). Engines without it refuse it.
     accuracy_level: int | None = Field(None, ge=0, le=4, exclude_if=lambda v: v is None)
     ENGINE_SETTINGS: ClassVar[tuple[str, ...]] = ("accuracy_level",)
+    POSITIONAL = ("bits",)  # rtn:4:g64:sym
+    PREFIXED = {"w": "bits", "g": "group_size"}
+    WORDS = {"sym": ("symmetric", True), "asym": ("symmetric", False), "emb": ("quantize_embeddings", True)}
 
     @model_validator(mode="after")
     def _symmetric_default(self) -> _Quantizer:
@@ -169,6 +233,7 @@ class GptqConfig(_Quantizer):
     # Process columns by descending Hessian diagonal; dampening as a fraction of its mean.
     act_order: bool = False
     damp: float = Field(0.01, gt=0.0, lt=1.0)
+    WORDS = {**_Quantizer.WORDS, "actorder": ("act_order", True)}  # gptq:4:g128:actorder
 
     def calibration_needs(self) -> frozenset[str]:
         return frozenset({"hessian"})
@@ -184,6 +249,7 @@ class AwqConfig(_Quantizer):
     method: Literal["awq"] = "awq"
     # Points of the scale-exponent grid searched per group of linears.
     grid: int = Field(20, ge=1, le=100)
+    FOLDS_INTO_FEEDERS = True
 
     def calibration_needs(self) -> frozenset[str]:
         return frozenset({"rows"})
@@ -199,6 +265,9 @@ class _W8A8(_Quantizer):
     group_size: None = None
     symmetric: Literal[True] | None = None
     activation_bits: ClassVar[int | None] = 8
+    POSITIONAL = ()  # w8a8, smoothquant:0.5
+    PREFIXED = {}
+    WORDS = {"emb": ("quantize_embeddings", True)}
 
     @model_validator(mode="before")
     @classmethod
@@ -218,8 +287,10 @@ class SmoothQuantConfig(_W8A8):
     """SmoothQuant (methods/smoothquant.py): activation outliers migrated into the weights."""
 
     method: Literal["smoothquant"] = "smoothquant"
+    FOLDS_INTO_FEEDERS = True
     # Migration strength (0: all difficulty stays on activations, 1: all on weights).
     alpha: float = Field(0.5, ge=0.0, le=1.0)
+    POSITIONAL = ("alpha",)
 
     def calibration_needs(self) -> frozenset[str]:
         return frozenset({"absmax"})
@@ -248,6 +319,8 @@ class GgufConfig(MethodConfig):
     type: GgufType
     # An importance matrix from the calibration text guides llama.cpp's rounding.
     imatrix: bool = False
+    POSITIONAL = ("type",)  # gguf:Q4_K_M:imatrix
+    WORDS = {"imatrix": ("imatrix", True)}
 
     @model_validator(mode="before")
     @classmethod
@@ -286,6 +359,8 @@ class PruneConfig(MethodConfig):
     # neurons, "heads" KV groups (a key/value head with the query heads that share it).
     structure: Literal["mlp", "heads"] | None = None
     damp: float = Field(0.01, gt=0.0, lt=1.0)  # sparsegpt's dampening
+    POSITIONAL = ("prune", "sparsity")  # prune:wanda:0.5, prune:magnitude:0.25:mlp
+    WORDS = {"mlp": ("structure", "mlp"), "heads": ("structure", "heads")}
 
     @model_validator(mode="before")
     @classmethod
@@ -372,6 +447,10 @@ class ComposeConfig(MethodConfig):
         return frozenset().union(*(s.engine_settings() for s in self.steps))
 
     @property
+    def weights_alone(self) -> bool:
+        return all(s.weights_alone for s in self.steps)
+
+    @property
     def quantized_bits(self) -> int | None:
         return self.quantizer and self.quantizer.bits
 
@@ -401,7 +480,8 @@ class ServedConfig(MethodConfig):
     # What the server runs: one of SERVED_SCHEMES, and/or its bits per weight.
     scheme_name: str | None = Field(None, alias="scheme")
     bits: int | None = Field(None, ge=1, le=32)
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True,
+                              serialize_by_alias=True)
 
     @model_validator(mode="after")
     def _declared(self) -> ServedConfig:
@@ -486,6 +566,19 @@ _CANDIDATE: TypeAdapter[MethodConfig] = TypeAdapter(Candidate)
 def candidate(**fields: Any) -> MethodConfig:
     """A candidate config from its YAML fields (the method decides which model validates them)."""
     return _CANDIDATE.validate_python(fields)
+
+
+def shorthand(text: str) -> dict[str, Any]:
+    """A candidate as written on the command line, `method:token:...` (`rtn:8`, `gptq:4:g64`,
+    `gguf:Q4_K_M:imatrix`, `smoothquant:0.8`, `prune:wanda:0.5`, `awq:4:g128:grid=10`), as the
+    YAML fields it stands for: each method's config class reads its own tokens (its POSITIONAL,
+    PREFIXED and WORDS), so a new method needs no change here. ValueError for an unknown method or
+    token; the fields themselves are validated with the rest of the config."""
+    method, *tokens = text.strip().split(":")
+    spec = METHODS.get(method)
+    if spec is None:
+        raise ValueError(f"unknown method '{method}' (one of {', '.join(METHODS)}; write it as method:setting:...)")
+    return {"method": method, **spec.config.from_shorthand(tokens)}
 
 
 def parse_candidate(data: Any) -> MethodConfig:

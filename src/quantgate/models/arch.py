@@ -1,9 +1,24 @@
-"""Per-architecture facts as data. Adding a family is adding a row, not a code path."""
+"""Per-architecture facts as data. Adding a family is adding a row, not a code path.
+
+A row (ArchInfo, keyed by the Hugging Face config's model_type) holds what the calibrated methods
+and the GGUF writer need to know about a decoder family: which module feeds which linears (AWQ,
+SmoothQuant, the Hessian groups of GPTQ / Wanda / SparseGPT), how its norms store their weight,
+its fused projections, its biases, how its decoder takes attention masks for sliding-window and
+full-attention layers, its rope layout in llama.cpp, and which llama.cpp architecture reads it
+(tensor names come from the `gguf` package's own map, as llama.cpp's converter takes them).
+
+A model without a row still gets a *discovered* ArchInfo (`arch_for`): its transformer blocks and
+every Linear inside them, enough for round-to-nearest and magnitude pruning. Everything that needs
+the facts above (calibrated methods, GGUF writing) calls `require_row` and stops with one line.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
 
 from quantgate.errors import UserError
 
@@ -21,6 +36,18 @@ class Units:
 
 
 @dataclass(frozen=True)
+class Group:
+    """Linears (names inside a block) that read one and the same tensor, and the module that
+    produces it: a norm (its weight scales the input) or a linear (its output rows do); None when
+    nothing can absorb a scale. `part` names the feeder's rows when the feeder is a fused
+    projection (ArchInfo.fused): Phi-3's down_proj reads the "up" half of gate_up_proj."""
+
+    linears: tuple[str, ...]
+    feeder: str | None = None
+    part: str | None = None
+
+
+@dataclass(frozen=True)
 class ArchInfo:
     # Regex (full match) over module names: the Linear layers inside the transformer blocks.
     block_linears: str
@@ -28,68 +55,166 @@ class ArchInfo:
     embeddings: tuple[str, ...]
     # The ModuleList of transformer blocks.
     blocks: str = "model.layers"
-    # Inside a block: (the module whose output feeds them, the linears that read it). The feeder is
-    # a norm (its weight scales the input) or a linear (its output rows do). Scales are folded
-    # into the feeder only where its output width equals the linears' input width (a grouped-
-    # query v_proj does not match o_proj, so that pair is skipped for such models).
-    scaling_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    # (regex over Hugging Face parameter names, GGUF tensor name with {} for the regex groups).
-    gguf_names: tuple[tuple[str, str], ...] = ()
+    # Every group of linears that read one tensor, in forward order (see Group). Scales are folded
+    # into the feeder only where its output width equals the linears' input width (a grouped-query
+    # v_proj does not match o_proj, so that pair is skipped for such models).
+    groups: tuple[Group, ...] = ()
+    # A norm computes (norm_offset + weight) ⊙ x̂: Gemma stores w and applies 1 + w (every norm of
+    # the model, q_norm/k_norm included). Folding s into it must give (offset + w)/s - offset, and
+    # llama.cpp wants offset + w written.
+    norm_offset: float = 0.0
+    # llama.cpp's rope for this family: "permute" (the Llama arch's interleaved pairs; its
+    # converter permutes the q/k rows of the Hugging Face layout) or "neox" (the halves layout
+    # transformers uses: rows written as they are).
+    rope: Literal["permute", "neox"] = "neox"
+    # The decoder takes {layer kind: 4-D mask} (kinds from config.layer_types: "full_attention",
+    # "sliding_attention"); False: one mask serves every layer (all sliding when the config has a
+    # sliding_window, else all full).
+    per_layer_masks: bool = False
+    # Fused projections: name -> its parts in row order ("q", "k", "v", "gate", "up"; widths from
+    # the config, see part_rows).
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Linears that carry a bias in this family (written to GGUF as <name>.bias).
+    biases: tuple[str, ...] = ()
+    # llama.cpp's architecture (a gguf.MODEL_ARCH member name); None: no GGUF writing.
+    gguf_arch: str | None = None
+    # llama.cpp's architecture runs the config's sliding window (per layer, with its own rope
+    # base). False: llama.cpp attends to everything, so it equals transformers only on sequences
+    # no longer than the window (measured: mistral, qwen2, qwen3 and phi3 differ past it).
+    gguf_sliding_window: bool = False
     # Structured pruning: unit kind ("mlp", "heads") -> its layout (see Units).
     units: tuple[tuple[str, Units], ...] = ()
+    # The row's key; None for an architecture discovered from a model that has no row.
+    model_type: str | None = None
 
     def is_block_linear(self, name: str) -> bool:
         return re.fullmatch(self.block_linears, name) is not None
 
+    @property
+    def has_row(self) -> bool:
+        return self.model_type is not None
 
-_LLAMA_LIKE = ArchInfo(
-    block_linears=r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-    embeddings=("model.embed_tokens", "lm_head"),
-    blocks="model.layers",
-    scaling_groups=(
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("self_attn.v_proj", ("self_attn.o_proj",)),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ("mlp.up_proj", ("mlp.down_proj",)),
-    ),
-    gguf_names=(
-        (r"model\.embed_tokens\.weight", "token_embd.weight"),
-        (r"model\.norm\.weight", "output_norm.weight"),
-        (r"lm_head\.weight", "output.weight"),
-        (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blk.{}.attn_norm.weight"),
-        (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.ffn_norm.weight"),
-        (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "blk.{}.attn_q.weight"),
-        (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "blk.{}.attn_k.weight"),
-        (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "blk.{}.attn_v.weight"),
-        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "blk.{}.attn_output.weight"),
-        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
-        (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
-        (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
-    ),
-    units=(
-        # one intermediate neuron: a row of gate and up, a column of down
-        ("mlp", Units(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", ("intermediate_size",))),
-        # one KV group: a key head and a value head with the query heads that share them (their
-        # q rows and o columns), so the query-per-KV ratio, and the attention code, are unchanged
-        ("heads", Units(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
-                        ("num_key_value_heads", "num_attention_heads"))),
-    ),
+
+_LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj")
+_LLAMA_UNITS = (
+    # one intermediate neuron: a row of gate and up, a column of down
+    ("mlp", Units(_LLAMA_MLP, "mlp.down_proj", ("intermediate_size",))),
+    # one KV group: a key head and a value head with the query heads that share them (their q rows
+    # and o columns), so the query-per-KV ratio, and the attention code, are unchanged
+    ("heads", Units(_LLAMA_ATTN, "self_attn.o_proj", ("num_key_value_heads", "num_attention_heads"))),
 )
+
+
+def _llama_groups(attn_norm: str, mlp_norm: str) -> tuple[Group, ...]:
+    return (
+        Group(_LLAMA_ATTN, attn_norm),
+        Group(("self_attn.o_proj",), "self_attn.v_proj"),
+        Group(_LLAMA_MLP, mlp_norm),
+        Group(("mlp.down_proj",), "mlp.up_proj"),
+    )
+
+
+def _llama_like(model_type: str, **facts) -> ArchInfo:
+    """A row of the Llama layout (separate q/k/v/o and gate/up/down projections)."""
+    defaults = dict(
+        block_linears=r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+        embeddings=("model.embed_tokens", "lm_head"),
+        groups=_llama_groups("input_layernorm", "post_attention_layernorm"),
+        units=_LLAMA_UNITS,
+        model_type=model_type,
+    )
+    return ArchInfo(**{**defaults, **facts})
+
 
 # Keyed by the Hugging Face config's model_type.
 ARCHITECTURES: dict[str, ArchInfo] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
+    "llama": _llama_like("llama", rope="permute", gguf_arch="LLAMA"),
+    # llama.cpp's converter reads Mistral as its Llama architecture (q/k permuted)
+    "mistral": _llama_like("mistral", rope="permute", gguf_arch="LLAMA"),
+    "qwen2": _llama_like("qwen2", per_layer_masks=True, biases=_LLAMA_ATTN, gguf_arch="QWEN2"),
+    # q_norm / k_norm (per head, after q_proj / k_proj) change no fold: they read the projections
+    "qwen3": _llama_like("qwen3", per_layer_masks=True, gguf_arch="QWEN3"),
+    # attention output -> post_attention_layernorm -> residual; pre_feedforward_layernorm feeds the
+    # MLP, post_feedforward_layernorm follows it; every norm stores w for (1 + w)
+    "gemma3_text": _llama_like("gemma3_text", groups=_llama_groups("input_layernorm", "pre_feedforward_layernorm"),
+                               norm_offset=1.0, per_layer_masks=True, gguf_arch="GEMMA3", gguf_sliding_window=True),
+    # fused qkv_proj and gate_up_proj (gate rows first); down_proj reads act(gate) * up, so its
+    # scales fold into the up half; structured pruning would have to split the fused rows: no units
+    "phi3": ArchInfo(
+        block_linears=r"model\.layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)",
+        embeddings=("model.embed_tokens", "lm_head"),
+        groups=(Group(("self_attn.qkv_proj",), "input_layernorm"),
+                Group(("self_attn.o_proj",), "self_attn.qkv_proj", part="v"),
+                Group(("mlp.gate_up_proj",), "post_attention_layernorm"),
+                Group(("mlp.down_proj",), "mlp.gate_up_proj", part="up")),
+        fused=(("self_attn.qkv_proj", ("q", "k", "v")), ("mlp.gate_up_proj", ("gate", "up"))),
+        gguf_arch="PHI3", model_type="phi3",
+    ),
 }
 
 
 def arch_of(model_type: str) -> ArchInfo:
+    """The row of a model type; UserError naming the known ones when there is none."""
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise UserError(
-            f"model type '{model_type}' has no entry in quantgate.models.arch.ARCHITECTURES "
-            f"(known: {known})"
-        ) from None
+        raise UserError(_no_row(model_type, "")) from None
+
+
+def arch_for(model: torch.nn.Module) -> ArchInfo:
+    """The model's row, or an ArchInfo discovered from the model itself (has_row False): its
+    blocks (the ModuleList of config.num_hidden_layers modules), every Linear inside them, and its
+    input/output embeddings. Enough for round-to-nearest and magnitude pruning."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    blocks = next((name for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers and name), None)
+    if blocks is None:
+        raise UserError(f"model type '{model_type}': no list of {n_layers} transformer blocks found "
+                        f"({_no_row(model_type, '')})")
+    modules = {id(m): name for name, m in model.named_modules()}
+    embeddings = tuple(modules[id(e)] for e in (model.get_input_embeddings(), model.get_output_embeddings())
+                       if e is not None and id(e) in modules)
+    return ArchInfo(block_linears=rf"{re.escape(blocks)}\.\d+\..+", embeddings=embeddings, blocks=blocks)
+
+
+def require_row(arch: ArchInfo, model_type: str, needs: str) -> None:
+    """UserError (one line) when `arch` was discovered rather than read from a row."""
+    if not arch.has_row:
+        raise UserError(_no_row(model_type, f"{needs} needs it; "))
+
+
+def _no_row(model_type: str, needs: str) -> str:
+    known = ", ".join(sorted(ARCHITECTURES))
+    return (f"model type '{model_type}' has no entry in quantgate.models.arch.ARCHITECTURES ({needs}"
+            f"known: {known}; rtn and magnitude pruning run without one)")
+
+
+def layer_kinds(config) -> list[str]:
+    """Each block's attention kind, "full_attention" or "sliding_attention": config.layer_types
+    where the config has it, else every layer sliding when config.sliding_window is set."""
+    n = config.num_hidden_layers
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return list(kinds[:n])
+    return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * n
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def part_rows(arch: ArchInfo, fused: str, part: str, config) -> slice:
+    """Rows of `part` inside the fused projection `fused` (output rows in the row's order)."""
+    d = head_dim(config)
+    widths = {"q": config.num_attention_heads * d, "k": config.num_key_value_heads * d,
+              "v": config.num_key_value_heads * d, "gate": config.intermediate_size, "up": config.intermediate_size}
+    start = 0
+    for name in dict(arch.fused)[fused]:
+        if name == part:
+            return slice(start, start + widths[name])
+        start += widths[name]
+    raise ValueError(f"{fused} has no part '{part}'")

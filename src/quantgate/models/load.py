@@ -2,6 +2,10 @@
 
 GGUF files are dequantized to float32 by transformers' GGUF loader once and cached as a
 safetensors HF directory, so later runs load in seconds. Pickled weights are never loaded.
+
+The baseline is loaded straight into the precision it is evaluated in (quality_gate.
+verified_against: fp32, bf16 or fp16): transformers reads the safetensors tensor by tensor and
+casts each, so a bf16 checkpoint evaluated in bf16 never exists as a float32 copy.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from pathlib import Path
 import torch
 
 from quantgate.errors import UserError
-from quantgate.models.arch import ArchInfo, arch_of
+from quantgate.models.arch import ArchInfo, arch_for
+from quantgate.models.files import check_gguf, check_hf_dir
+
+# The precisions a baseline is evaluated in (quality_gate.verified_against names one).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -40,13 +48,31 @@ PACKAGED: dict[str, PackagedModel] = {
 
 @dataclass
 class Baseline:
-    model: torch.nn.Module  # a *ForCausalLM in float32, eval mode
+    model: torch.nn.Module  # a *ForCausalLM in `precision`, eval mode
     tokenizer: object  # a transformers tokenizer
     arch: ArchInfo
     source: str  # what model.base resolved to (file or directory)
     digest: str  # sha256 of the weights file(s) it was read from
     description: str
-    weights_dir: Path | None = None  # a local HF directory of these float32 weights (engine processes load it)
+    weights_dir: Path | None = None  # a local HF directory of these weights (engine processes load it)
+    precision: str = "fp32"  # a key of PRECISIONS: the dtype the model is held and evaluated in
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    @property
+    def model_type(self) -> str:
+        return getattr(self.model.config, "model_type", "")
+
+
+def at_precision(baseline: Baseline, precision: str) -> Baseline:
+    """The same weights loaded again from their files in another precision (the float32 reference
+    a bf16 baseline is compared with): the checkpoint's own values, not the bf16-rounded ones."""
+    where = baseline.weights_dir or baseline.source
+    other = _load_hf_dir(where, source=baseline.source, description=baseline.description, precision=precision)
+    other.digest = baseline.digest
+    return other
 
 
 def cache_root() -> Path:
@@ -74,21 +100,24 @@ def locate_packaged(name: str) -> Path:
     raise UserError(f"{spec.distribution} is installed but has no file {spec.filename}")
 
 
-def load_baseline(base: str) -> Baseline:
+def load_baseline(base: str, precision: str = "fp32") -> Baseline:
+    """model.base loaded in `precision` (a key of PRECISIONS)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision '{precision}': one of {', '.join(PRECISIONS)}")
     if base in PACKAGED:
         path = locate_packaged(base)
-        return _load_gguf(path, PACKAGED[base].description)
+        return _load_gguf(path, PACKAGED[base].description, precision)
     path = Path(base)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"model.base: GGUF file not found: {base}")
-        return _load_gguf(path, f"{path.name}, dequantized to float32")
+        return _load_gguf(path, f"{path.name}, dequantized to float32", precision)
     if path.is_dir():
-        return _load_hf_dir(path, source=str(path), description=f"{path.name} (float32)")
+        return _load_hf_dir(path, source=str(path), description=path.name, precision=precision)
     if path.exists() or base.startswith((".", "/")):
         raise UserError(f"model.base: '{base}' is neither a directory nor a .gguf file")
     # A hub id: transformers resolves it (needs network or a filled HF cache).
-    return _load_hf_dir(base, source=base, description=f"{base} (float32)")
+    return _load_hf_dir(base, source=base, description=base, precision=precision)
 
 
 def file_sha256(path: Path) -> str:
@@ -99,12 +128,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_gguf(path: Path, description: str) -> Baseline:
+def _load_gguf(path: Path, description: str, precision: str) -> Baseline:
     digest = file_sha256(path)
     cached = cache_root() / "models" / f"{path.stem}-{digest[:16]}"
     if not (cached / "model.safetensors").is_file():
         _convert_gguf(path, cached)
-    baseline = _load_hf_dir(cached, source=str(path), description=description)
+    baseline = _load_hf_dir(cached, source=str(path), description=description, precision=precision)
     baseline.digest = digest
     return baseline
 
@@ -113,6 +142,7 @@ def _convert_gguf(path: Path, target: Path) -> None:
     """Dequantize a GGUF file to a float32 safetensors HF directory, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -136,7 +166,7 @@ def _convert_gguf(path: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_hf_dir(where: str | Path, *, source: str, description: str) -> Baseline:
+def _load_hf_dir(where: str | Path, *, source: str, description: str, precision: str) -> Baseline:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(where)
@@ -146,21 +176,23 @@ def _load_hf_dir(where: str | Path, *, source: str, description: str) -> Baselin
             pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
             hint = f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
             raise UserError(f"model.base: {directory} has no .safetensors weights{hint}")
+        check_hf_dir(directory)
         digest = hashlib.sha256("".join(file_sha256(w) for w in weights).encode()).hexdigest()
     else:
         digest = "unknown"
     try:
         tok = AutoTokenizer.from_pretrained(str(where))
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=PRECISIONS[precision], use_safetensors=True)
     except OSError as e:
         raise UserError(f"model.base: cannot load '{where}': {str(e).splitlines()[0]}") from None
     model.eval()
     return Baseline(
         model=model,
         tokenizer=tok,
-        arch=arch_of(model.config.model_type),
+        arch=arch_for(model),
         source=source,
         digest=digest,
         description=description,
         weights_dir=directory if directory.is_dir() else None,
+        precision=precision,
     )

@@ -10,6 +10,7 @@ import numpy as np
 
 from quantgate import record as rec
 from quantgate.economics import Economics
+from quantgate.evals.datasets import ChoiceItem, ClozeItem, GenerationItem, PromptItem
 from quantgate.evals.digest import eval_digest
 from quantgate.evals.metrics import TaskComparison
 from quantgate.gate import CandidateVerdict
@@ -30,7 +31,7 @@ def record_fields(result: RunResult) -> dict[str, Any]:
         "run_id": run_id(result), "started": result.started, "finished": result.finished,
         "config": cfg.model_dump(mode="json"), "config_digest": cfg.digest(), "environment": result.environment,
         "model": rec.ModelInfo(base=cfg.model.base, source=result.model_source, sha256=result.model_digest,
-                               description=result.model_description),
+                               description=result.model_description, precision=result.precision),
         "eval": rec.EvalInfo(
             eval_set=suite.name, metric=gate.metric, items=len(suite.items), tasks=suite.tasks,
             duplicates=tuple(rec.Duplicate(task=t, id=i, same_as=f) for t, i, f in suite.duplicates),
@@ -53,6 +54,7 @@ def record_fields(result: RunResult) -> dict[str, Any]:
         "strategy": cfg.strategy, "ladder": ladder(result) if cfg.strategy == "ladder" else None,
         "recommendation": rec.Recommendation(candidate=result.decision.recommended, reason=result.decision.reason),
         "exit_code": result.exit_code,
+        "full_precision": result.full_precision and _full_precision(result, *result.full_precision),
     }
 
 
@@ -77,6 +79,16 @@ def _candidate(result: RunResult, m: ModelResult, verdict: CandidateVerdict) -> 
         group_size=getattr(c, "group_size", None), symmetric=getattr(c, "symmetric", None),  # not every method has them
         settings=c.model_dump(mode="json"), modules_changed=m.modules_changed,
         quantize_seconds=round(m.quantize_seconds, 3), vs_baseline=comparison(m),
+        gate=rec.Gate(passed=verdict.passed, rules=tuple(map(rec.rule_record, verdict.rules))),
+        flipped_items=flipped_items(result, m),
+    )
+
+
+def _full_precision(result: RunResult, m: ModelResult, verdict: CandidateVerdict) -> rec.CandidateRecord:
+    """The checkpoint in fp32 against a lower-precision baseline, recorded like a candidate."""
+    return rec.CandidateRecord(
+        **_model(m), method="precision", bits=None, group_size=None, symmetric=None, settings=None,
+        modules_changed=0, quantize_seconds=None, vs_baseline=comparison(m),
         gate=rec.Gate(passed=verdict.passed, rules=tuple(map(rec.rule_record, verdict.rules))),
         flipped_items=flipped_items(result, m),
     )
@@ -156,3 +168,24 @@ def flipped_items(result: RunResult, m: ModelResult) -> tuple[rec.FlippedItem, .
         )
         for i in changed
     )
+
+
+KINDS = {ChoiceItem: "choice", ClozeItem: "cloze", GenerationItem: "generation", PromptItem: "prompt"}
+
+
+def item_records(result: RunResult) -> list[rec.ItemRecord]:
+    """Every item of the run's suite with the baseline's and each candidate's outcome."""
+    prepared, items = result.prepared, result.prepared.suite.items
+    models = [result.baseline, *result.candidates]
+    out = []
+    for i, item in enumerate(items):
+        a, b = int(prepared.offsets[i]), int(prepared.offsets[i + 1])
+        labeled = not isinstance(item, PromptItem)
+        scores = {m.name: rec.ItemScore(
+            answer=m.metrics.answers[i], score=m.metrics.score[i] if labeled else None,
+            correct=bool(m.metrics.correct[i]) if labeled else None,
+            option_ll=tuple(m.scores.option_ll[a:b].tolist()) if b > a else None,
+            greedy=tuple(m.scores.option_greedy[a:b].tolist()) if b > a else None) for m in models}
+        out.append(rec.ItemRecord(index=i, id=item.id, task=item.task, kind=KINDS[type(item)], prompt=item.prompt,
+                                  gold=item.gold_answer if labeled else None, models=scores))
+    return out

@@ -10,6 +10,7 @@ from quantgate.report.html import render_html
 from quantgate.report.markdown import render_markdown
 
 RESULTS = "results.json"
+ITEMS = "items.jsonl"  # every item's outcome for every model (record.ItemRecord per line)
 HTML = "report.html"
 MARKDOWN = "summary.md"
 

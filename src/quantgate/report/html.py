@@ -68,6 +68,31 @@ dl.manifest dd { margin:0; font-family:ui-monospace,SFMono-Regular,Menlo,Consola
 ul.notes { color:var(--muted); font-size:13px; margin:8px 0 14px; padding-left:18px; }
 pre { background:#f8fafc; padding:12px; border-radius:6px; overflow-x:auto; font-size:12px; }
 footer { color:var(--muted); font-size:12px; margin-top:24px; text-align:center; }
+.figure { max-width:100%; }
+/* Scroll shadows: an edge with more to see sideways is shaded (no script needed). */
+.scroll { background:linear-gradient(to right, #fff 30%, rgba(255,255,255,0)) left / 28px 100% no-repeat local,
+                     linear-gradient(to left, #fff 30%, rgba(255,255,255,0)) right / 28px 100% no-repeat local,
+                     radial-gradient(farthest-side at 0 50%, rgba(0,0,0,.2), rgba(0,0,0,0)) left / 10px 100% no-repeat,
+                     radial-gradient(farthest-side at 100% 50%, rgba(0,0,0,.2), rgba(0,0,0,0)) right / 10px 100% no-repeat;
+          background-color:#fff; }
+/* A phone (400 px): less padding; tables and figures keep a readable size and scroll sideways
+   under a visible hint, the first column of the wide tables staying in view; chart text stays
+   at least 0.8 of its drawn size (11 px labels: ~9 px); the manifest stacks name over value. */
+@media (max-width: 720px) {
+  main { padding:12px 10px 40px; }
+  section { padding:12px; border-radius:8px; }
+  header h1 { font-size:20px; }
+  .verdict { font-size:15px; padding:10px 12px; }
+  .scroll::before { content:"\\21C6  scroll sideways for the rest"; display:block; position:sticky; left:0;
+                    width:max-content; font-size:12px; color:var(--muted); margin:0 0 4px; }
+  svg.plot { width:100%; max-width:var(--w, 1000px); min-width:calc(var(--w, 1000px) * 0.8); }
+  table.compact td:first-child, table.compact th:first-child { position:sticky; left:0; z-index:1; background:#fff;
+                                                             box-shadow:1px 0 0 var(--line); }
+  table.compact th:first-child { background:#f1f5f9; }
+  td.text { min-width:160px; }
+  dl.manifest { grid-template-columns:minmax(0, 1fr); gap:0; }
+  dl.manifest dt { margin-top:8px; }
+}
 """
 
 SECTIONS = (("verdict", "Verdict"), ("candidates", "Candidates"), ("bits", "Quality vs bits"),
@@ -99,8 +124,8 @@ def _section(sid: str, title: str, inner: str, lead: str = "") -> str:
 
 
 def _header(results: RunRecord) -> str:
-    model, ev = results.model, results.eval
-    meta = (f"{model.description or model.base} · eval set {ev.eval_set} ({ev.items} items) · run {results.run_id} · "
+    ev = results.eval
+    meta = (f"{view.model_line(results)} · eval set {ev.eval_set} ({ev.items} items) · run {results.run_id} · "
             f"{results.started.isoformat()[:19]}")
     links = "".join(f'<a href="#{sid}">{escape(name)}</a>' for sid, name in SECTIONS)
     return (f'<header><h1>quantgate report</h1><div class="meta">{escape(meta)}</div></header>'
@@ -174,7 +199,12 @@ def _candidates(results: RunRecord) -> str:
 # ---- plots ---------------------------------------------------------------------------------
 
 def _or_note(svg_text: str | None, note: str) -> str:
-    return svg_text if svg_text else f'<p class="note">{escape(note)}</p>'
+    return _figure(svg_text) if svg_text else f'<p class="note">{escape(note)}</p>'
+
+
+def _figure(svg_text: str | None) -> str:
+    """A plot in a frame that scrolls sideways on a narrow screen (see the CSS media query)."""
+    return f'<div class="scroll figure">{svg_text}</div>' if svg_text else ""
 
 
 def _bits(results: RunRecord) -> str:
@@ -190,7 +220,7 @@ def _tradeoffs(results: RunRecord) -> str:
     speed_note = ("Decode speed not measured in this run." if not measured and not simulated else
                   f"Nothing to compare on speed: measured for {', '.join(measured) or 'no model'}"
                   + (f"; {view.SIMULATED} for {', '.join(simulated)}." if simulated else "."))
-    inner = (f'<div class="plots">{plots.memory_plot(results)}'
+    inner = (f'<div class="plots">{_figure(plots.memory_plot(results))}'
              f'{_or_note(plots.speed_plot(results), speed_note)}</div>')
     lead = ("The Pareto front joins the models no other model beats on both axes: the smallest (or fastest) "
             "model that meets the bar is on it.")
@@ -210,14 +240,14 @@ def _economics(results: RunRecord) -> str:
     notes_html = f'<ul class="notes">{notes}</ul>' if notes else ""
     load, levels = plots.load_plot(results), view.load_table(results)
     levels_html = (f"<h3>Under load</h3>{table_html(levels, None, 'compact')}" if levels else "")
-    return _section("economics", "Economics", table_html(table, None, "compact") + notes_html + (load or "")
+    return _section("economics", "Economics", table_html(table, None, "compact") + notes_html + _figure(load)
                     + levels_html, lead)
 
 
 def _kld(results: RunRecord) -> str:
     overview = _or_note(plots.kld_overview(results), "No positive KL divergence to plot.")
     hists = plots.kld_histograms(results)
-    more = (f'<h3>Per-token distributions</h3><div class="plots">{"".join(hists)}</div>' if hists else
+    more = (f'<h3>Per-token distributions</h3><div class="plots">{"".join(map(_figure, hists))}</div>' if hists else
             '<p class="note">Per-token KLD histograms not recorded in this run: mean and p99 shown above.</p>')
     lead = ("How far each candidate's next-token distribution moved from the baseline's. The mean hides the tail: "
             "the 99th percentile shows the tokens where the model changed its mind.")

@@ -13,10 +13,10 @@ MARK = {"pass": "✅ pass", "fail": "❌ fail", "inconclusive": "⚠️ inconclu
 def render_markdown(results: RunRecord, html_name: str | None = None) -> str:
     """The summary; `html_name` (the HTML report's file name beside it) is linked when given."""
     ok, headline = view.verdict_line(results)
-    model, ev = results.model, results.eval
+    ev = results.eval
     parts = [
         f"## {'✅' if ok else '❌'} quantgate: {_escape(headline)}",
-        f"{_escape(model.description or model.base)} · eval set `{ev.eval_set}` ({ev.items} items) · "
+        f"{_escape(view.model_line(results))} · eval set `{ev.eval_set}` ({ev.items} items) · "
         f"run `{results.run_id}`",
         table_markdown(view.candidates_table(results)),
         "\n".join(f"- ✗ could not build or run **{_escape(f.name)}**: {_escape(f.error)}"

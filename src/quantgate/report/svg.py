@@ -385,7 +385,7 @@ def figure(plot_id: str, title: str, x: Axis, y: Axis, layers: Sequence[Layer], 
         k += isinstance(layer, Rule) and layer.axis == "x"
     body.append(_labels(layers, f))
     return (f'<svg id="{escape(plot_id)}" class="plot" viewBox="0 0 {width} {height}" width="{width}" '
-            f'height="{height}" role="img" aria-label="{escape(title)}" font-family="{FONT}">'
+            f'height="{height}" style="--w:{width}px" role="img" aria-label="{escape(title)}" font-family="{FONT}">'
             f"<title>{escape(title)}</title>{head}{_legend(layers, left, legend_y, width - left - right)}"
             f"{_axes(f, x, y, xticks, yticks)}{''.join(body)}</svg>")
 

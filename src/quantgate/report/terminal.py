@@ -18,7 +18,7 @@ ROW_STYLE = {"pass": "green", "fail": "red", "reference": "", "inconclusive": "y
 def render(record: RunRecord, console: Console) -> None:
     ev = record.eval
     tasks = ", ".join(f"{t} {n}" for t, n in ev.tasks.items()) or "no items"
-    console.print(f"[bold]model[/] {escape(record.model.description)}  [dim]({escape(record.model.source)})[/]")
+    console.print(f"[bold]model[/] {escape(view.model_line(record))}  [dim]({escape(record.model.source)})[/]")
     console.print(f"[bold]eval set[/] {escape(ev.eval_set)}: {ev.items} items ({tasks}); "
                   f"{ev.window_tokens} tokens for perplexity / KLD")
     if ev.duplicates:

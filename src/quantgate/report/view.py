@@ -91,6 +91,12 @@ def decode_speed(m: ModelRecord) -> float | None:
     return m.economics.measured_speed if m.economics else None
 
 
+def model_line(results: RunRecord) -> str:
+    """The model and the precision its baseline was evaluated in, e.g. "SmolLM2 … · baseline in bf16"."""
+    model = results.model
+    return f"{model.description or model.base} · baseline in {model.precision}"
+
+
 def gate_status(results: RunRecord, m: ModelRecord) -> str:
     if not isinstance(m, CandidateRecord):
         return "reference"
@@ -123,6 +129,9 @@ def candidates_table(results: RunRecord) -> Table:
     base = results.baseline
     rows = [Row((base.name, base.scheme or "baseline", megabytes(base.weight_bytes), num(base.metric(metric)),
                  "1.0000", DASH, DASH, DASH, DASH, DASH, num(base.perplexity, 2), "reference"), "reference")]
+    full = results.full_precision
+    if full is not None:  # the checkpoint in fp32 against a bf16/fp16 baseline: a reference, not a candidate
+        rows.append(Row((*_candidate_cells(full, metric, False)[:-1], "reference"), "reference"))
     rec = results.recommended
     for c in results.candidates:
         rows.append(Row(_candidate_cells(c, metric, c.name == rec), gate_status(results, c), c.name == rec))
@@ -352,6 +361,7 @@ def manifest(results: RunRecord) -> list[tuple[str, str]]:
         ("run id", results.run_id),
         ("started / finished", f"{results.started.isoformat()} / {results.finished.isoformat()}"),
         ("model", f"{model.base} — {model.description}"),
+        ("baseline precision", model.precision),
         ("model source", model.source),
         ("model sha256", model.sha256),
         ("eval set", f"{ev.eval_set}: {ev.items} items; {tasks}"),

@@ -9,7 +9,9 @@ PostgreSQL by URL; the schema is versioned and migrated by Alembic (see connect 
 """
 
 from quantgate.store.connect import ENV_VAR, open_store, store_location
-from quantgate.store.queries import HistoryRow, history, last_drift, load_run, run_artifacts, run_metrics, scored_items
+from quantgate.store.queries import (
+    HistoryRow, RunRow, history, last_drift, load_run, run_artifacts, run_metrics, run_rows, scored_items,
+)
 from quantgate.store.records import (
     DRIFT_OUTCOMES, Artifact, DriftCheck, ItemKey, ItemResult, digest, metric_rows, record_drift, record_items,
     record_run,
@@ -18,6 +20,6 @@ from quantgate.store.schema import SCHEMA_VERSION
 
 __all__ = [
     "DRIFT_OUTCOMES", "ENV_VAR", "SCHEMA_VERSION", "Artifact", "DriftCheck", "HistoryRow", "ItemKey", "ItemResult",
-    "digest", "history", "last_drift", "load_run", "metric_rows", "open_store", "record_drift", "record_items",
-    "record_run", "run_artifacts", "run_metrics", "scored_items", "store_location",
+    "RunRow", "digest", "history", "last_drift", "load_run", "metric_rows", "open_store", "record_drift",
+    "record_items", "record_run", "run_artifacts", "run_metrics", "run_rows", "scored_items", "store_location",
 ]

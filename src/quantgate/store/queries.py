@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, or_, select, true
+from sqlalchemy import Row, and_, case, func, or_, select, true
 from sqlalchemy.engine import Engine
 
 from quantgate.record import RunRecord, load_record
@@ -132,3 +132,35 @@ def _drift_row(d: DriftCheck) -> HistoryRow:
         outcome=d.outcome, detail=d.detail,
     )
 
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One recorded run, whatever its outcome, for `quantgate runs`."""
+
+    started: datetime  # UTC
+    run_id: str
+    model_base: str
+    model_sha256: str
+    recommended: str | None  # None: no candidate held the gate
+    exit_code: int
+    candidates: int  # candidates evaluated
+    passed: int  # of those, how many held the gate
+    results: str | None  # its results.json, where the run wrote it
+
+
+def run_rows(store: Engine, model: str | None = None) -> list[RunRow]:
+    """Every run of `model` (its base name or sha256; None: all), oldest first: runs where no
+    candidate passed are listed like any other."""
+    c, a = candidates, artifacts
+    counts = (select(c.c.run_pk, func.count().label("n"), func.sum(case((c.c.passed, 1), else_=0)).label("passed"))
+              .group_by(c.c.run_pk).subquery())
+    results = (select(a.c.run_pk, func.min(a.c.path).label("path")).where(a.c.kind == "results")
+               .group_by(a.c.run_pk).subquery())
+    q = (select(runs.c.started, runs.c.run_id, runs.c.model_base, runs.c.model_sha256, runs.c.recommended,
+                runs.c.exit_code, counts.c.n, counts.c.passed, results.c.path)
+         .outerjoin(counts, counts.c.run_pk == runs.c.id).outerjoin(results, results.c.run_pk == runs.c.id)
+         .where(_model_is(runs, model)).order_by(runs.c.started, runs.c.id))
+    with reading(store) as conn:
+        return [RunRow(utc(r.started), r.run_id, r.model_base, r.model_sha256, r.recommended, r.exit_code,
+                       int(r.n or 0), int(r.passed or 0), r.path) for r in conn.execute(q)]
