@@ -64,7 +64,7 @@ $(VLLM_STAMP):
 
 vllm-venv: $(VLLM_STAMP)
 
-# Slow (about N minutes, one vLLM server at a time): quantgate launches vLLM for the default model
+# Slow (17 minutes on a 2-core machine at load ~5, one vLLM server at a time): quantgate launches vLLM for the default model
 # and for GPTQ W4A16 and SmoothQuant W8A8 exports and gates on it (tests marked vllm).
 test-vllm: $(TEST_STAMP) $(VLLM_STAMP)
 	QUANTGATE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -s -m vllm tests/test_vllm_live.py

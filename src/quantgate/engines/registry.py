@@ -249,6 +249,9 @@ class BackendEntry:
     # Precisions it evaluates a baseline in (quality_gate.verified_against; models/load.PRECISIONS).
     precisions: frozenset[str] = frozenset({"fp32"})
     speed: Speed | None = None  # rough speed for plan estimates (None: unknown, e.g. someone's server)
+    # The loader of export formats it is (export/formats.py LOADERS; verify does not load an
+    # export again in the loader the run's engine already re-measured it on).
+    loader: str | None = None
     # Seconds to start a server of its own for one model (plan estimates; None: it starts none,
     # or the run names running servers: serving.base_url).
     startup: float | None = None
@@ -321,7 +324,7 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
                  check=_servers_named),
     BackendEntry("vllm", frozenset({"model", "served"}), "quantgate.engines.vllm:VllmBackend",
                  check=_vllm_config, options=frozenset({"kv_cache", "launch"}), exports=("compressed-tensors",),
-                 sizes_from_checkpoint=True, startup=330.0),
+                 sizes_from_checkpoint=True, startup=330.0, loader="vllm"),
     BackendEntry("onnxruntime", frozenset({"model"}), "quantgate.engines.onnxruntime:OnnxRuntimeBackend",
                  process="quantgate.engines.onnxruntime:OnnxRuntimeEngine",
                  requires=("onnxruntime", "onnx", "onnxruntime_genai"), install="pip install 'quantgate[onnx]'",

@@ -122,8 +122,8 @@ LOADERS: dict[str, dict[str, tuple[str | None, str]]] = {
     "compressed-tensors": {
         "transformers": ("4.45.0", "first release with the compressed-tensors quantizer; it also needs the "
                                    "compressed-tensors package at or above the version that wrote the config"),
-        "vllm": ("0.5.0", "first release with compressed-tensors W4A16 / W8A8-int8 kernels; not loaded by "
-                          "quantgate (no vLLM here): check on your server"),
+        "vllm": ("0.5.0", "first release with compressed-tensors W4A16 / W8A8-int8 kernels; not loaded at "
+                          "export: quantgate verify serves it when $QUANTGATE_VLLM_PYTHON names vLLM's interpreter"),
     },
     "hf": {"transformers": (None, "any release that implements the model's architecture (config.json model_type); "
                                   "plain safetensors weights")},

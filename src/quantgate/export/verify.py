@@ -110,22 +110,23 @@ def verify(path: Path, feedback: Feedback | None = None) -> Verification:
         "export's round trip)")
     checks = compare(recorded, k, metric, prepared, (base_scores, base), (cand_scores, cand))
     if doc["format"] in PLAIN_FORMATS:
-        checks += user_loads(directory, doc, prepared, baseline, served_by_vllm=entry.name == "vllm")
+        checks += user_loads(directory, doc, prepared, baseline, measured_in=entry.loader)
     return Verification(directory, doc["candidate"], entry.name, tuple(checks))
 
 
 def user_loads(directory: Path, doc: dict[str, Any], prepared: PreparedSuite, baseline,
-               served_by_vllm: bool) -> list[Check]:
+               measured_in: str | None) -> list[Check]:
     """The artifact loaded the ways users load it, each compared on the text windows with
     quantgate's exact load: plain transformers, and vLLM when it is installed
-    ($QUANTGATE_VLLM_PYTHON) and was not already the engine re-measured on."""
+    ($QUANTGATE_VLLM_PYTHON) and was not already the engine re-measured on (`measured_in`: the
+    loader that engine is, BackendEntry.loader)."""
     from quantgate.engines.vllm import PYTHON_ENV
     from quantgate.export.build import _text_logprobs
     from quantgate.export.formats import load_torch_artifact
 
     reference = _text_logprobs(load_torch_artifact(directory, dict(doc["scheme"])), prepared)
     checks = [plain_check(directory, doc, prepared, reference)]
-    if doc["format"] == "compressed-tensors" and os.environ.get(PYTHON_ENV) and not served_by_vllm:
+    if doc["format"] == "compressed-tensors" and os.environ.get(PYTHON_ENV) and measured_in != "vllm":
         checks.append(vllm_check(directory, doc, prepared, baseline, reference))
     return checks
 
