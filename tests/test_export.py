@@ -184,15 +184,57 @@ def test_packed_layout_is_what_vllm_reads(tiny_run, remade, tmp_path):
     assert (weights["num_bits"], weights["strategy"], weights["group_size"], weights["symmetric"]) == (4, "group", 32, False)
 
 
-def test_plain_transformers_loads_a_symmetric_packed_checkpoint(tiny_run, remade, tmp_path):
-    """No quantgate code on the load path: transformers + compressed-tensors as any user has them."""
+@pytest.mark.parametrize("name", ["gptq-w4-g32-sym", "rtn-w4-g32", "awq-w4-g32"])
+def test_plain_transformers_loads_a_packed_checkpoint(tiny_run, remade, tmp_path, name):
+    """No quantgate code on the load path: transformers + compressed-tensors as any user has them,
+    symmetric and asymmetric (packed zero points) alike; config.json has what older loaders read."""
     from transformers import AutoModelForCausalLM
 
     made, _, ids = remade
     with single_thread():
-        exported = export_candidate(tiny_run, "gptq-w4-g32-sym", "compressed-tensors", tmp_path / "ct")
+        exported = export_candidate(tiny_run, name, "compressed-tensors", tmp_path / "ct")
     plain = AutoModelForCausalLM.from_pretrained(exported.directory, dtype=torch.float32)
-    assert mean_kld(made["gptq-w4-g32-sym"].model, plain, ids) < ROUND_TRIP_KLD
+    assert mean_kld(made[name].model, plain, ids) < ROUND_TRIP_KLD
+    config = json.loads((exported.directory / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]  # transformers 4.x reads only this
+    trip = exported.round_trip["plain_transformers"]
+    assert trip["loader"].startswith("transformers 5.24.0 + compressed-tensors") and trip["kld_mean"] < ROUND_TRIP_KLD
+
+
+def test_verify_serves_the_export_in_vllm_when_it_is_installed(tiny_run, tmp_path, monkeypatch):
+    """With vLLM's interpreter named, verify also serves a compressed-tensors export there (here
+    the fake server of tests/fake_vllm.py) and compares it on the server's top-k basis."""
+    from fake_vllm import wrapper
+
+    monkeypatch.setenv("QUANTGATE_VLLM_PYTHON", str(wrapper(tmp_path)))
+    with single_thread():
+        exported = export_candidate(tiny_run, "rtn-w4-g32", "compressed-tensors", tmp_path / "ct")
+        checked = verify(exported.directory)
+    served = next(c for c in checked.checks if c.what.startswith("loads in vLLM"))
+    assert checked.ok and served.ok and served.measured.startswith("KLD ")
+
+
+def test_verify_fails_an_export_plain_transformers_cannot_load(tiny_run, tmp_path, monkeypatch):
+    """The asymmetric W4A16 checkpoint as quantgate wrote it before (no dequantize key): loading
+    it the way a user does fails (transformers 5.24 + compressed-tensors 0.20: zero-point size
+    mismatch), so verify fails, even with every file's hash in order."""
+    from quantgate.export.manifest import file_entries
+
+    monkeypatch.delenv("QUANTGATE_VLLM_PYTHON", raising=False)  # (plain transformers is the check here)
+    with single_thread():
+        exported = export_candidate(tiny_run, "rtn-w4-g32", "compressed-tensors", tmp_path / "ct")
+    config_path = exported.directory / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["quantization_config"]["dequantize"]
+    config_path.write_text(json.dumps(config))
+    doc = json.loads(exported.manifest.read_text())
+    doc["files"] = file_entries(exported.directory)  # a manifest that vouches for these bytes
+    exported.manifest.write_text(json.dumps(doc))
+    with single_thread():
+        result = verify(exported.directory)
+    failed = [c for c in result.checks if not c.ok]
+    assert [c.what for c in failed] == ["loads with plain transformers (from_pretrained)"]
+    assert "cannot load" in failed[0].measured and "size" in failed[0].measured
 
 
 def test_w8a8_is_int_quantized_with_dynamic_per_token_inputs(tiny_run, tmp_path):

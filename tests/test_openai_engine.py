@@ -48,9 +48,10 @@ def _json(body: object, status: int = 200, headers: dict[str, str] | None = None
 
 
 @contextlib.contextmanager
-def serve(answer: Callable[[str, str, dict], Answer | None]) -> Iterator[tuple[str, ThreadingHTTPServer]]:
-    """Serve on 127.0.0.1; answer(method, path, json body) -> (status, headers, bytes), or None
-    to hang until the server is closed. Yields (base_url, server)."""
+def serve(answer: Callable[[str, str, dict], Answer | None],
+          port: int = 0) -> Iterator[tuple[str, ThreadingHTTPServer]]:
+    """Serve on 127.0.0.1 (`port`; 0: a free one); answer(method, path, json body) -> (status,
+    headers, bytes), or None to hang until the server is closed. Yields (base_url, server)."""
     release = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
@@ -78,7 +79,7 @@ def serve(answer: Callable[[str, str, dict], Answer | None]) -> Iterator[tuple[s
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -75,7 +75,7 @@ def test_a_served_candidate_without_a_declared_scheme_is_refused_at_config_time(
         _load(tmp_path, f"serving: {SERVER}\ncandidates:\n  - {{method: served, serving: {SERVER}}}\n")
     # the old way to write it (a method quantgate would have to apply itself) is refused, not relabelled
     cfg = _load(tmp_path, f"serving: {SERVER}\ncandidates:\n  - {{method: rtn, bits: 4}}\n")
-    with pytest.raises(UserError, match="method 'rtn' runs on serving.engine torch or onnxruntime, not 'openai'"):
+    with pytest.raises(UserError, match="method 'rtn' runs on serving.engine torch or vllm or onnxruntime, not 'openai'"):
         check_supported(cfg)
     with pytest.raises(UserError, match=r"candidates.0.serving'"):
         _load(tmp_path, f"serving: {SERVER}\ncandidates:\n  - {{method: rtn, bits: 4, serving: {SERVER}}}\n")
@@ -110,8 +110,8 @@ def test_a_served_candidate_needs_its_server(tmp_path):
 
 
 def test_engines_not_built_and_not_registered(tmp_path):
-    with pytest.raises(UserError, match="not supported yet: serving.engine 'vllm'"):
-        check_supported(_load(tmp_path, "serving: {engine: vllm}\n"))
+    with pytest.raises(UserError, match="not supported yet: serving.engine 'tgi'"):
+        check_supported(_load(tmp_path, "serving: {engine: tgi}\n"))
     with pytest.raises(UserError, match="serving.engine 'tensorrt': one of torch, llamacpp, openai"):
         check_supported(_load(tmp_path, "serving: {engine: tensorrt}\n"))
 

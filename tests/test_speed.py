@@ -147,7 +147,16 @@ def test_rounds_are_interleaved_and_a_failing_engine_is_dropped_not_fatal():
     assert order == ["baseline", "a", "b"] * 3
     assert "killed by signal 9" in out.failed["broken"] and "broken" not in out.samples
     c = out.conditions
-    assert (c.threads, c.rounds, len(c.load_during)) == (2, 3, 3) and c.cores >= 1 and c.cpu
+    assert (c.threads, c.rounds, len(c.load_during), c.interleaved) == (2, 3, 3, True) and c.cores >= 1 and c.cpu
+
+    # one server up at a time (vLLM started here): each model's rounds back to back, a load
+    # reading after each model's round
+    order.clear()
+    out = ec.interleaved(openers, rounds=3, warm=True, prompts=PROMPTS[:1], new_tokens=4, sizes=[1], threads=None,
+                         interleave=False)
+    assert order == ["baseline"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert [len(out.samples[k]) for k in ("baseline", "a", "b")] == [3, 3, 3] and "broken" in out.failed
+    assert not out.conditions.interleaved and len(out.conditions.load_during) == 10  # 9 rounds + the broken one's
 
 
 def test_too_few_measurements_give_no_interval_and_no_claim():

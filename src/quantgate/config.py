@@ -2,10 +2,10 @@
 
 Shape (the seed's mental model, plus a list of candidates):
 
-    model:        {base}
-    quantization: {method, bits, verified_against}      # one candidate (the seed's form), or
+    model:        {base, quantization}                   # the seed nests its one candidate here, or
+    quantization: {method, bits, verified_against}      # one candidate (the same, at the top), or
     candidates:   [{method, bits, group_size, ...}, ...] # several
-    serving:      {engine, max_batch_size}
+    serving:      {engine, max_batch_size, kv_cache, base_url | launch}
     quality_gate: {verified_against, eval_set, metric, min_acceptable, drift_check}
     evaluation:   {sizes of the default suite, batching}
     executor:     {kind: local} or {kind: ray, address, resources per model}
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ TAGS = set(METHODS) | set(STEP_TYPES) | set(EXECUTORS)  # the unions' tags (see 
 __all__ = ["Candidate", "MethodConfig", "ServingConfig", "DEFAULT_MAX_BATCH_SIZE"]  # re-exported
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+EVAL_PATH_ENV = "QUANTGATE_EVAL_PATH"  # more folders where named eval sets are looked up
+NAMED_EVAL_SUFFIXES = (".jsonl", ".txt")
 SEED_MAX = 2**63 - 1  # torch, numpy and the store all take a seed up to a signed 64-bit integer
 DEFAULT_BATCH_TOKENS = 1024  # ~1k tokens per forward keeps activations in this CPU's caches
 DEFAULT_ROUNDS = 5  # economics rounds (README, "Measuring speed honestly": cost and coverage)
@@ -86,8 +89,11 @@ class QualityGateConfig(Frozen):
     eval_set: str = "default"
     # Several files instead of eval_set, each with its own options.
     eval_sets: tuple[EvalSetConfig, ...] | None = None
-    # accuracy: argmax of summed continuation log-likelihood; accuracy_norm: per character.
-    metric: Literal["accuracy", "accuracy_norm"] = "accuracy"
+    # accuracy: argmax of summed continuation log-likelihood; accuracy_norm: per character;
+    # task_accuracy: each task's own metric, named as such (multiple choice by summed
+    # log-likelihood, cloze by the greedy hit, generation by its match rule or scorer: the
+    # numbers of "accuracy").
+    metric: Literal["accuracy", "accuracy_norm", "task_accuracy"] = "accuracy"
     # Recovery floor over all labeled items: candidate metric / baseline metric.
     min_acceptable: float = Field(0.94, gt=0.0, le=2.0)
     # Recovery floors per task (unlabeled prompt tasks: floors on agreement with the baseline).
@@ -217,7 +223,9 @@ class RunConfig(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _seed_reference(cls, data: Any) -> Any:
-        """The seed writes verified_against inside quantization: it is the gate's reference."""
+        """The seed writes its candidate under model (model.quantization) and verified_against
+        inside it: the candidate is `quantization`'s, verified_against the gate's reference."""
+        data = _seed_candidate(data)
         q = data.get("quantization") if isinstance(data, dict) else None
         if not isinstance(q, dict) or "verified_against" not in q:
             return data
@@ -280,6 +288,17 @@ class RunConfig(Frozen):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _seed_candidate(data: Any) -> Any:
+    """model.quantization (the seed's place) moved to the top-level quantization."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or "quantization" not in model:
+        return data
+    if "quantization" in data:
+        raise ValueError("model.quantization and quantization both name a candidate: give one")
+    rest = {k: v for k, v in model.items() if k != "quantization"}
+    return {**data, "model": rest, "quantization": model["quantization"]}
+
+
 def check_supported(cfg: RunConfig) -> None:
     """Raise for what the config asks that cannot run: an engine that is not built (yet) or not
     installed, a method on an engine that does not run its artifacts, an executor whose package is
@@ -340,7 +359,7 @@ FLAG_KEYS: dict[str, str] = {
     "--limit": "evaluation.limit", "--seed": "seed",
 }
 # Keys that a key set by a flag makes void (one form of a thing at a time).
-VOIDS: dict[str, tuple[str, ...]] = {"candidates": ("quantization",),
+VOIDS: dict[str, tuple[str, ...]] = {"candidates": ("quantization", "model.quantization"),
                                      "quality_gate.eval_set": ("quality_gate.eval_sets",)}
 FLAG_PATHS = ("--model", "--eval-set")  # values that may be paths: relative to the working directory
 
@@ -439,9 +458,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[Override] = 
         if not isinstance(data, dict):
             raise UserError(f"{path}:1: config must be a mapping of keys (model, candidates, ...)")
     try:
-        cfg = RunConfig.model_validate(apply_overrides(data, overrides))
+        merged = apply_overrides(data, overrides)
+        cfg = RunConfig.model_validate(merged)
     except ValidationError as e:
-        raise UserError(_describe(where, text, e, overrides)) from None
+        raise UserError(_describe(where, text, e, merged, overrides)) from None
     return _resolve_paths(cfg, folder)
 
 
@@ -452,20 +472,31 @@ def config_from_mapping(data: Mapping[str, Any], where: str = "config") -> RunCo
     try:
         return RunConfig.model_validate(dict(data))
     except ValidationError as e:
-        raise UserError(_describe(where, "", e)) from None
+        raise UserError(_describe(where, "", e, data)) from None
 
 
-def _describe(where: str, text: str, err: ValidationError, overrides: Sequence[Override] = ()) -> str:
+def _describe(where: str, text: str, err: ValidationError, data: Mapping[str, Any],
+              overrides: Sequence[Override] = ()) -> str:
+    """The first validation error in one line, at the file:line, or the flag, that set its key
+    (`data`: the mapping validated, overrides applied)."""
     first = err.errors()[0]
     first = {**first, "loc": _without_tags(first["loc"])}
-    loc = tuple(str(x) for x in first["loc"])
-    key = ".".join(loc) or "(top level)"
-    flag = next((n for o in reversed(overrides) if (n := o.names(first["loc"]))), None)
-    line = None if flag or not text else _line_of(text, first["loc"])
+    loc = _user_loc(first["loc"], data)
+    key = ".".join(map(str, loc)) or "(top level)"
+    flag = next((n for o in reversed(overrides) if (n := o.names(loc))), None)
+    line = None if flag or not text else _line_of(text, loc)
     place = flag or (f"{where}:{line}" if line else where)
     if first["type"] == "extra_forbidden":
         return f"{place}: unknown key '{key}'"
     return f"{place}: {key}: {error_text(first)}" if loc else f"{place}: {error_text(first)}"
+
+
+def _user_loc(loc: tuple[Any, ...], data: Mapping[str, Any]) -> tuple[Any, ...]:
+    """An error's key path as the user wrote it: the seed's model.quantization (validated as the
+    top-level quantization, RunConfig._seed_reference) is named model.quantization.KEY."""
+    model = data.get("model")
+    nested = isinstance(model, Mapping) and "quantization" in model
+    return ("model", *loc) if nested and loc[:1] == ("quantization",) else loc
 
 
 def _without_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -508,12 +539,35 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     gate = cfg.quality_gate
     sets = gate.eval_sets and tuple(e.model_copy(update={"path": resolve(e.path)}) for e in gate.eval_sets)
     calib = cfg.calibration
+    eval_set = named_eval_set(gate.eval_set, base_dir) or resolve(gate.eval_set)
     updates = {
         "model": cfg.model.model_copy(update={"base": resolve(cfg.model.base)}),
         "calibration": calib.model_copy(update={"data": resolve(calib.data)}),
-        "quality_gate": gate.model_copy(update={"eval_set": resolve(gate.eval_set), "eval_sets": sets}),
+        "quality_gate": gate.model_copy(update={"eval_set": eval_set, "eval_sets": sets}),
     }
     return cfg.model_copy(update=updates)
+
+
+def eval_set_folders(base_dir: Path) -> list[Path]:
+    """Where a named eval set is looked up, in order: the config file's folder, its evals/
+    folder, then each folder of $QUANTGATE_EVAL_PATH (separated by os.pathsep)."""
+    extra = [Path(p) for p in os.environ.get(EVAL_PATH_ENV, "").split(os.pathsep) if p]
+    return [base_dir, base_dir / "evals", *extra]
+
+
+def named_eval_set(value: str, base_dir: Path) -> str | None:
+    """quality_gate.eval_set given as a name (no folder, no suffix; not default or none): the
+    first NAME.jsonl or NAME.txt in eval_set_folders, as an absolute path; None for anything
+    else (a path). UserError saying where it looked when there is none."""
+    if value in ("default", "none") or Path(value).name != value or Path(value).suffix or (base_dir / value).exists():
+        return None
+    folders = eval_set_folders(base_dir.resolve())  # (named in full in the error)
+    for folder in folders:
+        for suffix in NAMED_EVAL_SUFFIXES:
+            if (folder / f"{value}{suffix}").is_file():
+                return str((folder / f"{value}{suffix}").resolve())
+    raise UserError(f"quality_gate.eval_set '{value}': no {value}{' or '.join(NAMED_EVAL_SUFFIXES)} in "
+                    f"{', '.join(map(str, folders))} (names are looked up there; ${EVAL_PATH_ENV} adds folders)")
 
 
 def default_config_path() -> Path:

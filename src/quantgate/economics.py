@@ -196,6 +196,7 @@ class Conditions:
     load_before: tuple[float, float, float]
     load_during: tuple[float, ...]
     rounds: int
+    interleaved: bool = True  # False: each model's rounds ran back to back
 
     @property
     def peak_load(self) -> float:
@@ -255,13 +256,15 @@ class Rounds:
 
 
 def interleaved(openers: Mapping[str, Opener], *, rounds: int, warm: bool, prompts: Sequence[Sequence[int]],
-                new_tokens: int, sizes: Sequence[int], threads: int | None,
+                new_tokens: int, sizes: Sequence[int], threads: int | None, interleave: bool = True,
                 on_round: Callable[[int], None] = lambda n: None) -> Rounds:
     """Measure every model of `openers` (label -> how to open its serving engine with `threads`
     threads; the baseline first) in `rounds` interleaved rounds: baseline, A, B, baseline, A, B,
     ... warm=False opens a fresh engine for every measurement (an engine process: its start, its
     memory, its luck are in every round); warm=True opens each once and keeps it (a server that
-    is up anyway). A model whose engine fails (a crash, a server error) is dropped, its rounds
+    is up anyway). interleave=False runs each model's rounds back to back (baseline, baseline, ...,
+    A, A, ...: a backend that keeps one server up at a time), so load that changes between
+    models is not spread over them alike. A model whose engine fails (a crash, a server error) is dropped, its rounds
     with it, and named in `failed`; the others go on."""
     before = os.getloadavg()
     samples: dict[str, list[RoundSample]] = {label: [] for label in openers}
@@ -280,10 +283,11 @@ def interleaved(openers: Mapping[str, Opener], *, rounds: int, warm: bool, promp
                 kept[label] = stack.enter_context(openers[label](threads))
             yield kept[label]
 
-        for _ in range(rounds):
-            for label in openers:
-                if label in failed:
-                    continue
+        order = [(r, label) for r in range(rounds) for label in openers] if interleave else \
+            [(r, label) for label in openers for r in range(rounds)]
+        for i, (r, label) in enumerate(order):
+            tried = label not in failed
+            if tried:
                 try:
                     with engine(label) as s:
                         sample = s.measure_round(prompts, new_tokens, sizes)
@@ -291,8 +295,10 @@ def interleaved(openers: Mapping[str, Opener], *, rounds: int, warm: bool, promp
                 except (OSError, RuntimeError) as e:  # an engine process that ended (EngineCrashed), a lost server
                     failed[label] = str(e)
                 on_round(1)
-            during.append(os.getloadavg()[0])
-    conditions = Conditions(threads, cores_available(), cpu_model(), before, tuple(during), rounds)
+            ended = tried if not interleave else i + 1 == len(order) or order[i + 1][0] != r  # (a model's) round
+            if ended:
+                during.append(os.getloadavg()[0])
+    conditions = Conditions(threads, cores_available(), cpu_model(), before, tuple(during), rounds, interleave)
     return Rounds({k: v for k, v in samples.items() if k not in failed}, failed, conditions)
 
 

@@ -165,13 +165,20 @@ def _steps(cfg: RunConfig, model: str, params: float | None, tokens: float, gene
     econ = cfg.economics
     levels = len(_batch_levels(cfg.serving.max_batch_size))
     timed = None if speed is None else econ.rounds * (1 + levels) * econ.requests * econ.new_tokens / speed.decode
-    speed_step = (f"'s speed: {econ.rounds} interleaved rounds of {econ.requests} requests × {econ.new_tokens} "
+    startup = None if cfg.serving.base_url is not None else entry.startup  # servers the run starts itself
+    order = "interleaved" if startup is None else "back-to-back"  # (it starts one server at a time)
+    speed_step = (f"'s speed: {econ.rounds} {order} rounds of {econ.requests} requests × {econ.new_tokens} "
                   f"new tokens at batch 1, then at {levels} load levels")
-    steps = [Step(f"load {model}", LOAD_SECONDS * maker.scale), scoring("the baseline")]
+
+    def started(label: str) -> list[Step]:
+        return [] if startup is None else [Step(f"start a {entry.name} server for {label} (one at a time)", startup)]
+
+    steps = [Step(f"load {model}", LOAD_SECONDS * maker.scale), *started("the baseline"), scoring("the baseline")]
     if econ.measure:
         steps.append(Step(f"measure the baseline{speed_step}", timed))
     for c in cfg.resolved_candidates:
         steps.append(Step(f"make {c.label}: {_how_made(c, cfg)}", _make_seconds(c, cfg, maker)))
+        steps.extend(started(c.label) if c.artifact != "served" else [])
         steps.append(scoring(c.label))
         # fake quantization has no speed of its own; the A/A check is the baseline served again
         if econ.measure and (cfg.serving.engine != backends.SIMULATOR or c.is_baseline):

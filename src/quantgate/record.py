@@ -93,6 +93,9 @@ class NoiseFloor(Record):
     kld_p99: Num
     top1_agreement: Num
     tokens: int
+    # Top-k rows (a server's): the mean KL(reference || reference truncated the same way), the
+    # bias a full-vocabulary comparison would add, reported apart from the floor (None: untruncated).
+    truncation_kld_mean: Num = None
 
 
 class Machine(Record):
@@ -206,6 +209,7 @@ class Conditions(Record):
     load_before: tuple[Num, ...]  # 1 / 5 / 15-minute load average before the economics stage
     load_during: tuple[Num, ...]  # 1-minute load average after each round
     rounds: int
+    interleaved: bool = True  # False: each model's rounds back to back (one server up at a time)
 
     @property
     def peak_load(self) -> float:

@@ -34,7 +34,7 @@ from quantgate.engines.registry import Backend, Progress, RunContext, Served
 from quantgate.errors import EngineFault
 from quantgate.evals.datasets import EvalSuite, load_suite
 from quantgate.evals.metrics import Comparison, ModelMetrics, compare, model_metrics
-from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, kl_divergence, prepare
+from quantgate.evals.tasks import ModelScores, PreparedSuite, evaluate, prepare
 from quantgate.executors import registry as executors
 from quantgate.executors.base import Executor
 from quantgate.gate import (
@@ -79,6 +79,9 @@ class NoiseFloor:
     reference: str
     kld: np.ndarray  # float64 [tokens]
     top1_agree: np.ndarray  # bool [tokens]
+    # float64 [tokens]: KL(reference || reference truncated as the served rows are), the bias a
+    # full-vocabulary comparison with top-k rows would add; None when the rows are not truncated.
+    truncation_kld: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
     started = started or datetime.now(timezone.utc)
     cfg, gate = inputs.cfg, inputs.cfg.quality_gate
     backend = backends.entry(cfg.serving.engine).load()
-    with _workdir(workdir) as work, executors.entry(cfg.executor).open(cfg.executor) as executor:
+    with _workdir(workdir) as work, backend, executors.entry(cfg.executor).open(cfg.executor) as executor:
         ctx = RunContext(cfg, inputs.baseline, inputs.calib, work, progress,
                          bench_prompts(cfg, inputs.prepared), memory_bandwidth())
         prepared, notes = backend.prepare(ctx, inputs.prepared)
@@ -278,6 +281,7 @@ def measure_economics(backend: Backend, ctx: RunContext, base: ModelResult, resu
         openers, rounds=econ.rounds, warm=backend.warm, prompts=ctx.bench_prompts, new_tokens=econ.new_tokens,
         sizes=econ_stage.batch_sizes(cfg.serving.max_batch_size),
         threads=econ_stage.serving_threads(cfg.serving.threads) if backend.uses_threads else None,
+        interleave=backend.interleaves(ctx),
         on_round=ctx.progress("economics", econ.rounds * len(openers))) if timed else None
     gate = cfg.quality_gate
     summaries = econ_stage.summarize(rounds.samples, base.name, econ_stage.Bootstrap(
@@ -453,11 +457,14 @@ def noise_floor(backend: Backend, ctx: RunContext, prepared: PreparedSuite,
     if not windows:  # e.g. a server without prompt log-probabilities
         return None
     other, what = backend.noise_reference(ctx)
-    kld, agree = [], []
+    kld, agree, truncation = [], [], []
     for ref, lp in zip(reference, other.token_logprobs(windows)):
-        kld.append(kl_divergence(lp, ref))
+        divergence, bias = backend.floor_divergence(lp, ref)
+        kld.append(divergence)
+        truncation.append(bias)
         agree.append((ref.argmax(-1) == lp.argmax(-1)).numpy())
-    return NoiseFloor(backend.name, what, np.concatenate(kld), np.concatenate(agree))
+    bias = None if any(b is None for b in truncation) else np.concatenate(truncation)
+    return NoiseFloor(backend.name, what, np.concatenate(kld), np.concatenate(agree), bias)
 
 
 def _servable(verdict: CandidateVerdict, engine: str, unservable: str | None) -> CandidateVerdict:

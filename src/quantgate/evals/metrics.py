@@ -43,7 +43,7 @@ class ModelMetrics:
         return np.nan_to_num(self.score, nan=0.0) >= 0.5
 
     def metric(self, name: str) -> float:
-        return {"accuracy": self.accuracy, "accuracy_norm": self.accuracy_norm}[name]
+        return {"accuracy": self.accuracy, "accuracy_norm": self.accuracy_norm, "task_accuracy": self.accuracy}[name]
 
 
 def model_metrics(scores: ModelScores, prepared: PreparedSuite, metric: str, tokenizer) -> ModelMetrics:

@@ -29,6 +29,7 @@ from quantgate.methods.registry import MethodConfig
 from quantgate.export.codes import NotOnGrid, recover_codes
 from quantgate.export.stored import Recreated, StoredRun, load_stored_run, recreate
 from quantgate.methods.apply import spec_of, targets
+from quantgate.models.arch import ArchInfo
 from quantgate.models.load import file_sha256
 
 if TYPE_CHECKING:
@@ -185,24 +186,33 @@ _EVALUATED = {
 # -- compressed-tensors and hf ---------------------------------------------------------------------------
 
 
-def _export_torch(rec: Recreated, fmt: str, dtype: str, out: Path) -> tuple[dict, dict]:
-    """Write the re-made candidate as `fmt`, load it back and compare; (scheme, round-trip record)."""
-    model, cand, arch = rec.made.model, rec.candidate, rec.baseline.arch
+def write_artifact(model: torch.nn.Module, cand: MethodConfig, arch: ArchInfo, tokenizer, fmt: str, dtype: str,
+                   out: Path) -> dict[str, Any]:
+    """Write `model` (candidate `cand` as made on torch; left unchanged) as compressed-tensors or
+    hf into `out`; returns the manifest's scheme (formats.torch_scheme). The serving engines
+    that load these formats (vllm) write their candidates through here too."""
     names = targets(model, arch, cand.quantizer) if cand.quantizer is not None else []
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     scheme = formats.torch_scheme(cand, fmt, dtype, names, [n for n in linears if n not in names])
-    codes = _codes(model, cand, names) if fmt == "compressed-tensors" else None
-    reference = _text_logprobs(model, rec.prepared)
-    if codes is not None:
-        formats.write_compressed_tensors(model, rec.baseline.tokenizer, codes, scheme, out)
+    if fmt == "compressed-tensors":
+        formats.write_compressed_tensors(model, tokenizer, _codes(model, cand, names), scheme, out)
     else:
-        formats.write_hf(copy.deepcopy(model), rec.baseline.tokenizer, out, dtype)
+        formats.write_hf(copy.deepcopy(model), tokenizer, out, dtype)
+    return scheme
+
+
+def _export_torch(rec: Recreated, fmt: str, dtype: str, out: Path) -> tuple[dict, dict]:
+    """Write the re-made candidate as `fmt`, load it back and compare; (scheme, round-trip record)."""
+    model, cand = rec.made.model, rec.candidate
+    reference = _text_logprobs(model, rec.prepared)
+    scheme = write_artifact(model, cand, rec.baseline.arch, rec.baseline.tokenizer, fmt, dtype, out)
+    names = scheme["targets"]
     loaded = formats.load_torch_artifact(out, scheme)
     exact = all(torch.equal(loaded.get_submodule(n).weight, model.get_submodule(n).weight) for n in names)
     kld = np.concatenate([kl_divergence(r, lp) for r, lp in zip(reference, _text_logprobs(loaded, rec.prepared))])
     round_trip = {"kld_mean": float(kld.mean()), "kld_max": float(kld.max()), "tokens": int(kld.size),
                   "quantized_weights_exact": exact, "reference": "the re-made candidate, float32, on the "
-                  "held-out text windows"}
+                  "held-out text windows", "plain_transformers": plain_load(out, reference, rec.prepared)}
     if fmt == "compressed-tensors" and not exact:
         raise UserError(f"{out}: the loaded integer weights differ from the evaluated ones")
     if not kld.mean() < ROUND_TRIP_MAX_KLD:
@@ -211,6 +221,18 @@ def _export_torch(rec: Recreated, fmt: str, dtype: str, out: Path) -> tuple[dict
         raise UserError(f"{out}: the exported model's mean KL divergence from the evaluated candidate is "
                         f"{kld.mean():.3g} (limit {ROUND_TRIP_MAX_KLD:g}); {hint}")
     return scheme, round_trip
+
+
+def plain_load(directory: Path, reference: list[torch.Tensor], prepared: PreparedSuite) -> dict[str, Any]:
+    """The artifact loaded as a user loads it (formats.load_plain: UserError when it cannot be),
+    and its mean KL divergence on the text windows from `reference` (the evaluated candidate's
+    log-probs there): {"loader": versions, "kld_mean": float}."""
+    model = formats.load_plain(directory)
+    with torch.inference_mode():  # its own forward: what a user runs (modules may stay compressed)
+        rows = [torch.log_softmax(model(torch.tensor([w])).logits[0, :-1].float(), -1)
+                for w in prepared.windows[: prepared.n_text_windows]]
+    kld = np.concatenate([kl_divergence(r, lp) for r, lp in zip(reference, rows)])
+    return {"loader": f"transformers {formats.loader_versions()}", "kld_mean": float(kld.mean())}
 
 
 def _codes(model: torch.nn.Module, cand: MethodConfig, names: list[str]) -> dict:

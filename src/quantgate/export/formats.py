@@ -31,6 +31,7 @@ quantgate use 127.)
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 from pathlib import Path
@@ -121,8 +122,8 @@ LOADERS: dict[str, dict[str, tuple[str | None, str]]] = {
     "compressed-tensors": {
         "transformers": ("4.45.0", "first release with the compressed-tensors quantizer; it also needs the "
                                    "compressed-tensors package at or above the version that wrote the config"),
-        "vllm": ("0.5.0", "first release with compressed-tensors W4A16 / W8A8-int8 kernels; not loaded by "
-                          "quantgate (no vLLM here): check on your server"),
+        "vllm": ("0.5.0", "first release with compressed-tensors W4A16 / W8A8-int8 kernels; not loaded at "
+                          "export: quantgate verify serves it when $QUANTGATE_VLLM_PYTHON names vLLM's interpreter"),
     },
     "hf": {"transformers": (None, "any release that implements the model's architecture (config.json model_type); "
                                   "plain safetensors weights")},
@@ -147,6 +148,7 @@ def write_hf(model: torch.nn.Module, tokenizer, out: Path, dtype: str) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     model.to(DTYPES[dtype])
     model.save_pretrained(out, safe_serialization=True)
+    _edit_config(out, {})
     tokenizer.save_pretrained(out)
     return sorted(out.glob("*.safetensors"))
 
@@ -181,9 +183,46 @@ def write_compressed_tensors(model: torch.nn.Module, tokenizer, codes: dict[str,
     config.dtype = scheme["dtype"]
     config.save_pretrained(out)
     ModelCompressor(quantization_config=_ct_config(ct_scheme, scheme)).update_config(str(out))
+    _edit_config(out, _dequantize_at_load(scheme))
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return [out / WEIGHTS_FILE]
+
+
+def _dequantize_at_load(scheme: dict[str, Any]) -> dict[str, Any]:
+    """What config.json's quantization_config needs so that plain transformers loads the
+    checkpoint. Asymmetric pack-quantized: compressed-tensors 0.20's compressed-load path
+    allocates zero points unpacked [out, groups] while its own compressor (and vLLM) store them
+    packed [out / (32 / bits), groups], so transformers 5.24 + compressed-tensors 0.20 stop with
+    a size mismatch; `dequantize: true` makes transformers decompress at load with the
+    compressor's own decompress instead (transformers 5.19 + compressed-tensors 0.17 load either
+    way; vLLM does not read the key)."""
+    weights = scheme["weights"] or {}
+    if scheme["format"] == "pack-quantized" and weights.get("symmetric") is False:
+        return {"quantization_config": {"dequantize": True}}
+    return {}
+
+
+def legacy_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys older loaders read where transformers 5 writes rope_parameters: rope_theta
+    (transformers 4.x otherwise silently uses 10000) and, for a rope that is not the default,
+    rope_scaling with the same parameters (4.x's name for them)."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return {}
+    out = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out
+
+
+def _edit_config(out: Path, updates: dict[str, Any]) -> None:
+    """config.json in `out` with legacy_fields and `updates` (one level of dicts merged) added."""
+    path = out / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in {**legacy_fields(config), **updates}.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) and key in config else value
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def check_ct_shapes(model: torch.nn.Module, names: list[str], spec: QuantSpec) -> None:
@@ -256,6 +295,33 @@ def load_torch_artifact(directory: Path, scheme: dict[str, Any]) -> torch.nn.Mod
         for name in scheme["targets"]:
             model.get_submodule(name).register_forward_pre_hook(hook)
     return model.eval()
+
+
+def load_plain(directory: Path) -> torch.nn.Module:
+    """The export as a user loads it: AutoModelForCausalLM.from_pretrained(directory) in float32,
+    nothing else (no config edits, no weights replaced, no hooks). UserError naming the directory
+    and the loader's versions when it cannot be loaded."""
+    import transformers
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"{directory}: plain transformers {loader_versions()} cannot load it: "
+                        f"{str(e).strip().splitlines()[0]}") from None
+    return model.eval()
+
+
+def loader_versions() -> str:
+    """"transformers X + compressed-tensors Y": what load_plain loaded with."""
+    import importlib.metadata
+
+    import transformers
+
+    try:
+        ct = importlib.metadata.version("compressed-tensors")
+    except importlib.metadata.PackageNotFoundError:
+        ct = "not installed"
+    return f"{transformers.__version__} + compressed-tensors {ct}"
 
 
 def _exact_weights(model: torch.nn.Module, path: Path, scheme: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from quantgate.config import RunConfig, error_text
+from quantgate.engines import registry as backends
 from quantgate.errors import UserError
 from quantgate.evals.datasets import load_suite
 from quantgate.evals.digest import eval_digest
@@ -140,8 +141,6 @@ def _from_artifact(run: StoredRun, cand: MethodConfig, record: CandidateRecord, 
     """The candidate rebuilt from the weights its evaluated artifact holds (its exact codes, on an
     engine whose artifacts keep them: Backend.stored_weights), when its method changed nothing
     but those weights; None otherwise (then it is made again)."""
-    from quantgate.engines import registry as backends
-
     if record.artifact is None or not cand.weights_alone:
         return None
     engine = (getattr(cand, "serving", None) or run.config.serving).engine
@@ -179,8 +178,10 @@ def _made_again(run: StoredRun, cand: MethodConfig, record: CandidateRecord, bas
     made = make_candidate(baseline.model, baseline.arch, cand, calib, seed=cfg.seed, on_block=lambda i: step(1))
     if calib is None:
         step(1)
-    # an engine's artifact (an ONNX graph) has a size of its own; without one the weights were counted
-    got = (made.weight_bytes if record.artifact is None else record.weight_bytes, made.modules_changed)
+    # an engine's artifact (an ONNX graph) or served checkpoint (vLLM's: BackendEntry.sizes_from_checkpoint)
+    # has a size of its own; otherwise the weights were counted
+    counted = record.artifact is None and not backends.entry(run.config.serving.engine).sizes_from_checkpoint
+    got = (made.weight_bytes if counted else record.weight_bytes, made.modules_changed)
     if got != (record.weight_bytes, record.modules_changed):
         raise UserError(f"{where}: candidate {name} re-created with (bytes, modules changed) {got}, "
                         f"the run recorded ({record.weight_bytes}, {record.modules_changed})")

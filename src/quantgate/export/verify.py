@@ -23,6 +23,7 @@ E_base[log p_cand] when log p_cand moves by δ with E[δ²] ≈ 2k); log-perplex
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from quantgate.report.progress import Feedback
 
 Z = 4.0  # standard deviations of engine noise an option's log-likelihood may move by
+PLAIN_FORMATS = ("compressed-tensors", "hf")  # formats users load with transformers' from_pretrained
+PLAIN_MAX_KLD = 1e-3  # mean per-token KLD of the plainly loaded artifact from quantgate's exact load
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ def verify(path: Path, feedback: Feedback | None = None) -> Verification:
         f"{doc['candidate']} on {entry.name}")
     with tempfile.TemporaryDirectory(prefix="quantgate-verify-") as work:
         ctx = RunContext(cfg, baseline, None, Path(work), feedback or _silent, [], None)
-        base_scores, cand_scores, prepared = measure(entry.load(), ctx, directory, doc, prepared)
+        with entry.load() as backend:
+            base_scores, cand_scores, prepared = measure(backend, ctx, directory, doc, prepared)
     metric = cfg.quality_gate.metric
     base = model_metrics(base_scores, prepared, metric, baseline.tokenizer)
     cand = model_metrics(cand_scores, prepared, metric, baseline.tokenizer)
@@ -105,7 +109,68 @@ def verify(path: Path, feedback: Feedback | None = None) -> Verification:
     say("comparing the re-measured metrics with the recorded ones (tolerance: the run's noise floor + the "
         "export's round trip)")
     checks = compare(recorded, k, metric, prepared, (base_scores, base), (cand_scores, cand))
+    if doc["format"] in PLAIN_FORMATS:
+        checks += user_loads(directory, doc, prepared, baseline, measured_in=entry.loader)
     return Verification(directory, doc["candidate"], entry.name, tuple(checks))
+
+
+def user_loads(directory: Path, doc: dict[str, Any], prepared: PreparedSuite, baseline,
+               measured_in: str | None) -> list[Check]:
+    """The artifact loaded the ways users load it, each compared on the text windows with
+    quantgate's exact load: plain transformers, and vLLM when it is installed
+    ($QUANTGATE_VLLM_PYTHON) and was not already the engine re-measured on (`measured_in`: the
+    loader that engine is, BackendEntry.loader)."""
+    from quantgate.engines.vllm import PYTHON_ENV
+    from quantgate.export.build import _text_logprobs
+    from quantgate.export.formats import load_torch_artifact
+
+    reference = _text_logprobs(load_torch_artifact(directory, dict(doc["scheme"])), prepared)
+    checks = [plain_check(directory, doc, prepared, reference)]
+    if doc["format"] == "compressed-tensors" and os.environ.get(PYTHON_ENV) and measured_in != "vllm":
+        checks.append(vllm_check(directory, doc, prepared, baseline, reference))
+    return checks
+
+
+def _tolerance(doc: dict[str, Any], kld: float) -> tuple[str, bool]:
+    """(the tolerance in words, whether `kld` is within it): PLAIN_MAX_KLD, except for W8A8,
+    whose inputs each loader rounds by its own rule (reported, not judged)."""
+    if doc["scheme"].get("input_activations"):
+        return "loads (W8A8: inputs rounded by the loader's own rule)", True
+    return f"loads, KLD ≤ {PLAIN_MAX_KLD:g}", kld <= PLAIN_MAX_KLD
+
+
+def vllm_check(directory: Path, doc: dict[str, Any], prepared: PreparedSuite, baseline,
+               reference: list) -> Check:
+    """Served by vLLM started on the directory: it must start, and its rows compare with the exact
+    load on the server's top-k basis (engines/topk.kld_topk)."""
+    from quantgate.engines.process import EngineCrashed
+    from quantgate.engines.topk import kld_topk
+    from quantgate.engines.vllm import served_logprobs
+
+    what = "loads in vLLM ($QUANTGATE_VLLM_PYTHON)"
+    log = Path(tempfile.gettempdir()) / f"quantgate-verify-vllm-{os.getpid()}.log"
+    try:
+        rows = served_logprobs(directory, baseline, prepared.windows[: prepared.n_text_windows], log)
+    except EngineCrashed as e:
+        return Check(what, "-", f"cannot serve it ({e})", "serves", False)
+    kld = float(np.concatenate([kld_topk(r, s).numpy() for r, s in zip(reference, rows)]).mean())
+    return Check(what, "-", f"KLD {kld:.3g} on its top-20 basis", *_tolerance(doc, kld))
+
+
+def plain_check(directory: Path, doc: dict[str, Any], prepared: PreparedSuite, reference: list) -> Check:
+    """Loaded as a user loads it (plain transformers from_pretrained): it must load, and compute
+    the artifact (mean KLD on the text windows from quantgate's exact load, `reference`, at most
+    PLAIN_MAX_KLD: float16 scales multiplied in float16)."""
+    from quantgate.export.build import plain_load
+
+    what = "loads with plain transformers (from_pretrained)"
+    recorded = ((doc.get("round_trip") or {}).get("plain_transformers") or {}).get("kld_mean")
+    shown = "-" if recorded is None else f"KLD {recorded:.3g}"
+    try:
+        got = plain_load(directory, reference, prepared)
+    except UserError as e:
+        return Check(what, shown, f"cannot load ({e})", "loads", False)
+    return Check(what, shown, f"KLD {got['kld_mean']:.3g} ({got['loader']})", *_tolerance(doc, got["kld_mean"]))
 
 
 def _silent(description: str, total: int) -> Callable[[int], None]:
@@ -119,11 +184,11 @@ def _quiet(text: str) -> None:
 def _engine(cfg, doc: dict[str, Any], where: Path) -> BackendEntry:
     """The engine that loads the artifact's format back, which must be the one its gate run
     measured it on."""
-    entry = backends.loader_of(doc["format"])
     cand = {c.label: c for c in cfg.resolved_candidates}.get(doc["candidate"])
     if cand is None:
         raise UserError(f"{where}: candidate '{doc['candidate']}' is not in the manifest's config")
     measured_on = (getattr(cand, "serving", None) or cfg.serving).engine
+    entry = backends.loader_of(doc["format"], prefer=measured_on)
     if measured_on != entry.name:
         raise UserError(f"{where}: the gate run measured {doc['candidate']} on the {measured_on} engine; a "
                         f"{doc['format']} artifact is re-measured on {entry.name}, so the records would not compare")

@@ -162,7 +162,8 @@ def _cost(c: Cost) -> rec.Cost:
 
 def conditions(c: Conditions | None) -> rec.Conditions | None:
     return c and rec.Conditions(threads=c.threads, cores=c.cores, cpu=c.cpu, load_before=c.load_before,
-                                load_during=c.load_during, rounds=c.rounds)
+                                load_during=c.load_during, rounds=c.rounds,
+                                interleaved=c.interleaved)
 
 
 def noise_floor(result: RunResult) -> rec.NoiseFloor | None:
@@ -171,7 +172,8 @@ def noise_floor(result: RunResult) -> rec.NoiseFloor | None:
         return None
     return rec.NoiseFloor(engine=f.engine, reference=f.reference, kld_mean=float(f.kld.mean()),
                           kld_p99=float(np.quantile(f.kld, 0.99)), top1_agreement=float(f.top1_agree.mean()),
-                          tokens=int(f.kld.size))
+                          tokens=int(f.kld.size),
+                          truncation_kld_mean=None if f.truncation_kld is None else float(f.truncation_kld.mean()))
 
 
 def comparison(m: ModelResult) -> rec.Comparison:

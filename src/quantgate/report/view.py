@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from quantgate.economics import compared
 from quantgate.record import (
-    CandidateRecord, Comparison, Conditions, Cost, EconomicsSettings, LoadLevel, ModelRecord, Ratio, Rule, Rung,
-    RunRecord, SpeedRatios, TaskStats,
+    CandidateRecord, Comparison, Conditions, Cost, EconomicsSettings, LoadLevel, ModelRecord, NoiseFloor, Ratio, Rule,
+    Rung, RunRecord, SpeedRatios, TaskStats,
 )
 
 # A candidate whose accuracy recovery holds but which is beyond either line gets a "silent loss"
@@ -397,7 +397,14 @@ def noise_floor(results: RunRecord) -> str:
     return (f"Engine noise floor: the baseline on {nf.engine} vs on {nf.reference} — "
             f"KLD mean {sig(nf.kld_mean)}, KLD p99 {sig(nf.kld_p99)}, top-1 agreement "
             f"{pct(nf.top1_agreement)} over {nf.tokens} tokens. Candidate differences "
-            f"below this are the engine's, not the compression's.")
+            f"below this are the engine's, not the compression's." + _truncation(nf))
+
+
+def _truncation(nf: NoiseFloor) -> str:
+    if nf.truncation_kld_mean is None:
+        return ""
+    return (f" (Top-k rows: the truncation itself, the reference against its own top-k view, is KLD mean "
+            f"{sig(nf.truncation_kld_mean)}; not part of the floor.)")
 
 
 def aa_check(results: RunRecord) -> tuple[bool, str] | None:
@@ -451,7 +458,9 @@ def conditions_line(c: Conditions | None) -> str | None:
     load = f"load average {c.load_before[0]:.1f} before" + (f", {min(during):.1f}–{max(during):.1f} during"
                                                              if during else "")
     threads = "the server's own threads" if c.threads is None else f"{c.threads} thread{'s' * (c.threads != 1)}"
-    return (f"Speed measured in {c.rounds} interleaved round{'s' * (c.rounds != 1)} (baseline, A, B, baseline, ...), "
+    order = "interleaved (baseline, A, B, baseline, ...)" if c.interleaved else \
+        "back to back per model (one server up at a time)"
+    return (f"Speed measured in {c.rounds} round{'s' * (c.rounds != 1)} {order}, "
             f"{threads} on {c.cores} core{'s' * (c.cores != 1)} ({c.cpu}); {load}.")
 
 
