@@ -230,6 +230,7 @@ def drift_json(out: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_fresh_sample_of_the_same_distribution_shows_no_drift(gate_run):
     run_dir, tmp = gate_run
     fresh = sample(tmp / "piqa_fresh.jsonl", DATA / "piqa.jsonl", 300, 100)  # items 300-359 used: unseen
@@ -245,6 +246,7 @@ def test_fresh_sample_of_the_same_distribution_shows_no_drift(gate_run):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_another_task_is_reported_as_an_input_shift(gate_run):
     run_dir, tmp = gate_run
     arc = sample(tmp / "arc.jsonl", DATA / "arc_easy.jsonl", 0, 100)
@@ -259,6 +261,7 @@ def test_another_task_is_reported_as_an_input_shift(gate_run):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_if_due_skips_a_check_made_today_and_history_lists_checks(gate_run):
     run_dir, tmp = gate_run
     fresh = sample(tmp / "piqa_fresh.jsonl", DATA / "piqa.jsonl", 300, 100)
@@ -272,6 +275,7 @@ def test_if_due_skips_a_check_made_today_and_history_lists_checks(gate_run):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bad_input_against_a_real_run(gate_run):
     run_dir, tmp = gate_run
     fresh = sample(tmp / "piqa_small.jsonl", DATA / "piqa.jsonl", 300, 100)

@@ -398,6 +398,7 @@ def directory_bytes(directory: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_real_model_w4a16_checkpoint_is_a_quarter_of_float16(tmp_path):
     from safetensors import safe_open
 

@@ -286,6 +286,7 @@ def test_quantgate_check_counts_the_training_in_its_estimate(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_on_the_default_model_trained_scales_beat_their_rtn_init():
     """int3 g64 from RTN, 6 steps of 2 × 64 tokens per block on 8 calibration windows (kept
     short; the bench trains at the default settings): every block linear on the grid, and a
