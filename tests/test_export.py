@@ -311,6 +311,7 @@ def quantgate(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.heavy
 def test_cli_exports_verifies_and_refuses_a_flipped_byte(tiny_run, tmp_path):
     out = tmp_path / "hf"
     proc = quantgate("export", str(tiny_run), "--candidate", "awq-w4-g32", "--format", "hf", "--out", str(out))

@@ -245,6 +245,7 @@ def test_accuracy_level_4_is_a_different_graph_and_measurably_different_numerics
     assert 0 < _kld(a, b) < 0.05
 
 
+@pytest.mark.heavy
 def test_a_run_on_onnxruntime_through_the_registry(tiny, tmp_path):
     """`serving.engine: onnxruntime` end to end on the tiny model: ORT baseline, an RTN candidate,
     the noise floor against torch float32, economics measured in an engine process."""

@@ -78,6 +78,7 @@ def test_a_bf16_baseline_run_reports_fp32_as_a_row_and_gates_against_bf16(checkp
 
 
 
+@pytest.mark.heavy
 def test_a_bf16_baseline_is_served_in_bf16_and_its_a_a_check_measured(checkpoint, tmp_path, torch_single_thread):
     """Economics of a bf16 baseline: its engine processes load it in bf16 (the serving options
     carry the precision), the A/A candidate serves the same again in every round, and the

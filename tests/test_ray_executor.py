@@ -157,6 +157,7 @@ def _forget(store: Path, candidate: str, keep: int) -> int:
     return len(ids) - keep
 
 
+@pytest.mark.heavy
 def test_a_calibrated_run_on_ray_equals_the_local_run(ray_head, tiny_model, tmp_path):
     """GPTQ (calibration windows travel to the actor) and RTN on the tiny Llama: every quality
     number of results.json is the local executor's, and every item was scored once."""
@@ -167,6 +168,7 @@ def test_a_calibrated_run_on_ray_equals_the_local_run(ray_head, tiny_model, tmp_
     assert [m.scores.items_scored for m in [on_ray.baseline, *on_ray.candidates]] == [n, n, n]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("first,then", [("ray", "local"), ("local", "ray")])
 def test_a_run_cut_short_under_one_executor_resumes_under_the_other(ray_head, tiny_model, tmp_path, first, then):
     store = tmp_path / "runs.db"
@@ -179,6 +181,7 @@ def test_a_run_cut_short_under_one_executor_resumes_under_the_other(ray_head, ti
     assert missing == n - 3
 
 
+@pytest.mark.heavy
 def test_an_error_in_an_actor_is_the_error_a_local_run_gives(ray_head, tiny_model, tmp_path):
     """A candidate whose making fails on its actor (pruning every head) ends the run with the
     local run's own one-line error, not a Ray traceback."""

@@ -32,6 +32,7 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.heavy
 def test_a_speed_rule_on_the_torch_engine_recommends_nothing_and_says_why(tiny_model, tmp_path):
     cfg = RunConfig.model_validate({
         "model": {"base": str(tiny_model)},
@@ -77,6 +78,7 @@ def test_a_speed_rule_on_the_torch_engine_recommends_nothing_and_says_why(tiny_m
     assert "Against the baseline" in page and "A/A check" in page
 
 
+@pytest.mark.heavy
 def test_a_resumed_a_a_check_is_the_baseline_served_again(tiny_model, tmp_path):
     """A resumed run reuses the A/A candidate's stored items and still measures its speed: it is
     the baseline served again (Backend.serve), not a made candidate restored without weights."""

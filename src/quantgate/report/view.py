@@ -458,9 +458,9 @@ def conditions_line(c: Conditions | None) -> str | None:
     load = f"load average {c.load_before[0]:.1f} before" + (f", {min(during):.1f}–{max(during):.1f} during"
                                                              if during else "")
     threads = "the server's own threads" if c.threads is None else f"{c.threads} thread{'s' * (c.threads != 1)}"
-    order = "interleaved (baseline, A, B, baseline, ...)" if c.interleaved else \
-        "back to back per model (one server up at a time)"
-    return (f"Speed measured in {c.rounds} round{'s' * (c.rounds != 1)} {order}, "
+    rounds = f"{c.rounds} interleaved round{'s' * (c.rounds != 1)} (baseline, A, B, baseline, ...)" if c.interleaved \
+        else f"{c.rounds} round{'s' * (c.rounds != 1)} back to back per model (one server up at a time)"
+    return (f"Speed measured in {rounds}, "
             f"{threads} on {c.cores} core{'s' * (c.cores != 1)} ({c.cpu}); {load}.")
 
 
