@@ -264,8 +264,9 @@ def interleaved(openers: Mapping[str, Opener], *, rounds: int, warm: bool, promp
     memory, its luck are in every round); warm=True opens each once and keeps it (a server that
     is up anyway). interleave=False runs each model's rounds back to back (baseline, baseline, ...,
     A, A, ...: a backend that keeps one server up at a time), so load that changes between
-    models is not spread over them alike. A model whose engine fails (a crash, a server error) is dropped, its rounds
-    with it, and named in `failed`; the others go on."""
+    models is not spread over them alike. A model whose engine fails (a crash, a server error) is
+    dropped, its rounds with it, and named in `failed`; the others go on. The load average is
+    read after each round: all models' when interleaved, each measured model's otherwise."""
     before = os.getloadavg()
     samples: dict[str, list[RoundSample]] = {label: [] for label in openers}
     failed: dict[str, str] = {}
@@ -295,8 +296,8 @@ def interleaved(openers: Mapping[str, Opener], *, rounds: int, warm: bool, promp
                 except (OSError, RuntimeError) as e:  # an engine process that ended (EngineCrashed), a lost server
                     failed[label] = str(e)
                 on_round(1)
-            ended = tried if not interleave else i + 1 == len(order) or order[i + 1][0] != r  # (a model's) round
-            if ended:
+            round_ended = (i + 1 == len(order) or order[i + 1][0] != r) if interleave else tried
+            if round_ended:
                 during.append(os.getloadavg()[0])
     conditions = Conditions(threads, cores_available(), cpu_model(), before, tuple(during), rounds, interleave)
     return Rounds({k: v for k, v in samples.items() if k not in failed}, failed, conditions)
