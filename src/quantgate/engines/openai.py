@@ -634,7 +634,7 @@ class OpenAIBackend(Backend):
         from quantgate.engines.torch import TorchEngine
 
         k = ctx.cfg.serving.top_logprobs
-        return TorchEngine(ctx.baseline.model), f"torch float32, on the server's top-{k} basis"
+        return TorchEngine(ctx.baseline.model), f"torch {ctx.baseline.precision}, on the server's top-{k} basis"
 
     def floor_divergence(self, other: torch.Tensor, served: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Like with like: the reference's full rows `other` [T, V] coarsened onto each served

@@ -176,9 +176,10 @@ class Backend:
         differences are the engines', not the compression's."""
         raise NotImplementedError
 
-    def full_precision(self, ctx: RunContext) -> Served:
+    def full_precision(self, ctx: RunContext) -> Served | None:
         """The checkpoint in float32, served beside a bf16/fp16 baseline and scored against it like
-        a candidate (only engines whose entry lists more precisions than fp32 have it)."""
+        a candidate (only engines whose entry lists more precisions than fp32 have it); None when
+        this engine cannot serve it for this run (someone else's server)."""
         raise NotImplementedError
 
     def floor_divergence(self, other: torch.Tensor, served: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -270,6 +271,10 @@ class BackendEntry:
     # Seconds to start a server of its own for one model (plan estimates; None: it starts none,
     # or the run names running servers: serving.base_url).
     startup: float | None = None
+    # "module:callable" (MethodConfig -> why it cannot serve that candidate, or None); None: it
+    # serves every candidate of the kinds it accepts. Unservable ones are refused or simulated
+    # (serving.unservable).
+    unservable: str | None = None
 
     def runs(self, artifact: str) -> bool:
         """Whether this engine serves candidates of this artifact kind (every engine serves its
@@ -279,6 +284,13 @@ class BackendEntry:
     def load(self) -> Backend:
         module, cls = self.backend.split(":")
         return getattr(importlib.import_module(module), cls)(self)
+
+    def why_unservable(self, cand: MethodConfig) -> str | None:
+        """Why this engine cannot serve `cand` as evaluated; None when it can."""
+        if self.unservable is None:
+            return None
+        module, name = self.unservable.split(":")
+        return getattr(importlib.import_module(module), name)(cand)
 
     def check_config(self, cfg: RunConfig) -> None:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -346,11 +358,14 @@ BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
                  check=_servers_named),
     BackendEntry("vllm", frozenset({"model", "served"}), "quantgate.engines.vllm:VllmBackend",
                  check=_vllm_config, options=frozenset({"kv_cache", "launch"}), exports=("compressed-tensors",),
-                 sizes_from_checkpoint=True, startup=330.0, loader="vllm"),
+                 unservable="quantgate.engines.vllm:unservable",
+                 sizes_from_checkpoint=True, precisions=frozenset({"fp32", "bf16", "fp16"}), startup=330.0,
+                 loader="vllm"),
     BackendEntry("onnxruntime", frozenset({"model"}), "quantgate.engines.onnxruntime:OnnxRuntimeBackend",
                  process="quantgate.engines.onnxruntime:OnnxRuntimeEngine",
                  requires=("onnxruntime", "onnx", "onnxruntime_genai"), install="pip install 'quantgate[onnx]'",
                  check=_onnxruntime_servable, settings=frozenset({"accuracy_level"}), exports=("onnx",),
+                 unservable="quantgate.engines.onnxruntime:unservable",
                  speed=Speed(score=450, decode=52.5)),
 )}
 # The backend that makes a candidate by fake quantization (Backend.simulated).

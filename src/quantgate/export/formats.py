@@ -51,7 +51,7 @@ FORMATS = ("gguf", "onnx", "compressed-tensors", "hf")
 # Formats exported as the very artifact their engine evaluated (copied, checked by sha256); the
 # engine is the one whose registry entry loads the format (engines.registry.loader_of).
 EVALUATED = ("gguf", "onnx")
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 WEIGHTS_FILE = "model.safetensors"
 # W8A8 input activations as quantgate evaluates them (methods/smoothquant.fake_quantize_activations).
 W8A8_INPUTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
@@ -172,7 +172,8 @@ def write_compressed_tensors(model: torch.nn.Module, tokenizer, codes: dict[str,
         back = compressor.decompress({**packed, "weight_scale": packed["weight_scale"].float()}, ct_scheme)["weight"]
         if not torch.equal(back.float(), weight.float()):
             raise UserError(f"{name}: the {scheme['format']} packing does not reproduce the evaluated weight")
-        packed["weight_scale"] = packed["weight_scale"].to(dtype)  # float16 scales: exact in either dtype
+        # float16 scales are exact in float16 and float32, not in bfloat16 (8 significand bits): kept as they are
+        packed["weight_scale"] = packed["weight_scale"].to(torch.float16 if dtype == torch.bfloat16 else dtype)
         tensors.update({f"{name}.{k}": v.contiguous() for k, v in packed.items()})
     skip = {f"{name}.weight" for name in codes}
     tensors.update({k: v.to(dtype) if v.is_floating_point() else v
