@@ -5,7 +5,10 @@ windows, and batch-1 decode / prefill speed and peak RSS, each measured in a fre
 timed in interleaved rounds (order reversed every other round); medians are shown.
 
 ORT candidates carry quantgate's codes: rtn-w8 (per channel) and gptq-w4-g32, each at MatMulNBits
-accuracy_level 0 (fp32 compute) and 4 (int8 activations).
+accuracy_level 0 (fp32 compute) and 4 (int8 activations); and both with quantize_embeddings
+(-emb: the tied lm_head a MatMulNBits node too, as onnxruntime-genai's own int4 builder writes
+it) at accuracy_level 4. Without -emb, every decoded token still reads the 49152 x 576 float32
+lm_head (113 MB of the 540 MB an fp32 token reads).
 
 Every model is timed at each thread count of --threads (default: 1 and every core): the bench
 process pins itself to that many cores and each engine process, which inherits the pinning,
@@ -41,7 +44,10 @@ from quantgate.methods.calibrate import calibration_set
 from quantgate.methods.registry import candidate
 from quantgate.models.load import load_baseline
 
-ORT_CANDIDATES = ({"method": "rtn", "bits": 8}, {"method": "gptq", "bits": 4, "group_size": 32})
+# (candidate, the MatMulNBits accuracy levels it is served at)
+ORT_CANDIDATES = (({"method": "rtn", "bits": 8}, (0, 4)), ({"method": "gptq", "bits": 4, "group_size": 32}, (0, 4)),
+                  ({"method": "rtn", "bits": 8, "quantize_embeddings": True}, (4,)),
+                  ({"method": "gptq", "bits": 4, "group_size": 32, "quantize_embeddings": True}, (4,)))
 
 
 @dataclass
@@ -56,11 +62,11 @@ class Row:
 def ort_rows(baseline, calib, windows, reference, logs: Path) -> list[Row]:
     base = qo.float_graph(baseline, logs / "builder.log")
     rows = [Row("ORT fp32", "onnxruntime", {"path": str(base)}, qo.graph_bytes(base), _kld(base, windows, reference))]
-    for fields in ORT_CANDIDATES:
+    for fields, levels in ORT_CANDIDATES:
         cand = candidate(**fields)
         made = make_candidate(baseline.model, baseline.arch, cand, calib if cand.needs_calibration else None)
         weights = qo.candidate_weights(made.model, baseline.arch, cand)
-        for level in (0, 4):
+        for level in levels:
             folder = qo.candidate_graph(base, weights, baseline.arch.blocks, level)
             rows.append(Row(f"ORT {cand.label} acc{level}", "onnxruntime", {"path": str(folder)},
                             qo.graph_bytes(folder), _kld(folder, windows, reference)))

@@ -100,7 +100,6 @@ def _check(*cands: dict, engine: str = "onnxruntime") -> None:
      r"gptq-w4-g100: .*group_size 100 cannot be served .*block sizes 16, 32, 64, 128, 256\); nearest servable: int4 g128"),
     ({"method": "rtn", "bits": 6, "group_size": 48}, r"bits 6 and group_size 48 .* nearest servable: int8 g64 asym"),
     ({"method": "smoothquant"}, r"per-token int8 activations .* nearest servable: \{method: rtn, bits: 8, accuracy_level: 4\}"),
-    ({"method": "rtn", "bits": 4, "group_size": 64, "quantize_embeddings": True}, r"quantize_embeddings"),
     ({"prune": "magnitude", "sparsity": 0.5}, r"only quantized candidates"),
 ])
 def test_an_unservable_scheme_is_one_clear_line_naming_the_nearest_servable(cand, message):
@@ -209,6 +208,8 @@ def test_the_fp32_graph_reproduces_torch(tiny):
     {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": True},  # 576 = 4.5 x 128
     {"method": "gptq", "bits": 4, "group_size": 64},
     {"method": "awq", "bits": 4, "group_size": 64},  # its scales folded into the norms the graph holds
+    {"method": "rtn", "bits": 4, "group_size": 64, "quantize_embeddings": True},  # the tied lm_head too
+    {"method": "rtn", "bits": 8, "quantize_embeddings": True},
 ])
 def test_a_candidate_on_ort_at_accuracy_level_0_matches_it_on_torch(tiny, cand, tmp_path):
     from quantgate.methods.apply import make_candidate
@@ -220,7 +221,7 @@ def test_a_candidate_on_ort_at_accuracy_level_0_matches_it_on_torch(tiny, cand, 
         made = make_candidate(baseline.model, baseline.arch, cand, calib if cand.needs_calibration else None)
         ref = next(_torch(made.model).token_logprobs([WINDOW])).numpy()
     weights = qo.candidate_weights(made.model, baseline.arch, cand)
-    assert len(weights) == 2 * 7
+    assert len(weights) == 2 * 7 + cand.quantize_embeddings  # (+ the lm_head, tied to the embedding)
     changed = qo.changed_floats(baseline.model, made.model, set(weights))
     assert bool(changed) == (cand.method == "awq") and all("norm" in n for n in changed)
     folder = qo.candidate_folder(baseline, made.model, cand, tmp_path / "builder.log")
@@ -228,7 +229,34 @@ def test_a_candidate_on_ort_at_accuracy_level_0_matches_it_on_torch(tiny, cand, 
     assert _kld(ref, lp) < 1e-3
     np.testing.assert_allclose(lp, ref, atol=LOGPROB_ATOL)
     assert qo.graph_bytes(folder) < qo.graph_bytes(graph) * (0.75 if cand.bits == 4 else 0.9)
+    read_back, _ = qo.graph_weights(folder, baseline.model, baseline.arch.blocks)
+    assert read_back.keys() == weights.keys() and all(
+        np.array_equal(qo.dequantize_nbits(read_back[n]), qo.dequantize_nbits(w)) for n, w in weights.items())
     assert qo.candidate_graph(graph, weights, baseline.arch.blocks, 0, changed) == folder  # cached by content
+
+
+def test_quantized_embeddings_of_an_untied_model_are_served(tiny, tmp_path):
+    """An untied lm_head is a MatMulNBits node of its own codes; the embedding table, quantized
+    apart, is the graph's embedding initializer with the candidate's values."""
+    from quantgate.methods.apply import make_candidate
+    from quantgate.models.load import Baseline
+
+    config = tiny[0].model.config.to_dict() | {"tie_word_embeddings": False}
+    with single_thread():
+        torch.manual_seed(1)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    untied = Baseline(model, tiny[0].tokenizer, tiny[0].arch, "tiny-untied", "fedcba9876543210-untied", "tiny")  # (its own graph cache)
+    cand = candidate(method="rtn", bits=4, group_size=64, quantize_embeddings=True)
+    with single_thread():
+        made = make_candidate(model, untied.arch, cand)
+        ref = next(_torch(made.model).token_logprobs([WINDOW])).numpy()
+    weights = qo.candidate_weights(made.model, untied.arch, cand)
+    assert "lm_head" in weights and list(qo.changed_floats(model, made.model, set(weights))) == [
+        "model.embed_tokens.weight"]
+    folder = qo.candidate_folder(untied, made.model, cand, tmp_path / "builder.log")
+    lp = qo.OnnxRuntimeEngine(folder, threads=1).window_logprobs(WINDOW)
+    assert _kld(ref, lp) < 1e-3
+    np.testing.assert_allclose(lp, ref, atol=LOGPROB_ATOL)
 
 
 def test_accuracy_level_4_is_a_different_graph_and_measurably_different_numerics(tiny):

@@ -6,7 +6,8 @@ GroupQueryAttention with past_key_values inputs; q/k/v fused into one MatMul). A
 that graph with each block linear's MatMul replaced by a `MatMulNBits` node (com.microsoft)
 carrying the candidate's *own* integer codes, scales and zero points, recovered exactly from its
 fake-quantized weights (export/codes.py): ORT's own quantizer would re-quantize from float
-weights and lose GPTQ's or AWQ's codes. Artifacts are cached by content hash under
+weights and lose GPTQ's or AWQ's codes. With quantize_embeddings the lm_head is one too (and
+the embedding table the builder ties to it holds the candidate's dequantized values). Artifacts are cached by content hash under
 <quantgate cache>/onnx/ and written atomically (a temporary folder renamed into place).
 
 MatMulNBits layout (checked against ORT itself in tests/test_onnxruntime.py): for B [N, K]
@@ -70,6 +71,9 @@ BUILDER_LINEARS = {
     "mlp/gate_proj": ("mlp.gate_proj",), "mlp/up_proj": ("mlp.up_proj",), "mlp/down_proj": ("mlp.down_proj",),
 }
 _BLOCK_NODE = re.compile(r"/model/layers\.(\d+)/(.+)/MatMul")
+# The builder's MatMul nodes outside the blocks -> the linear they hold (quantize_embeddings: the
+# lm_head, whose weight initializer the builder shares with the tied embedding's Gather).
+OUTER_LINEARS = {"/lm_head/MatMul": "lm_head"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +218,6 @@ def unservable(cand: MethodConfig) -> str | None:
         return (f"{q.scheme}: per-token int8 activations are not what ORT's int8 path computes "
                 "(accuracy_level 4 quantizes activations per block of K); nearest servable: "
                 "{method: rtn, bits: 8, accuracy_level: 4}")
-    if q.quantize_embeddings:
-        return "quantize_embeddings: embeddings and lm_head stay float32 in the ONNX graph; leave it out"
     fixes = {}
     if q.bits not in BITS:
         fixes["bits"] = min((b for b in BITS if b >= q.bits), default=8)
@@ -395,13 +397,15 @@ def _build(baseline: Baseline, out: Path, log: Path) -> None:
 
 
 def block_weights(node_names: Sequence[str], blocks: str) -> dict[str, tuple[str, ...]]:
-    """The builder's block MatMul nodes -> the full names of the Hugging Face linears each holds
-    (`blocks`: the architecture's block list, e.g. "model.layers"). Nodes outside the blocks
-    (lm_head) are left out; a block MatMul the table does not know is an error."""
+    """The builder's MatMul nodes -> the full names of the Hugging Face linears each holds
+    (`blocks`: the architecture's block list, e.g. "model.layers"): the blocks' (BUILDER_LINEARS)
+    and the lm_head (OUTER_LINEARS); a block MatMul the table does not know is an error."""
     found = {}
     for name in node_names:
         m = _BLOCK_NODE.fullmatch(name)
         if m is None:
+            if name in OUTER_LINEARS:
+                found[name] = (OUTER_LINEARS[name],)
             continue
         if m.group(2) not in BUILDER_LINEARS:
             raise ValueError(f"{name}: a block MatMul the builder table (BUILDER_LINEARS) does not know")
@@ -427,15 +431,17 @@ def nbits_node(node: onnx.NodeProto, w: NBitsWeight, accuracy_level: int) -> tup
 
 def quantized_graph(base: onnx.ModelProto, weights: dict[str, NBitsWeight], blocks: str,
                     accuracy_level: int, floats: Mapping[str, np.ndarray] | None = None) -> int:
-    """Replace, in place, every block MatMul of the builder's graph `base` by a MatMulNBits node
-    over `weights` (full HF linear name -> its packed weight; a fused node's linears are
-    stacked along N), and the float initializers named in `floats` (HF parameter name, which
+    """Replace, in place, every MatMul of the builder's graph `base` whose linears `weights` holds
+    (full HF linear name -> its packed weight; a fused node's linears are stacked along N) by a
+    MatMulNBits node, and the float initializers named in `floats` (HF parameter name, which
     the builder uses for norms -> the candidate's values, same shape: e.g. AWQ's folded norms).
-    Returns the nodes replaced; zero, or a block linear or float left unmatched, is an error."""
+    A replaced MatMul's weight initializer that other nodes still read (the tied embedding's
+    table, read through a Transpose) keeps the candidate's dequantized values, [K, N].
+    Returns the linears replaced; zero, or a linear or float left unmatched, is an error."""
     inits = {t.name: t for t in base.graph.initializer}
     _replace_floats(inits, floats or {})
     holders = block_weights([n.name for n in base.graph.node], blocks)
-    nodes, added, dropped, used = [], [], set(), set()
+    nodes, added, dropped, used = [], [], {}, set()
     for node in base.graph.node:
         if node.name not in holders or not all(h in weights for h in holders[node.name]):
             nodes.append(node)
@@ -447,8 +453,9 @@ def quantized_graph(base: onnx.ModelProto, weights: dict[str, NBitsWeight], bloc
         new, new_inits = nbits_node(node, w, accuracy_level)
         nodes.append(new)
         added += new_inits
-        dropped.add(node.input[1])
+        dropped[node.input[1]] = w
         used.update(holders[node.name])
+    _dequantize_shared(inits, dropped, nodes)
     kept = [t for t in base.graph.initializer if t.name not in dropped]
     del base.graph.node[:], base.graph.initializer[:]
     base.graph.node.extend(nodes)
@@ -458,6 +465,16 @@ def quantized_graph(base: onnx.ModelProto, weights: dict[str, NBitsWeight], bloc
     if not used:
         raise NothingHappened("no block MatMul of the ONNX graph was replaced")
     return len(used)
+
+
+def _dequantize_shared(inits: dict[str, Any], dropped: dict[str, NBitsWeight], nodes: Sequence[Any]) -> None:
+    """Initializers of replaced MatMuls that `nodes` still read get their weight's dequantized
+    values [K, N] and leave `dropped` (the tied embedding reads what the lm_head's codes hold)."""
+    from onnx import numpy_helper
+
+    read = {name for node in nodes for name in node.input}
+    for name in [n for n in dropped if n in read]:
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(dequantize_nbits(dropped.pop(name)).T), name))
 
 
 def _replace_floats(inits: dict[str, Any], floats: Mapping[str, np.ndarray]) -> None:
@@ -622,13 +639,15 @@ def candidate_folder(baseline: Baseline, model: torch.nn.Module, cand: MethodCon
 
 
 def changed_floats(base: torch.nn.Module, made: torch.nn.Module, coded: set[str]) -> dict[str, np.ndarray]:
-    """Parameters of the made candidate, other than the weights of the `coded` linears, that
-    differ from the baseline's (e.g. the norms AWQ folds its scales into): HF name -> values."""
+    """Parameters of the made candidate, other than the weights of the `coded` linears (and
+    what is tied to them: a tied embedding), that differ from the baseline's (e.g. the norms
+    AWQ folds its scales into, an untied quantized embedding): HF name -> values."""
     import torch
 
     ref = dict(base.named_parameters())
+    tied = {id(made.get_submodule(n).weight) for n in coded}
     return {name: p.detach().float().numpy() for name, p in made.named_parameters()
-            if name.removesuffix(".weight") not in coded and not torch.equal(p, ref[name])}
+            if id(p) not in tied and not torch.equal(p, ref[name])}
 
 
 def export_scheme(cand: MethodConfig) -> dict[str, Any]:
@@ -653,12 +672,14 @@ def copy_graph(graph: Path, out: Path, tokenizer: Any) -> Path:
 
 
 def candidate_weights(model: torch.nn.Module, arch: Any, cand: MethodConfig) -> dict[str, NBitsWeight]:
-    """Every block linear of a made candidate as MatMulNBits weights, from its exact codes."""
+    """Every quantized linear of a made candidate (the blocks', and the lm_head with
+    quantize_embeddings) as MatMulNBits weights, from its exact codes."""
     from quantgate.export.codes import NotOnGrid, recover_codes
     from quantgate.methods.apply import spec_of, targets
 
     spec = spec_of(cand.quantizer)
-    names = [n for n in targets(model, arch, cand.quantizer) if arch.is_block_linear(n)]
+    names = [n for n in targets(model, arch, cand.quantizer)
+             if arch.is_block_linear(n) or n in OUTER_LINEARS.values()]
     try:
         return {n: from_quantized(recover_codes(model.get_submodule(n).weight.detach(), spec)) for n in names}
     except NotOnGrid as e:
