@@ -15,8 +15,11 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -142,12 +145,11 @@ def _convert_gguf(path: Path, target: Path) -> None:
     """Dequantize a GGUF file to a float32 safetensors HF directory, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_gguf(path)
+    reader = check_gguf(path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        )
+        with _parsed_once(path, reader):
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (ValueError, OSError, KeyError) as e:
         raise UserError(f"{path}: cannot read this GGUF file: {e}") from None
     # The weights are now plain float32: drop the GGUF marker so the copy loads as a normal model.
@@ -164,6 +166,26 @@ def _convert_gguf(path: Path, target: Path) -> None:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _parsed_once(path: Path, reader: Any) -> Iterator[None]:
+    """transformers parses a GGUF file anew for its config, its tokenizer and its weights (about
+    5 s each for the default model's 49152-token vocabulary, most of a fresh `make demo`'s
+    conversion time); inside this block it gets the reader check_gguf already made for `path`
+    (gguf.GGUFReader: a read-only memory map and the parsed fields, which it only reads)."""
+    import gguf
+
+    made = gguf.GGUFReader
+
+    def reader_of(where: Any, *args: Any, **kwargs: Any) -> Any:
+        return reader if Path(where) == path and not args and not kwargs else made(where, *args, **kwargs)
+
+    gguf.GGUFReader = reader_of
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = made
 
 
 def _load_hf_dir(where: str | Path, *, source: str, description: str, precision: str) -> Baseline:
