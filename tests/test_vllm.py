@@ -377,8 +377,11 @@ def test_ctrl_c_stops_the_server(tiny_dir, tmp_path):
     cfg = launched(tiny_dir, pids, [{"method": "rtn", "bits": 8}])
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    # Ctrl-C's SIGINT as a terminal delivers it: a test run in the background (`cmd &`) ignores SIGINT, and an
+    # ignored signal stays ignored across exec, so quantgate would never see it.
     proc = subprocess.Popen([sys.executable, "-m", "quantgate.cli", "run", str(path), "--results-dir",
-                             str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (pids.exists() and started(pids)) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
