@@ -245,7 +245,8 @@ def test_quantized_embeddings_of_an_untied_model_are_served(tiny, tmp_path):
     with single_thread():
         torch.manual_seed(1)
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
-    untied = Baseline(model, tiny[0].tokenizer, tiny[0].arch, "tiny-untied", "fedcba9876543210-untied", "tiny")  # (its own graph cache)
+    # (a digest of its own: graphs are cached by the digest's first 16 characters)
+    untied = Baseline(model, tiny[0].tokenizer, tiny[0].arch, "tiny-untied", "fedcba9876543210-untied", "tiny")
     cand = candidate(method="rtn", bits=4, group_size=64, quantize_embeddings=True)
     with single_thread():
         made = make_candidate(model, untied.arch, cand)

@@ -7,8 +7,9 @@ that graph with each block linear's MatMul replaced by a `MatMulNBits` node (com
 carrying the candidate's *own* integer codes, scales and zero points, recovered exactly from its
 fake-quantized weights (export/codes.py): ORT's own quantizer would re-quantize from float
 weights and lose GPTQ's or AWQ's codes. With quantize_embeddings the lm_head is one too (and
-the embedding table the builder ties to it holds the candidate's dequantized values). Artifacts are cached by content hash under
-<quantgate cache>/onnx/ and written atomically (a temporary folder renamed into place).
+the embedding table the builder ties to it holds the candidate's dequantized values).
+Artifacts are cached by content hash under <quantgate cache>/onnx/ and written atomically (a
+temporary folder renamed into place).
 
 MatMulNBits layout (checked against ORT itself in tests/test_onnxruntime.py): for B [N, K]
 (output row n, input column k), w[n, k] = (code[n, k] - zero[n, k // block]) * scale[n, k // block];
