@@ -215,6 +215,8 @@ def test_check_plans_a_server_start_for_each_model_it_serves(tiny_dir, tmp_path)
     served = {"method": "served", "bits": 4, "name": "q4", "serving": {"engine": "vllm", "base_url": url}}
     cfg = RunConfig.model_validate({**base, "candidates": [served], "serving": {"engine": "vllm", "base_url": url}})
     assert not [s for s in make_plan(cfg, tmp_path / "out").steps if s.what.startswith("start")]
+    bf16 = cfg.model_copy(update={"quality_gate": cfg.quality_gate.model_copy(update={"verified_against": "bf16"})})
+    assert bf16.precision == "bf16" and not [s for s in make_plan(bf16, tmp_path / "out").steps if "float32" in s.what]
 
 
 # -- what a checkpoint is ---------------------------------------------------------------------------

@@ -184,7 +184,9 @@ def _steps(cfg: RunConfig, model: str, params: float | None, tokens: float, gene
     steps = [Step(f"load {model}", LOAD_SECONDS * maker.scale), *started("the baseline"), scoring("the baseline")]
     if econ.measure:
         steps.append(measured("the baseline"))
-    if cfg.precision != "fp32":  # the checkpoint in float32 beside the baseline (Backend.full_precision)
+    # The checkpoint in float32 beside the baseline (Backend.full_precision): only where the run
+    # serves it itself; someone else's server (base_url) has no float32 twin quantgate can start.
+    if cfg.precision != "fp32" and cfg.serving.base_url is None:
         steps.extend([Step("load the checkpoint again in float32", LOAD_SECONDS * maker.scale),
                       *started(f"the float32 checkpoint beside the {cfg.precision} baseline"),
                       scoring("the float32 checkpoint")])

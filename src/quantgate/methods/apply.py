@@ -323,7 +323,12 @@ def apply_qat(model, arch, cand, calib, seed, on_block, keep_zeros) -> Changed: 
     if dtype != torch.float32:
         raise NotSupportedYet(f"{cand.label}: qat trains a float32 model; this baseline is {dtype} "
                               "(quality_gate.verified_against: fp32)")
-    return _quantize(model, arch, cand, _calibrated(_qat_block(cand, arch, model.config, seed), cand, calib, seed, on_block))
+    teacher = copy.deepcopy(model) if cand.e2e_steps else None  # the full-precision model
+    changed = _quantize(model, arch, cand, _calibrated(_qat_block(cand, arch, model.config, seed), cand, calib, seed,
+                                                       on_block))
+    if teacher is not None:
+        _qat_end_to_end(model, teacher, arch, cand, calib.windows, seed)
+    return changed
 
 
 def _to_stderr(line: str) -> None:
@@ -356,8 +361,8 @@ def _qat_block(cand: QatConfig, arch: ArchInfo, config, seed: int, report: Calla
             frozen = {n: p.detach() for n, p in block.named_parameters()}
             extra = {n: p.clone().requires_grad_(True) for n, p in frozen.items() if n not in learn} if cand.norms else {}
             forward = lambda params, idx: _call_block(block, {**frozen, **params}, inputs[idx], kwargs)  # noqa: E731
-            fit = qat.reconstruct(forward, learn, extra, targets, steps=cand.steps, lr=cand.lr,
-                                  rounding_lr=cand.rounding_lr, batch=cand.batch, seed=seed + i,
+            fit = qat.reconstruct(qat.output_error(forward, targets), len(inputs), learn, extra, steps=cand.steps,
+                                  lr=cand.lr, rounding_lr=cand.rounding_lr, batch=cand.batch, seed=seed + i,
                                   probe=range(min(cand.PROBE_WINDOWS, len(inputs))))
         for n, w in weights.items():
             _write(w, dequantize(qat.finalize(learn[n])))
@@ -368,6 +373,39 @@ def _qat_block(cand: QatConfig, arch: ArchInfo, config, seed: int, report: Calla
         state["block"] = i + 1
         return changed
     return apply
+
+
+def _qat_end_to_end(model: torch.nn.Module, teacher: torch.nn.Module, arch: ArchInfo, cand: QatConfig,
+                    windows: torch.Tensor, seed: int, report: Callable[[str], None] = _to_stderr) -> None:
+    """After the blocks: every block linear's scales (codes and zero points kept) trained jointly
+    for cand.e2e_steps Adam steps of one calibration window (windows: long [N, L]) to lower the
+    KL divergence from `teacher`'s next-token distribution to `model`'s (qat.distillation).
+    Writes the finalized grid back into `model`; reports the loss every 16 steps and on probe
+    windows before and after."""
+    t0, spec = time.perf_counter(), spec_of(cand)
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and arch.is_block_linear(n)]
+    with torch.inference_mode(False), torch.enable_grad():
+        learn = {n: qat.learnable(recover_codes(model.get_parameter(n).data, spec)) for n in names}
+        frozen = {n: p.detach() for n, p in model.named_parameters()}
+
+        def student(params: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(model, {**frozen, **params}, (windows[idx],), {"use_cache": False}).logits
+
+        def reference(idx: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.log_softmax(teacher(windows[idx], use_cache=False).logits.float(), dim=-1)
+
+        def progress(step: int, loss: float) -> None:
+            if (step + 1) % 16 == 0:
+                report(f"{cand.label} end to end: step {step + 1}/{cand.e2e_steps}, KL {loss:.4g}")
+
+        fit = qat.reconstruct(qat.distillation(student, reference), len(windows), learn, {}, steps=cand.e2e_steps,
+                              lr=cand.e2e_lr, rounding_lr=0.0, batch=1, seed=seed,
+                              probe=range(min(cand.E2E_PROBE_WINDOWS, len(windows))), on_step=progress)
+    for n in names:
+        _write(model.get_parameter(n), dequantize(qat.finalize(learn[n])))
+    report(f"{cand.label} end to end: KL {fit.loss_before:.4g} -> {fit.loss_after:.4g} ({fit.steps} steps, "
+           f"{time.perf_counter() - t0:.1f} s)" + (": higher, the blocks' scales kept" if fit.kept_init else ""))
 
 
 def _shared_kwargs(kwargs: dict) -> dict:

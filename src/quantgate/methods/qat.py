@@ -24,9 +24,14 @@ rtn.dequantize is the weight the exported checkpoint holds (export/codes.recover
 codes back). Untrained (ρ = 0, |V| < 1/2), finalize returns the init's codes and scales bit for
 bit.
 
-The driver (methods/apply.py) runs the block through torch.func.functional_call with these
-weights; `reconstruct` here owns the optimisation loop (Adam, seeded minibatches of cached
-windows, MSE to the target) and knows nothing about modules beyond that callable.
+Two objectives share one optimisation loop, `reconstruct` (Adam, seeded minibatches of
+calibration windows, a probe before and after); it sees only a loss of (weights, windows):
+- `output_error`: block by block, the squared error of the block's output to the
+  full-precision block's (the driver runs the block through torch.func.functional_call);
+- `distillation`: end to end, after every block was fitted, the KL divergence from the
+  full-precision model's next-token distribution to the quantized model's, which fits the
+  scales of all blocks jointly to what the model outputs (EfficientQAT's end-to-end stage,
+  with the baseline's distribution as the target instead of the next token).
 """
 
 from __future__ import annotations
@@ -112,8 +117,7 @@ def finalize(p: LearnableWeight) -> QuantizedWeight:
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """The loss (mean squared error to the target divided by the target's mean square) over
-    the probe windows before and after training, the steps taken, and whether the trained
+    """The loss over the probe windows before and after training, the steps taken, and whether the trained
     parameters were dropped for the init's (training raised the probe loss)."""
 
     loss_before: float
@@ -122,15 +126,36 @@ class Reconstruction:
     kept_init: bool = False
 
 
-# (weights by parameter name, minibatch of window indices) -> the block's output [b, L, D]
-BlockForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+# (weights by parameter name, minibatch of window indices) -> the scalar loss of those windows
+WindowLoss = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def output_error(forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+                 targets: torch.Tensor) -> WindowLoss:
+    """forward(params, idx) -> a block's output [b, L, D]; targets float32 [windows, L, D]. The
+    loss: mean squared error to targets[idx] divided by the targets' mean square."""
+    def loss(params: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        out, target = forward(params, idx), targets[idx]
+        return (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+    return loss
+
+
+def distillation(student: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+                 teacher: Callable[[torch.Tensor], torch.Tensor]) -> WindowLoss:
+    """student(params, idx) -> logits [b, L, V]; teacher(idx) -> the full-precision model's
+    log-probabilities [b, L, V] (no gradient). The loss: KL(teacher ‖ student) in nats, the
+    mean over the b·L positions (the quantity the gate's KLD reports)."""
+    def loss(params: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        ref, got = teacher(idx), torch.log_softmax(student(params, idx).float(), dim=-1)
+        return (ref.exp() * (ref - got)).sum(-1).mean()
+    return loss
 
 
 def reconstruct(
-    forward: BlockForward,
+    loss: WindowLoss,
+    windows: int,
     weights: dict[str, LearnableWeight],
     extra: dict[str, torch.Tensor],
-    targets: torch.Tensor,
     *,
     steps: int,
     lr: float,
@@ -138,17 +163,18 @@ def reconstruct(
     batch: int,
     seed: int,
     probe: Sequence[int],
+    on_step: Callable[[int, float], None] | None = None,
 ) -> Reconstruction:
-    """Fit `weights` (the block's quantized linears, by parameter name) and `extra` (float
-    parameters trained as they are, e.g. norm weights; leaf tensors with requires_grad) so that
-    forward(params, idx) matches targets[idx] (float32 [windows, L, D]).
+    """Fit `weights` (quantized linears, by parameter name) and `extra` (float parameters
+    trained as they are, e.g. norm weights; leaf tensors with requires_grad) to lower
+    loss(params, idx) over `windows` calibration windows (idx: long [b] of window indices).
 
     Each of `steps` Adam steps draws `batch` windows, sweeping a seeded permutation of all
     windows (a new one per pass). The log scales and `extra` learn at `lr`; the rounding
     offsets at `rounding_lr`, and not at all when it is 0 (then every code stays the init's).
     `probe` (window indices) is measured without gradients before and after; when training
-    raised its loss, every parameter is put back as it started (kept_init). Same inputs and
-    seed: same result (on the same thread count)."""
+    raised its loss, every parameter is put back as it started (kept_init). on_step(step,
+    loss) after each step. Same inputs and seed: same result (on the same thread count)."""
     rng = torch.Generator().manual_seed(seed)
     groups = [{"params": [p.log_scale for p in weights.values()] + list(extra.values()), "lr": lr}]
     if rounding_lr > 0:
@@ -158,19 +184,21 @@ def reconstruct(
     opt = torch.optim.Adam(groups)
     start = [t.detach().clone() for g in groups for t in g["params"]]
     probe_idx = torch.tensor(list(probe))
-    before = _probe_loss(forward, weights, extra, targets, probe_idx)
+    before = _probe_loss(loss, weights, extra, probe_idx)
     order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
+    for step in range(steps):
         if len(order) < batch:
-            order = torch.cat([order, torch.randperm(targets.shape[0], generator=rng)])
+            order = torch.cat([order, torch.randperm(windows, generator=rng)])
         idx, order = order[:batch], order[batch:]
-        loss = _loss(forward(_params(weights, extra), idx), targets[idx])
+        value = loss(_params(weights, extra), idx)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
+        if on_step is not None:
+            on_step(step, float(value.detach()))
     if steps == 0:
         return Reconstruction(before, before, 0)
-    after = _probe_loss(forward, weights, extra, targets, probe_idx)
+    after = _probe_loss(loss, weights, extra, probe_idx)
     if after <= before:
         return Reconstruction(before, after, steps)
     with torch.no_grad():
@@ -183,11 +211,7 @@ def _params(weights: dict[str, LearnableWeight], extra: dict[str, torch.Tensor])
     return {**{name: weight(p) for name, p in weights.items()}, **extra}
 
 
-def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
-
-
-def _probe_loss(forward: BlockForward, weights: dict[str, LearnableWeight], extra: dict[str, torch.Tensor],
-                targets: torch.Tensor, idx: torch.Tensor) -> float:
+def _probe_loss(loss: WindowLoss, weights: dict[str, LearnableWeight], extra: dict[str, torch.Tensor],
+                idx: torch.Tensor) -> float:
     with torch.no_grad():
-        return float(_loss(forward(_params(weights, extra), idx), targets[idx]))
+        return float(loss(_params(weights, extra), idx))

@@ -436,6 +436,10 @@ class QatConfig(_Quantizer):
     # Rounding offsets (code units; 0: every code stays the init's, measured best here).
     rounding_lr: float = Field(0.0, ge=0.0, le=1.0)
     norms: bool = False  # train the block's float parameters (norm weights) too
+    # Then, end to end: steps of one window each training every block's scales to the baseline's
+    # next-token distribution (KL), at e2e_lr (0 steps: the blocks' fit is the candidate).
+    e2e_steps: int = Field(64, ge=0, le=100_000)
+    e2e_lr: float = Field(0.001, gt=0.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -469,15 +473,19 @@ class QatConfig(_Quantizer):
     def calibration_needs(self) -> frozenset[str]:
         return self.init.calibration_needs() | {"blocks"}
 
-    # Probe windows the loss per block is measured on, before and after training.
+    # Probe windows the loss per block is measured on, before and after training (end to end:
+    # fewer, each a whole-model pass with the vocabulary's logits).
     PROBE_WINDOWS: ClassVar[int] = 8
+    E2E_PROBE_WINDOWS: ClassVar[int] = 2
 
     def training_tokens(self, samples: int, seq_len: int) -> int:
         """Per block (so per whole model, summed over blocks): the float block over every
         window (the targets), `steps` steps of `batch` windows forward and backward (a backward
-        about 2 forwards), the probe before and after."""
+        about 2 forwards), the probe before and after; then end to end, each step and probe window
+        a forward of the baseline and of the candidate (and the step a backward)."""
         probes = 2 * min(self.PROBE_WINDOWS, samples)
-        return (samples + 3 * self.steps * self.batch + probes) * seq_len
+        e2e = 4 * self.e2e_steps + 2 * 2 * min(self.E2E_PROBE_WINDOWS, samples) if self.e2e_steps else 0
+        return (samples + 3 * self.steps * self.batch + probes + e2e) * seq_len
 
     @property
     def weights_alone(self) -> bool:
@@ -490,7 +498,8 @@ class QatConfig(_Quantizer):
         shown = "" if self._init_settings(self.init) == self._init_settings(default) else f"-{self.init.method}{init_extras}"
         return self._grid_label() + shown + _extras(self, {
             "steps": lambda v: f"-steps{v}", "batch": lambda v: f"-batch{v}", "lr": lambda v: f"-lr{v:g}",
-            "rounding_lr": lambda v: f"-round{v:g}", "norms": lambda v: "-norms"})
+            "rounding_lr": lambda v: f"-round{v:g}", "norms": lambda v: "-norms", "e2e_steps": lambda v: f"-e2e{v}",
+            "e2e_lr": lambda v: f"-e2elr{v:g}"})
 
 
 # Quantizers a composition may end with (a pruned zero stays 0 on their grids).
