@@ -11,6 +11,7 @@ Calibration: the default offline prose pool (disjoint from the eval text), 128 Ã
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import time
@@ -29,10 +30,11 @@ from quantgate.methods.registry import MethodConfig, candidate
 KINDS = ("rtn", "gptq", "qat")  # the rows of each scheme, in order
 
 
-def candidates(bits: int, steps: int | None, init: str) -> list[MethodConfig]:
+def candidates(bits: int, steps: int | None, e2e_steps: int | None, init: str) -> list[MethodConfig]:
     grid = {"bits": bits, "group_size": 64}
     qat = {"init": {"method": "gptq", "act_order": True} if init == "gptq" else {"method": init},
-           **({"steps": steps} if steps is not None else {})}
+           **({"steps": steps} if steps is not None else {}),
+           **({"e2e_steps": e2e_steps} if e2e_steps is not None else {})}
     return [candidate(method="rtn", **grid), candidate(method="gptq", act_order=True, **grid),
             candidate(method="qat", **qat, **grid)]
 
@@ -46,8 +48,14 @@ def peak_rss_mb() -> float:
 
 
 def reset_peak() -> None:
+    """Hand freed heap pages back (glibc keeps them, and a row after qat would report the
+    pages qat freed as its own peak), then reset VmHWM to the current RSS."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the RSS keeps what the allocator holds
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass  # then the peak is the process's since start
 
@@ -58,6 +66,7 @@ def main() -> int:
     ap.add_argument("--bits", type=int, nargs="*", default=[3, 4])
     ap.add_argument("--only", nargs="*", choices=KINDS, help="rows to run (default: all)")
     ap.add_argument("--steps", type=int, help="qat steps per block (default: the method's)")
+    ap.add_argument("--e2e-steps", type=int, help="qat's end-to-end steps (default: the method's)")
     ap.add_argument("--init", choices=("gptq", "rtn", "awq"), default="gptq", help="qat's init (gptq: act-order)")
     args = ap.parse_args()
     bench = harness.setup(args)
@@ -66,7 +75,7 @@ def main() -> int:
 
     rows = []
     for bits in args.bits:
-        for kind, cand in zip(KINDS, candidates(bits, args.steps, args.init)):
+        for kind, cand in zip(KINDS, candidates(bits, args.steps, args.e2e_steps, args.init)):
             if not args.only or kind in args.only:
                 rows.append(measure(bench, bits, kind, cand))
                 print(f"{cand.label}: {rows[-1].seconds:.0f} s", file=sys.stderr, flush=True)

@@ -19,8 +19,8 @@ SMALL = ("--piqa", "8", "--default-items", "4", "--samples", "2", "--seq-len", "
 BENCHES = {
     "bench_mc.py": (["--items", "6"], "multiple-choice scoring, 6 piqa items"),
     "bench_methods.py": (["--only", "rtn-w4-g64", *SMALL], "calibrated PTQ vs RTN"),
-    "bench_qat.py": (["--bits", "4", "--only", "rtn", "qat", "--init", "rtn", "--steps", "1", *SMALL],
-                     "quantization-aware recovery vs PTQ"),
+    "bench_qat.py": (["--bits", "4", "--only", "rtn", "qat", "--init", "rtn", "--steps", "1",
+                     "--e2e-steps", "2", *SMALL], "quantization-aware recovery vs PTQ"),
     "bench_prune.py": (["--only", "wanda-mlp25", *SMALL, "--rounds", "1", "--prompts", "1", "--new-tokens", "4"],
                        "decode / baseline"),
     "bench_llamacpp.py": (["--types", "Q8_0", "Q4_K_M", "--rounds", "2", "--requests", "1", "--new-tokens", "4",

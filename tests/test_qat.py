@@ -39,10 +39,12 @@ def _quantized(spec: QuantSpec, seed: int = 0) -> tuple[torch.Tensor, QuantizedW
 # -- the learnable grid (pure tensor functions) ---------------------------------------------------
 
 
+@pytest.mark.parametrize("rounding", [True, False])
 @pytest.mark.parametrize("spec", SPECS)
-def test_untrained_parameters_are_the_init_bit_for_bit(spec):
+def test_untrained_parameters_are_the_init_bit_for_bit(spec, rounding):
     _, q = _quantized(spec)
-    p = qat.learnable(q)
+    p = qat.learnable(q, rounding=rounding)
+    assert (p.offset is None) == (not rounding)
     assert torch.equal(qat.weight(p), dequantize(q))
     back = qat.finalize(p)
     assert torch.equal(back.codes, q.codes) and torch.equal(back.scales, q.scales)
@@ -104,6 +106,13 @@ def test_reconstruction_lowers_the_output_error_and_is_deterministic(rounding_lr
     assert fit2 == fit and torch.equal(got.scales, qat.finalize(again).scales)
     other, _ = _linear_problem(spec, steps=100, seed=1, rounding_lr=rounding_lr)
     assert not torch.equal(got.scales, qat.finalize(other).scales)  # the seed orders the windows
+
+
+def test_a_rounding_lr_needs_learnable_rounding():
+    p = qat.learnable(_quantized(QuantSpec(3, 64, False))[1], rounding=False)
+    with pytest.raises(ValueError, match="rounding=True"):
+        qat.reconstruct(lambda params, idx: params["w"].sum(), 4, {"w": p}, {}, steps=1, lr=0.01, rounding_lr=0.01,
+                        batch=1, seed=0, probe=[0])
 
 
 def test_zero_steps_change_nothing():
@@ -208,7 +217,8 @@ def test_end_to_end_distillation_lowers_the_kl_to_the_baseline_on_the_grid(model
     init = _made(model576, method="rtn", bits=3, group_size=64)
     spec = spec_of(cand)
     for name in targets(made, LLAMA, cand):
-        got, start = recover_codes(made.get_submodule(name).weight.data, spec), recover_codes(init[f"{name}.weight"], spec)
+        got = recover_codes(made.get_submodule(name).weight.data, spec)
+        start = recover_codes(init[f"{name}.weight"], spec)
         assert torch.equal(got.codes, start.codes) and not torch.equal(got.scales, start.scales), name
     line = capsys.readouterr().err.splitlines()[-1]
     assert line.startswith(f"{cand.label} end to end: KL") and "(24 steps" in line

@@ -383,9 +383,10 @@ def _qat_end_to_end(model: torch.nn.Module, teacher: torch.nn.Module, arch: Arch
     Writes the finalized grid back into `model`; reports the loss every 16 steps and on probe
     windows before and after."""
     t0, spec = time.perf_counter(), spec_of(cand)
-    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and arch.is_block_linear(n)]
+    names = [f"{n}.weight" for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and arch.is_block_linear(n)]
     with torch.inference_mode(False), torch.enable_grad():
-        learn = {n: qat.learnable(recover_codes(model.get_parameter(n).data, spec)) for n in names}
+        learn = {n: qat.learnable(recover_codes(model.get_parameter(n).data, spec), rounding=False) for n in names}
         frozen = {n: p.detach() for n, p in model.named_parameters()}
 
         def student(params: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:

@@ -48,22 +48,24 @@ class LearnableWeight:
     """One linear's grid with its learnable parameters (see the module docstring)."""
 
     base: torch.Tensor  # float32 [out, in]: c0 = q0 - z, integer values
-    low: torch.Tensor  # float32 [out, in]: qmin - z, per column (expanded from its group)
-    high: torch.Tensor  # float32 [out, in]: qmax - z
     scales0: torch.Tensor  # float32 [out, G]: the init's float16 scales, widened
     zeros: torch.Tensor | None  # int16 [out, G] (asymmetric) or None
-    offset: torch.Tensor  # float32 [out, in]: V (learned only with a rounding lr)
     log_scale: torch.Tensor  # float32 [out, G], requires grad: ρ
     spec: QuantSpec
+    # Without learnable rounding (scales only: codes fixed, 1/4 of the memory) these are None.
+    offset: torch.Tensor | None = None  # float32 [out, in]: V (learned only with a rounding lr)
+    low: torch.Tensor | None = None  # float32 [out, in]: qmin - z, per column (expanded from its group)
+    high: torch.Tensor | None = None  # float32 [out, in]: qmax - z
 
 
 # Offsets start strictly inside (-1/2, 1/2), so that round(c0 + V) = c0 holds in float32.
 OFFSET_LIMIT = 0.499
 
 
-def learnable(q: QuantizedWeight, start: torch.Tensor | None = None) -> LearnableWeight:
+def learnable(q: QuantizedWeight, start: torch.Tensor | None = None, *, rounding: bool = True) -> LearnableWeight:
     """The learnable form of a quantized weight (codes [out, in], scales [out, G]), ρ = 0.
 
+    rounding=False: scales only, the codes fixed (no V; reconstruct then refuses a rounding lr).
     start (float [out, in], optional): the weight before quantization. V starts at its position
     inside its code's rounding cell, (start / s0 - c0), where it lies in that cell, so that
     weights near a cell's edge move first; at 0 elsewhere (codes the init moved away from the
@@ -73,14 +75,16 @@ def learnable(q: QuantizedWeight, start: torch.Tensor | None = None) -> Learnabl
     zeros = torch.zeros_like(q.scales, dtype=torch.float32) if q.zeros is None else q.zeros.float()
     z = _expand(zeros, cols, spec)  # [out, in]
     base = q.codes.float() - z
+    p = LearnableWeight(base=base, scales0=q.scales.float(), zeros=q.zeros,
+                        log_scale=torch.zeros(q.scales.shape, requires_grad=True), spec=spec)
+    if not rounding:
+        return p
     offset = torch.zeros(q.codes.shape)
     if start is not None:
         frac = start.float() / _expand(q.scales.float(), cols, spec) - base
         offset = torch.where(frac.abs() <= OFFSET_LIMIT, frac, 0.0)
-    return LearnableWeight(
-        base=base, low=spec.qmin - z, high=spec.qmax - z, scales0=q.scales.float(), zeros=q.zeros,
-        offset=offset.requires_grad_(True), log_scale=torch.zeros(q.scales.shape, requires_grad=True), spec=spec,
-    )
+    p.offset, p.low, p.high = offset.requires_grad_(True), spec.qmin - z, spec.qmax - z
+    return p
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +93,10 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def _codes(p: LearnableWeight) -> torch.Tensor:
-    """c = clamp(round(c0 + V), qmin - z, qmax - z), float32 [out, in], STE-differentiable in V."""
+    """c = clamp(round(c0 + V), qmin - z, qmax - z), float32 [out, in], STE-differentiable in V
+    (c0 itself without V: codes fixed)."""
+    if p.offset is None:
+        return p.base
     return torch.clamp(_round_ste(p.base + p.offset), p.low, p.high)
 
 
@@ -176,11 +183,14 @@ def reconstruct(
     raised its loss, every parameter is put back as it started (kept_init). on_step(step,
     loss) after each step. Same inputs and seed: same result (on the same thread count)."""
     rng = torch.Generator().manual_seed(seed)
+    offsets = [p.offset for p in weights.values() if p.offset is not None]
+    if rounding_lr > 0 and len(offsets) < len(weights):
+        raise ValueError("a rounding lr needs every weight made learnable with rounding=True")
     groups = [{"params": [p.log_scale for p in weights.values()] + list(extra.values()), "lr": lr}]
     if rounding_lr > 0:
-        groups.append({"params": [p.offset for p in weights.values()], "lr": rounding_lr})
-    for p in weights.values():
-        p.offset.requires_grad_(rounding_lr > 0)
+        groups.append({"params": offsets, "lr": rounding_lr})
+    for offset in offsets:
+        offset.requires_grad_(rounding_lr > 0)
     opt = torch.optim.Adam(groups)
     start = [t.detach().clone() for g in groups for t in g["params"]]
     probe_idx = torch.tensor(list(probe))
