@@ -43,6 +43,8 @@ from collections.abc import Mapping
 
 import torch
 
+from quantgate.evals.tasks import kl_rows
+
 # Smallest tail mass kept: reported top-k probabilities can sum to 1 + rounding error.
 _MIN_TAIL = 1e-12
 
@@ -86,4 +88,4 @@ def kld_topk(reference: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
     model's tail first, so the value is the exact divergence minus P(T) KL(P_T || Q_T) (see the
     module docstring): never above the exact value."""
     ref = coarsen(reference, tail_mask(filled))
-    return (ref.exp() * (ref - filled.double())).sum(-1).clamp(min=0.0)
+    return kl_rows(ref, filled.double()).clamp(min=0.0)

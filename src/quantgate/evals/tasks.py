@@ -383,11 +383,16 @@ def _generate(engine: Engine, prepared: PreparedSuite, idx: list[int]) -> dict[i
     return out
 
 
+def kl_rows(ref_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """KL(ref || model) per row of two [..., V] log-prob tensors -> [...], in their dtype,
+    differentiable in lp (qat's distillation trains on it)."""
+    return (ref_lp.exp() * (ref_lp - lp)).sum(-1)
+
+
 def kl_divergence(ref_lp: torch.Tensor, lp: torch.Tensor) -> np.ndarray:
     """KL(ref || model) per row of two [T, V] log-prob tensors -> float64 [T], clamped at 0
     (tiny negative values are float rounding)."""
-    ref, other = ref_lp.double(), lp.double()
-    return (ref.exp() * (ref - other)).sum(-1).clamp(min=0.0).numpy()
+    return kl_rows(ref_lp.double(), lp.double()).clamp(min=0.0).numpy()
 
 
 def _check_not_constant(option_ll: np.ndarray, offsets: np.ndarray, engine: str) -> None:

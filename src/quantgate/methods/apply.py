@@ -51,10 +51,15 @@ def spec_of(cand: MethodConfig) -> QuantSpec:
 
 def targets(model: torch.nn.Module, arch: ArchInfo, cand: MethodConfig) -> list[str]:
     """Names of modules whose `.weight` the candidate quantizes."""
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and arch.is_block_linear(n)]
+    names = block_linears(model, arch)
     if cand.quantize_embeddings:
         names += [n for n in arch.embeddings if _has_module(model, n)]
     return names
+
+
+def block_linears(model: torch.nn.Module, arch: ArchInfo) -> list[str]:
+    """Names of every Linear inside the architecture's blocks."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and arch.is_block_linear(n)]
 
 
 def make_candidate(
@@ -383,8 +388,7 @@ def _qat_end_to_end(model: torch.nn.Module, teacher: torch.nn.Module, arch: Arch
     Writes the finalized grid back into `model`; reports the loss every 16 steps and on probe
     windows before and after."""
     t0, spec = time.perf_counter(), spec_of(cand)
-    names = [f"{n}.weight" for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and arch.is_block_linear(n)]
+    names = [f"{n}.weight" for n in block_linears(model, arch)]
     with torch.inference_mode(False), torch.enable_grad():
         learn = {n: qat.learnable(recover_codes(model.get_parameter(n).data, spec), rounding=False) for n in names}
         frozen = {n: p.detach() for n, p in model.named_parameters()}
@@ -403,8 +407,9 @@ def _qat_end_to_end(model: torch.nn.Module, teacher: torch.nn.Module, arch: Arch
         fit = qat.reconstruct(qat.distillation(student, reference), len(windows), learn, {}, steps=cand.e2e_steps,
                               lr=cand.e2e_lr, rounding_lr=0.0, batch=1, seed=seed,
                               probe=range(min(cand.E2E_PROBE_WINDOWS, len(windows))), on_step=progress)
-    for n in names:
-        _write(model.get_parameter(n), dequantize(qat.finalize(learn[n])))
+    if not fit.kept_init:  # (kept: the model holds the blocks' weights already)
+        for n in names:
+            _write(model.get_parameter(n), dequantize(qat.finalize(learn[n])))
     report(f"{cand.label} end to end: KL {fit.loss_before:.4g} -> {fit.loss_after:.4g} ({fit.steps} steps, "
            f"{time.perf_counter() - t0:.1f} s)" + (": higher, the blocks' scales kept" if fit.kept_init else ""))
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantgate.evals.tasks import kl_rows
 from quantgate.methods.rtn import QuantizedWeight, QuantSpec, _expand
 
 @dataclass
@@ -124,8 +125,8 @@ def finalize(p: LearnableWeight) -> QuantizedWeight:
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """The loss over the probe windows before and after training, the steps taken, and whether the trained
-    parameters were dropped for the init's (training raised the probe loss)."""
+    """The loss over the probe windows before and after training, the steps taken, and whether
+    the trained parameters were dropped for the init's (training raised the probe loss)."""
 
     loss_before: float
     loss_after: float
@@ -153,8 +154,7 @@ def distillation(student: Callable[[dict[str, torch.Tensor], torch.Tensor], torc
     log-probabilities [b, L, V] (no gradient). The loss: KL(teacher ‖ student) in nats, the
     mean over the b·L positions (the quantity the gate's KLD reports)."""
     def loss(params: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        ref, got = teacher(idx), torch.log_softmax(student(params, idx).float(), dim=-1)
-        return (ref.exp() * (ref - got)).sum(-1).mean()
+        return kl_rows(teacher(idx), torch.log_softmax(student(params, idx).float(), dim=-1)).mean()
     return loss
 
 
